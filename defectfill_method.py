@@ -59,3 +59,77 @@ def defect_prompt(token: str = DEFAULT_TOKEN) -> str:
 def object_prompt(object_class: str, token: str = DEFAULT_TOKEN) -> str:
     """P_obj = "A {object} with [V*]"; also the inference prompt."""
     return OBJECT_PROMPT_TEMPLATE.format(object=readable_object_name(object_class), token=token)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------------------------------
+
+
+def random_box_mask(
+    batch: int,
+    height: int,
+    width: int,
+    num_boxes: int = DEFAULT_NUM_BOXES,
+    min_fraction: float = DEFAULT_BOX_MIN_FRACTION,
+    max_fraction: float = DEFAULT_BOX_MAX_FRACTION,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """M_rand of the object branch: per sample, the union of `num_boxes` axis-aligned boxes whose sides
+    are uniform in [min_fraction, max_fraction] of the image side (height for rows, width for columns),
+    placed uniformly so each box lies inside the image. Pixel resolution; (batch, 1, H, W) in {0, 1}."""
+    if not 0 < min_fraction <= max_fraction <= 1:
+        raise ValueError(f"box side fractions must satisfy 0 < min <= max <= 1, got {min_fraction}, {max_fraction}")
+    shape = (batch, num_boxes)
+    fractions = torch.rand((2, *shape), generator=generator) * (max_fraction - min_fraction) + min_fraction
+    box_h = (fractions[0] * height).round().clamp(1, height).long()
+    box_w = (fractions[1] * width).round().clamp(1, width).long()
+    top = (torch.rand(shape, generator=generator) * (height - box_h + 1)).floor().long()
+    left = (torch.rand(shape, generator=generator) * (width - box_w + 1)).floor().long()
+    rows = torch.arange(height).view(1, 1, height, 1)
+    cols = torch.arange(width).view(1, 1, 1, width)
+    inside_rows = (rows >= top[..., None, None]) & (rows < (top + box_h)[..., None, None])
+    inside_cols = (cols >= left[..., None, None]) & (cols < (left + box_w)[..., None, None])
+    union = (inside_rows & inside_cols).any(dim=1, keepdim=True)
+    return union.float().to(device)
+
+
+def mask_to_latent(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """The mask at latent size exactly as `StableDiffusionInpaintPipeline.prepare_mask_latents` makes it
+    (F.interpolate, default nearest mode), so training and inference see masks alike."""
+    return F.interpolate(mask, size=tuple(latent_size))
+
+
+def object_loss_weight(defect_mask: torch.Tensor, alpha: float = DEFAULT_OBJECT_ALPHA) -> torch.Tensor:
+    """M' = M + alpha (1 - M) (paper Eq. 5): full weight on the defect, alpha on the rest of the object."""
+    return defect_mask + alpha * (1.0 - defect_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses. Every "mean" is over all elements (batch, channels, pixels), as F.mse_loss(a * m, b * m).
+# ----------------------------------------------------------------------------------------------------
+
+
+def defect_loss(noise_pred: torch.Tensor, target: torch.Tensor, defect_mask: torch.Tensor) -> torch.Tensor:
+    """L_def = mean((M * (eps - eps_hat))^2) (paper Eq. 3); M broadcasts over the latent channels."""
+    return F.mse_loss((noise_pred * defect_mask).float(), (target * defect_mask).float())
+
+
+def object_loss(
+    noise_pred: torch.Tensor, target: torch.Tensor, defect_mask: torch.Tensor, alpha: float = DEFAULT_OBJECT_ALPHA
+) -> torch.Tensor:
+    """L_obj = mean((M' * (eps - eps_hat))^2) with M' = M + alpha (1 - M) (paper Eqs. 4-5). M is the real
+    defect mask even though the object branch inpaints the random boxes."""
+    weight = object_loss_weight(defect_mask, alpha)
+    return F.mse_loss((noise_pred * weight).float(), (target * weight).float())
+
+
+def attention_loss(attention_map: torch.Tensor, defect_mask: torch.Tensor) -> torch.Tensor:
+    """L_attn = mean((A^[V*] - M)^2) (paper Eq. 6), both at latent size, (B, 1, h, w)."""
+    return F.mse_loss(attention_map.float(), defect_mask.float())
+
+
+def total_loss(terms: dict[str, torch.Tensor], weights: LossWeights = DEFAULT_LOSS_WEIGHTS) -> torch.Tensor:
+    """L = lambda_def L_def + lambda_obj L_obj + lambda_attn L_attn (paper Eq. 7)."""
+    return weights.defect * terms["defect"] + weights.object * terms["object"] + weights.attention * terms["attention"]

@@ -1,0 +1,89 @@
+"""`--config file.yaml` for our argparse scripts: the parser is the one definition of every option;
+a YAML file supplies values for some of them (keys are the flags' names without dashes), and a value
+given on the command line overrides the file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+def _actions_by_key(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Every name a config key may use: the dest and each long flag without its dashes (aliases too)."""
+    keys: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if action.dest in (argparse.SUPPRESS, "help", "config"):
+            continue
+        keys[action.dest] = action
+        for option in action.option_strings:
+            if option.startswith("--"):
+                keys[option[2:]] = action
+    return keys
+
+
+def _coerce(action: argparse.Action, key: str, value, path: Path):
+    if value is None:
+        return None
+    try:
+        if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+            values = value if isinstance(value, list) else [value]
+            return [action.type(v) if action.type else v for v in values]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise TypeError(f"expected true or false, got {value!r}")
+            return value
+        # YAML reads 2e-4 as a string (YAML 1.1 wants 2.0e-4); the flag's own type converts it.
+        return action.type(value) if action.type and isinstance(value, str) else value
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{path}: bad value for {key!r}: {error}") from error
+
+
+def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict:
+    """The values of a YAML config file, keyed by the parser's dests, checked against its options."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values, got {type(raw).__name__}")
+    actions = _actions_by_key(parser)
+    values = {}
+    for key, value in raw.items():
+        action = actions.get(str(key))
+        if action is None:
+            raise ConfigError(f"{path}: unknown option {key!r}; known options: {', '.join(sorted(actions))}")
+        value = _coerce(action, key, value, path)
+        if action.choices is not None and value is not None and value not in action.choices:
+            raise ConfigError(f"{path}: {key!r} must be one of {list(action.choices)}, got {value!r}")
+        values[action.dest] = value
+    return values
+
+
+def parse_args_with_config(
+    parser: argparse.ArgumentParser, input_args: Sequence[str] | None = None, required: Sequence[str] = ()
+) -> argparse.Namespace:
+    """Parse `input_args` with the defaults of `--config` (if given) applied first. `required` names
+    dests that must be set by either the file or the command line."""
+    parser.add_argument(
+        "--config", default=None, help="YAML file of option values (keys are flag names); command-line flags win."
+    )
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(input_args)
+    if known.config:
+        try:
+            parser.set_defaults(**load_config(known.config, parser))
+        except ConfigError as error:
+            parser.error(str(error))
+    args = parser.parse_args(input_args)
+    missing = [name for name in required if getattr(args, name) is None]
+    if missing:
+        parser.error("missing required option(s): " + ", ".join(f"--{name}" for name in missing))
+    return args

@@ -1,0 +1,50 @@
+"""Shared fixtures: the bundled tiny SD2-inpainting model and the bundled synthetic MVTec data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+# Nothing in the tests may reach the Hub: the bundled model is loaded from its folder.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_MODEL = REPO_ROOT / "models" / "tiny-sd2-inpainting"
+SYNTHETIC_DATA = REPO_ROOT / "data" / "synthetic_mvtec"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> Path:
+    return TINY_MODEL
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_dir() -> Path:
+    return SYNTHETIC_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline():
+    """The tiny pipeline loaded as users load SD2-inpainting; tests must not modify it."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(TINY_MODEL))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def copy_of_data(tmp_path, synthetic_data_dir) -> Path:
+    """A writable copy of the synthetic dataset for tests that break it."""
+    import shutil
+
+    target = tmp_path / "mvtec"
+    shutil.copytree(synthetic_data_dir, target)
+    return target
