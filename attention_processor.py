@@ -108,9 +108,8 @@ class VStarAttentionStore:
 
     def record(self, layer_name: str, probabilities: torch.Tensor) -> None:
         """`probabilities`: (B, heads, N, K) softmaxed cross-attention of one layer. Keeps the first map of
-        a layer per step (a gradient-checkpointing recomputation does not replace it)."""
-        if layer_name in self.maps:
-            return
+        a layer per step (a gradient-checkpointing recomputation does not replace it). The map is computed
+        either way: the recomputation must save the same tensors as the original forward."""
         rows = probabilities[self.rows]
         weights = self.weights.to(device=rows.device, dtype=rows.dtype)
         if weights.shape[0] != rows.shape[0] or weights.shape[1] != rows.shape[-1]:
@@ -120,7 +119,7 @@ class VStarAttentionStore:
             )
         per_head = torch.einsum("bhnk,bk->bhn", rows, weights)
         height, width = layer_spatial_size(per_head.shape[-1], self.latent_size)
-        self.maps[layer_name] = per_head.mean(dim=1).reshape(-1, 1, height, width)
+        self.maps.setdefault(layer_name, per_head.mean(dim=1).reshape(-1, 1, height, width))
 
     def aggregate(self) -> torch.Tensor:
         """A^[V*]: every recorded layer's map resized (bilinear) to the latent size, averaged over layers: (B, 1, h, w)."""

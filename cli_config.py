@@ -32,13 +32,13 @@ def _coerce(action: argparse.Action, key: str, value, path: Path):
     if value is None:
         return None
     try:
-        if action.nargs in ("+", "*") or isinstance(action.nargs, int):
-            values = value if isinstance(value, list) else [value]
-            return [action.type(v) if action.type else v for v in values]
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if action.nargs == 0:  # store_true / store_false / BooleanOptionalAction
             if not isinstance(value, bool):
                 raise TypeError(f"expected true or false, got {value!r}")
             return value
+        if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+            values = value if isinstance(value, list) else [value]
+            return [action.type(v) if action.type else v for v in values]
         # YAML reads 2e-4 as a string (YAML 1.1 wants 2.0e-4); the flag's own type converts it.
         return action.type(value) if action.type and isinstance(value, str) else value
     except (TypeError, ValueError) as error:

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -163,7 +164,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 
 class FewShotDefectDataset(Dataset):
-    """The few-shot defect images and masks, transformed together (`PairTransform`)."""
+    """The few-shot defect images and masks, transformed together (`PairTransform`). Indexed by
+    (row, augmentation seed) pairs from `EpochShuffleSampler`, so the random crop and flip of a sample
+    depend only on the run's seed and its position in the schedule: a resumed run (or a run with
+    DataLoader workers) augments exactly as an uninterrupted one."""
 
     def __init__(self, hf_dataset, transform: dm.PairTransform):
         self.rows = hf_dataset
@@ -172,16 +176,17 @@ class FewShotDefectDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> dict:
-        row = self.rows[index]
-        image, mask = self.transform(row["image"], row["mask"])
+    def __getitem__(self, index: tuple[int, int]) -> dict:
+        row_index, augmentation_seed = index
+        row = self.rows[row_index]
+        image, mask = self.transform(row["image"], row["mask"], random.Random(augmentation_seed))
         return {"pixel_values": image, "masks": mask}
 
 
 class EpochShuffleSampler(Sampler):
-    """Each epoch, a permutation of the items seeded by (seed, epoch), repeated to at least `min_length`
-    so a few-shot set smaller than the batch still fills batches. Seeding by epoch makes a resumed run
-    see the same order as an uninterrupted one."""
+    """Each epoch, a permutation of the rows seeded by (seed, epoch), repeated to at least `min_length`
+    so a few-shot set smaller than the batch still fills batches; each row comes with its own
+    augmentation seed. Seeding by epoch makes a resumed run see the same order as an uninterrupted one."""
 
     def __init__(self, num_items: int, min_length: int, seed: int):
         self.num_items, self.seed, self.epoch = num_items, seed, 0
@@ -197,7 +202,8 @@ class EpochShuffleSampler(Sampler):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         repeats = math.ceil(self.length / self.num_items)
         order = torch.cat([torch.randperm(self.num_items, generator=generator) for _ in range(repeats)])
-        return iter(order[: self.length].tolist())
+        augmentation_seeds = torch.randint(0, 2**62, (self.length,), generator=generator)
+        return iter(zip(order[: self.length].tolist(), augmentation_seeds.tolist()))
 
 
 def collate(examples: list[dict]) -> dict:
@@ -229,6 +235,9 @@ def build_dataloader(train_rows, args, num_processes: int) -> DataLoader:
     return DataLoader(
         FewShotDefectDataset(train_rows, transform), batch_size=args.train_batch_size, sampler=sampler,
         collate_fn=collate, num_workers=args.dataloader_num_workers, drop_last=True,
+        # Its own generator: creating an iterator would otherwise draw from the global torch RNG, so a
+        # resumed run (new iterator after the restored RNG state) would draw different noise.
+        generator=torch.Generator().manual_seed(args.seed),
     )
 
 
@@ -422,12 +431,12 @@ def compute_defectfill_losses(
 # ----------------------------------------------------------------------------------------------------
 
 
-def lora_layers(model) -> dict[str, torch.Tensor]:
+def lora_layers(model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     # save_embedding_layers=False: no embedding is adapted, and 'auto' looks the base model up on the Hub.
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False))
 
 
 def save_lora(directory: str | Path, unet, text_encoder=None) -> None:
@@ -795,6 +804,7 @@ def train_one_defect(args, defect_type: str, output_dir: Path) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         images = log_validation(accelerator, models, args, pairs, loop.global_step, store) if pairs else []
+        record["training_summary"] = loop.summary()
         save_final_outputs(accelerator, models, args, output_dir, record, images)
         if args.push_to_hub:
             logger.info("pushed to https://huggingface.co/%s", push_to_hub(output_dir, args))
@@ -878,6 +888,10 @@ class TrainingLoop:
         values["skipped_nonfinite_steps"] = self.guard.total
         self.history.append({"step": self.global_step, **values})
         self.accelerator.log(values, step=self.global_step)
+
+    def summary(self) -> dict:
+        return {"global_step": self.global_step, "skipped_nonfinite_steps": self.guard.total,
+                "last_logged": self.history[-1] if self.history else None}
 
     def after_optimizer_step(self, pairs) -> None:
         args, accelerator = self.args, self.accelerator

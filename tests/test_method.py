@@ -1,0 +1,112 @@
+"""defectfill_method: prompts, the loss functions against hand-computed numbers, the random-box mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import defectfill_method as m
+
+
+def test_prompts_use_readable_object_names():
+    assert m.defect_prompt() == "A photo of sks"
+    assert m.object_prompt("metal_nut") == "A metal nut with sks"
+    assert m.object_prompt("bottle", token="zwx") == "A bottle with zwx"
+
+
+def test_paper_loss_weights():
+    assert m.DEFAULT_LOSS_WEIGHTS == m.LossWeights(0.5, 0.2, 0.05)
+    assert m.DEFAULT_OBJECT_ALPHA == 0.3
+
+
+def test_defect_loss_by_hand():
+    # 1 sample, 1 channel, 2x2: errors 1, 2, 3, 4; mask keeps the first and last pixel.
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    target = torch.zeros_like(pred)
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    # mean over all 4 elements of (M (eps - eps_hat))^2 = (1 + 16) / 4
+    assert m.defect_loss(pred, target, mask).item() == pytest.approx(17 / 4)
+
+
+def test_defect_loss_mask_broadcasts_over_channels():
+    pred = torch.ones(2, 4, 3, 3)
+    target = torch.zeros_like(pred)
+    mask = torch.zeros(2, 1, 3, 3)
+    mask[:, :, 0, 0] = 1
+    # 2 * 4 masked elements of value 1 over 2 * 4 * 9 elements.
+    assert m.defect_loss(pred, target, mask).item() == pytest.approx(1 / 9)
+
+
+def test_object_loss_by_hand():
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    target = torch.zeros_like(pred)
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    # M' = [1, .3, .3, 1]: (1^2 + (.3*2)^2 + (.3*3)^2 + 4^2) / 4
+    expected = (1 + 0.36 + 0.81 + 16) / 4
+    assert m.object_loss(pred, target, mask, alpha=0.3).item() == pytest.approx(expected)
+    assert torch.equal(m.object_loss_weight(mask, 0.3), torch.tensor([[[[1.0, 0.3], [0.3, 1.0]]]]))
+
+
+def test_attention_loss_by_hand():
+    attention = torch.tensor([[[[0.5, 0.0], [0.25, 1.0]]]])
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    assert m.attention_loss(attention, mask).item() == pytest.approx((0.25 + 0 + 0.0625 + 0) / 4)
+
+
+def test_total_loss_weights_terms():
+    terms = {"defect": torch.tensor(2.0), "object": torch.tensor(10.0), "attention": torch.tensor(4.0)}
+    assert m.total_loss(terms).item() == pytest.approx(0.5 * 2 + 0.2 * 10 + 0.05 * 4)
+    assert m.total_loss(terms, m.LossWeights(1, 0, 0)).item() == pytest.approx(2.0)
+
+
+def test_losses_are_differentiable():
+    pred = torch.randn(2, 4, 8, 8, requires_grad=True)
+    attention = torch.rand(2, 1, 8, 8, requires_grad=True)
+    mask = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    target = torch.randn(2, 4, 8, 8)
+    terms = {"defect": m.defect_loss(pred, target, mask), "object": m.object_loss(pred, target, mask),
+             "attention": m.attention_loss(attention, mask)}
+    m.total_loss(terms).backward()
+    assert pred.grad.abs().sum() > 0 and attention.grad.abs().sum() > 0
+
+
+def test_random_box_mask_shape_values_and_seed():
+    first = m.random_box_mask(3, 64, 48, generator=torch.Generator().manual_seed(1))
+    again = m.random_box_mask(3, 64, 48, generator=torch.Generator().manual_seed(1))
+    other = m.random_box_mask(3, 64, 48, generator=torch.Generator().manual_seed(2))
+    assert first.shape == (3, 1, 64, 48)
+    assert set(first.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert not torch.equal(first[0], first[1])  # each sample draws its own boxes
+
+
+def test_random_box_mask_single_box_bounds():
+    """One box: an axis-aligned rectangle inside the image with sides in [3%, 25%] of the side."""
+    for seed in range(50):
+        mask = m.random_box_mask(1, 200, 100, num_boxes=1, generator=torch.Generator().manual_seed(seed))[0, 0]
+        rows = mask.any(dim=1).nonzero().flatten()
+        cols = mask.any(dim=0).nonzero().flatten()
+        height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert 6 <= height <= 50 and 3 <= width <= 25
+        assert mask.sum() == height * width  # a full rectangle
+
+
+def test_random_box_mask_coverage_range():
+    """30 boxes of 3-25% sides cover a fraction of the image that stays within a plausible band."""
+    coverage = m.random_box_mask(64, 128, 128, generator=torch.Generator().manual_seed(0)).mean(dim=(1, 2, 3))
+    assert 0.1 < coverage.min() and coverage.max() < 0.75
+    assert 0.25 < coverage.mean() < 0.55
+
+
+def test_random_box_mask_rejects_bad_fractions():
+    with pytest.raises(ValueError, match="0 < min <= max <= 1"):
+        m.random_box_mask(1, 8, 8, min_fraction=0.5, max_fraction=0.1)
+
+
+def test_mask_to_latent_matches_inpaint_pipeline():
+    """Same resize as StableDiffusionInpaintPipeline.prepare_mask_latents: F.interpolate, nearest."""
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:8, 4:12] = 1
+    latent = m.mask_to_latent(mask, (8, 8))
+    assert torch.equal(latent, torch.nn.functional.interpolate(mask, size=(8, 8)))
+    assert latent.sum() == 2 * 4

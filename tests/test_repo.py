@@ -1,0 +1,68 @@
+"""The repository's promises: README's commands are what CI runs; the bundled model loads as SD2 does."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from tests.conftest import REPO_ROOT
+
+
+def readme_commands() -> list[str]:
+    text = (REPO_ROOT / "README.md").read_text()
+    first_block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
+    return [line.strip() for line in first_block.splitlines() if line.strip()]
+
+
+def test_readme_opens_with_install_and_test_commands_that_ci_runs():
+    install, test = readme_commands()
+    assert install.startswith("pip install torch==") and "-r requirements.txt" in install
+    assert "pytest" in test
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    assert f"python -m {install}" in ci
+    assert re.search(rf"^{re.escape(test)}$", ci, re.M)
+
+
+def test_tiny_model_is_sd2_inpainting_shaped(tiny_pipeline):
+    unet = tiny_pipeline.unet
+    assert unet.config.in_channels == 9 and unet.config.use_linear_projection
+    assert sum("CrossAttn" in b for b in unet.config.down_block_types) == 3
+    assert sum("CrossAttn" in b for b in unet.config.up_block_types) == 3
+    tokens = tiny_pipeline.tokenizer.tokenize("a photo of sks a metal nut with sks bottle toothbrush")
+    assert len(tokens) == 11 and "sks</w>" in tokens
+
+
+def test_tiny_pipeline_inpaints_end_to_end(tiny_pipeline):
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64), (128, 100, 60))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 40, 40))
+    result = tiny_pipeline("A bottle with sks", image=image, mask_image=mask, num_inference_steps=2, height=64, width=64,
+                           generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert result.shape == (1, 64, 64, 3) and result.min() >= 0 and result.max() <= 1
+
+
+def test_components_load_per_subfolder(tiny_model_path):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    assert CLIPTokenizer.from_pretrained(tiny_model_path, subfolder="tokenizer").model_max_length == 77
+    assert CLIPTextModel.from_pretrained(tiny_model_path, subfolder="text_encoder").config.hidden_size == 32
+    assert AutoencoderKL.from_pretrained(tiny_model_path, subfolder="vae").config.latent_channels == 4
+    assert UNet2DConditionModel.from_pretrained(tiny_model_path, subfolder="unet").config.in_channels == 9
+    assert DDPMScheduler.from_pretrained(tiny_model_path, subfolder="scheduler").config.prediction_type == "epsilon"
+
+
+def test_tiny_model_builder_is_deterministic(tmp_path, tiny_model_path):
+    from safetensors.torch import load_file
+
+    from scripts.make_tiny_model import main as build
+
+    built = build(["--output_dir", str(tmp_path / "tiny")])
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors"):
+        fresh, bundled = load_file(built / part), load_file(tiny_model_path / part)
+        assert fresh.keys() == bundled.keys()
+        assert all(torch.equal(fresh[k], bundled[k]) for k in fresh), part

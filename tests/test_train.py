@@ -1,0 +1,367 @@
+"""train_defectfill: arguments and configs, one step's losses, the end-to-end run on the tiny model,
+resume, non-finite skipping, optional extras, the Hub upload, and multi-process training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import defectfill_method as method
+import train_defectfill as train
+from tests.conftest import REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL
+
+
+def tiny_args(output_dir: Path, *extra: str):
+    """The tiny config, made short: 4 steps of batch 2, no validation, no tracker."""
+    return train.parse_args([
+        "--config", str(REPO_ROOT / "configs" / "tiny.yaml"),
+        "--pretrained_model_name_or_path", str(TINY_MODEL), "--data_dir", str(SYNTHETIC_DATA),
+        "--output_dir", str(output_dir), "--max_train_steps", "4", "--train_batch_size", "2",
+        "--validation_steps", "0", "--checkpointing_steps", "1000", "--report_to", "none", "--logging_steps", "1",
+        *extra,
+    ])
+
+
+def read_run(output_dir: Path) -> dict:
+    return json.loads((output_dir / train.RUN_FILENAME).read_text())
+
+
+# ---------------------------------------------------------------------------------------------- args
+
+
+def test_config_values_and_cli_override(tmp_path):
+    args = tiny_args(tmp_path, "--rank", "4")
+    assert args.object_class == "metal_nut" and args.defect_type == "color" and args.resolution == 64
+    assert args.rank == 4  # command line beats the file
+    assert args.learning_rate == pytest.approx(2e-4) and isinstance(args.learning_rate, float)
+
+
+def test_paper_defaults_without_config():
+    args = train.parse_args(["--pretrained_model_name_or_path", "x", "--object_class", "bottle", "--data_dir", "d"])
+    assert (args.lambda_defect, args.lambda_object, args.lambda_attention) == (0.5, 0.2, 0.05)
+    assert (args.rank, args.lora_alpha, args.train_batch_size, args.max_train_steps) == (8, 16, 4, 2000)
+    assert (args.learning_rate, args.text_encoder_lr, args.lr_warmup_steps) == (2e-4, 4e-5, 100)
+    assert (args.num_boxes, args.box_min_fraction, args.box_max_fraction, args.object_alpha) == (30, 0.03, 0.25, 0.3)
+    assert args.resolution == 512 and args.max_scale == 1.125 and not args.random_flip
+    assert args.token == method.DEFAULT_TOKEN and args.train_text_encoder and args.lr_scheduler == "constant_with_warmup"
+
+
+def test_sd2_config_matches_flag_defaults():
+    """configs/sd2_inpainting.yaml restates the defaults: every value equals the flag's default."""
+    parser = train.build_parser()
+    from cli_config import load_config
+
+    values = load_config(REPO_ROOT / "configs" / "sd2_inpainting.yaml", parser)
+    defaults = train.parse_args(["--pretrained_model_name_or_path", "x", "--object_class", "bottle", "--data_dir", "d"])
+    for key, value in values.items():
+        if key != "pretrained_model_name_or_path":
+            assert getattr(defaults, key) == pytest.approx(value), key
+    assert values["pretrained_model_name_or_path"] == "stabilityai/stable-diffusion-2-inpainting"
+
+
+def test_seed_readme_aliases():
+    args = train.parse_args(["--pretrained_model_name_or_path", "x", "--object_class", "bottle", "--data_dir", "d",
+                             "--batch_size", "2", "--lora_rank", "16", "--save_steps", "50", "--resume_from", "latest"])
+    assert (args.train_batch_size, args.rank, args.checkpointing_steps, args.resume_from_checkpoint) == (2, 16, 50, "latest")
+
+
+def test_every_flag_has_help():
+    for action in train.build_parser()._actions:
+        assert action.help, action.option_strings
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--object_class", "bottle", "--data_dir", "d"], "missing required option.*--pretrained_model_name_or_path"),
+        (["--pretrained_model_name_or_path", "x", "--object_class", "bottle"], "exactly one of --data_dir or --dataset_name"),
+        (["--pretrained_model_name_or_path", "x", "--object_class", "b", "--data_dir", "d", "--max_scale", "0.5"], "--max_scale"),
+    ],
+)
+def test_bad_flags_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_bad_config_is_named(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("learning_rat: 0.1\n")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(config)])
+    assert "bad.yaml: unknown option 'learning_rat'" in capsys.readouterr().err
+    config.write_text("mixed_precision: fp8\n")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(config)])
+    assert "'mixed_precision' must be one of" in capsys.readouterr().err
+
+
+def test_unknown_defect_type_and_ambiguous_class(tmp_path):
+    with pytest.raises(Exception, match="'crack' not found.*color, scratch"):
+        train.main(tiny_args(tmp_path, "--defect_type", "crack"))
+    args = tiny_args(tmp_path)
+    args.defect_type = None
+    with pytest.raises(train.TrainingError, match="choose one with --defect_type"):
+        train.main(args)
+
+
+# ---------------------------------------------------------------------------------------------- step
+
+
+@pytest.fixture
+def step_setup(tmp_path):
+    args = tiny_args(tmp_path)
+    models = train.load_models(args)
+    train.add_lora_adapters(models, args)
+    from attention_processor import VStarAttentionStore, install_vstar_capture
+
+    store = VStarAttentionStore()
+    install_vstar_capture(models.unet, store)
+    rows, _ = train.load_training_split(args, "color", tmp_path)
+    batch = next(iter(train.build_dataloader(rows, args, 1)))
+    prompt_ids = train.build_prompt_ids(models.tokenizer, "metal_nut", "sks")
+    return args, models, store, batch, prompt_ids
+
+
+def test_step_losses_and_gradients(step_setup):
+    args, models, store, batch, prompt_ids = step_setup
+    terms = train.compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder, models.noise_scheduler,
+                                            prompt_ids, store, train.StepConfig.from_args(args))
+    assert set(terms) == {"defect", "object", "attention", "loss"}
+    assert all(torch.isfinite(v) and v > 0 for v in terms.values())
+    expected = 0.5 * terms["defect"] + 0.2 * terms["object"] + 0.05 * terms["attention"]
+    assert terms["loss"].item() == pytest.approx(expected.item())
+    assert store.enabled and len(store.maps) == 6  # still recording until backward is done
+    terms["loss"].backward()
+    store.reset()
+    text_lora = [p for n, p in models.text_encoder.named_parameters() if "lora_" in n]
+    assert text_lora and any(p.grad is not None and p.grad.abs().sum() > 0 for p in text_lora)
+    unet_lora = [p for n, p in models.unet.named_parameters() if "lora_B" in n]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in unet_lora)
+
+
+def test_attention_weight_zero_turns_capture_off(step_setup):
+    args, models, store, batch, prompt_ids = step_setup
+    args.lambda_attention = 0.0
+    terms = train.compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder, models.noise_scheduler,
+                                            prompt_ids, store, train.StepConfig.from_args(args))
+    assert terms["attention"].item() == 0 and not store.enabled and store.maps == {}
+
+
+def test_prompt_ids_locate_the_token(step_setup):
+    _, models, _, _, prompt_ids = step_setup
+    position = prompt_ids.vstar_weights[0].nonzero().flatten().tolist()
+    # <bos> a metal nut with sks: "sks" is the 6th token.
+    assert position == [5] and prompt_ids.object[0, 5].item() == models.tokenizer.convert_tokens_to_ids("sks</w>")
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("run") / "metal_nut-color"
+    args = tiny_args(output_dir, "--max_train_steps", "20", "--learning_rate", "5e-3", "--text_encoder_lr", "5e-3",
+                     "--validation_steps", "10", "--num_validation_images", "1", "--num_inference_steps", "2",
+                     "--checkpointing_steps", "10", "--checkpoints_total_limit", "1", "--report_to", "tensorboard")
+    train.main(args)
+    return output_dir
+
+
+def test_run_writes_diffusers_lora_and_metadata(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {train.LORA_FILENAME, train.RUN_FILENAME, "few_shot_split.json", "README.md", "validation_0.png", "logs"} <= names
+    assert sorted(p.name for p in trained_run.glob("checkpoint-*")) == ["checkpoint-20"]  # total limit 1
+    state = load_file(trained_run / train.LORA_FILENAME)
+    assert all(k.startswith(("unet.", "text_encoder.")) for k in state)
+    assert any(k.startswith("text_encoder.") for k in state) and any(k.startswith("unet.") for k in state)
+    assert all(v.dtype == torch.float32 for v in state.values())
+    record = read_run(trained_run)
+    assert record["object_prompt"] == "A metal nut with sks" and record["defect_type"] == "color"
+    assert record["split"]["defect_types"]["color"]["train"] == ["metal_nut/test/color/000.png", "metal_nut/test/color/001.png"]
+    assert record["training_summary"]["global_step"] == 20
+    card = (trained_run / "README.md").read_text()
+    assert "base_model:" in card and "instance_prompt: A metal nut with sks" in card and "load_lora_weights" in card
+    assert list((trained_run / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_lora_loads_in_diffusers_and_changes_the_output(trained_run, tiny_pipeline):
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    image = Image.open(SYNTHETIC_DATA / "metal_nut" / "test" / "good" / "000.png").resize((64, 64))
+    mask = Image.open(SYNTHETIC_DATA / "metal_nut" / "ground_truth" / "color" / "003_mask.png").resize((64, 64))
+
+    def generate(pipe):
+        return pipe("A metal nut with sks", image=image, mask_image=mask, num_inference_steps=2, height=64, width=64,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    base = generate(tiny_pipeline)
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(TINY_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(trained_run)
+    saved = load_file(trained_run / train.LORA_FILENAME)
+    loaded = train.lora_layers(pipe.unet, adapter_name=next(iter(pipe.unet.peft_config)))
+    assert {f"unet.{k}" for k in loaded} == {k for k in saved if k.startswith("unet.")}  # nothing missing or unexpected
+    for key, value in loaded.items():
+        torch.testing.assert_close(value, saved[f"unet.{key}"])
+    scaling = {v for m in pipe.unet.modules() if hasattr(m, "scaling") for v in m.scaling.values()}
+    assert scaling == {2.0}  # alpha 16 / rank 8 survives the round trip
+    assert abs(generate(pipe) - base).max() > 1e-3
+
+
+def test_training_lowers_the_defect_loss(trained_run, tmp_path):
+    """A fixed-seed evaluation of the defect loss on the training images: the trained LoRA beats the
+    untrained one (whose zero-initialised B makes it the base model)."""
+    args = tiny_args(tmp_path)
+    rows, _ = train.load_training_split(args, "color", tmp_path)
+    transform = train.dm.PairTransform(64)
+    pairs = [transform(r["image"], r["mask"]) for r in rows]
+    batch = {"pixel_values": torch.stack([p[0] for p in pairs] * 4), "masks": torch.stack([p[1] for p in pairs] * 4)}
+
+    def fixed_seed_defect_loss(load_trained: bool) -> float:
+        models = train.load_models(args)
+        train.add_lora_adapters(models, args)
+        if load_trained:
+            train.load_lora_into(trained_run, models.unet, models.text_encoder)
+        prompt_ids = train.build_prompt_ids(models.tokenizer, "metal_nut", "sks")
+        torch.manual_seed(1234)
+        with torch.no_grad():
+            terms = train.compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder,
+                                                    models.noise_scheduler, prompt_ids, None, train.StepConfig.from_args(args))
+        return terms["defect"].item()
+
+    before, after = fixed_seed_defect_loss(False), fixed_seed_defect_loss(True)
+    assert after < 0.95 * before, (before, after)  # measured: 0.0156 -> 0.0139
+
+
+# ----------------------------------------------------------------------------------------- resume
+
+
+def lora_state(output_dir: Path) -> dict:
+    return load_file(output_dir / train.LORA_FILENAME)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    # Batch 1 over 2 images: 2 batches an epoch, so resuming at step 1 also skips into an epoch.
+    common = ("--train_batch_size", "1", "--max_train_steps", "3", "--checkpointing_steps", "1", "--random_flip")
+    straight = tmp_path / "straight"
+    train.main(tiny_args(straight, *common))
+    resumed = tmp_path / "resumed"
+    train.main(tiny_args(resumed, *common, "--resume_from_checkpoint", str(straight / "checkpoint-1")))
+    a, b = lora_state(straight), lora_state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # bit for bit: data order, augmentation and RNG resume exactly
+    assert read_run(resumed)["training_summary"]["global_step"] == 3
+
+
+def test_resume_latest_picks_the_newest_checkpoint(tmp_path, caplog):
+    out = tmp_path / "run"
+    train.main(tiny_args(out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--train_batch_size", "1"))
+    args = tiny_args(out, "--max_train_steps", "2", "--train_batch_size", "1", "--resume_from_checkpoint", "latest")
+    assert train.resolve_resume_path(args, out).name == "checkpoint-2"
+    with pytest.raises(train.TrainingError, match="is not a checkpoint folder"):
+        train.resolve_resume_path(tiny_args(out, "--resume_from_checkpoint", str(tmp_path / "nope")), out)
+
+
+# ------------------------------------------------------------------------------------- robustness
+
+
+def test_nonfinite_losses_are_skipped_and_counted(tmp_path, monkeypatch):
+    real = train.compute_defectfill_losses
+    calls = {"n": 0}
+
+    def sometimes_nan(*a, **k):
+        calls["n"] += 1
+        terms = real(*a, **k)
+        if calls["n"] in (2, 3):
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(train, "compute_defectfill_losses", sometimes_nan)
+    out = tmp_path / "run"
+    train.main(tiny_args(out))
+    summary = read_run(out)["training_summary"]
+    assert summary["global_step"] == 4 and summary["skipped_nonfinite_steps"] == 2
+    assert all(torch.isfinite(v).all() for v in lora_state(out).values())
+
+
+def test_too_many_nonfinite_losses_stop_the_run(tmp_path, monkeypatch):
+    real = train.compute_defectfill_losses
+
+    def always_nan(*a, **k):
+        terms = real(*a, **k)
+        terms["loss"] = terms["loss"] * float("inf")
+        return terms
+
+    monkeypatch.setattr(train, "compute_defectfill_losses", always_nan)
+    with pytest.raises(train.TrainingError, match="3 non-finite losses in a row"):
+        train.main(tiny_args(tmp_path / "run", "--max_nonfinite_steps", "3"))
+    assert not (tmp_path / "run" / train.LORA_FILENAME).exists()
+
+
+def test_missing_gpu_extras_give_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(train.TrainingError, match="--use_8bit_adam needs the bitsandbytes package: pip install -r requirements-gpu.txt"):
+        train.main(tiny_args(tmp_path / "a", "--use_8bit_adam"))
+    monkeypatch.setitem(sys.modules, "xformers", None)
+    with pytest.raises(train.TrainingError, match="--enable_xformers_memory_efficient_attention needs the xformers package"):
+        train.main(tiny_args(tmp_path / "b", "--enable_xformers_memory_efficient_attention"))
+
+
+def test_gradient_checkpointing_run(tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(out, "--gradient_checkpointing", "--max_train_steps", "2"))
+    assert read_run(out)["training_summary"]["global_step"] == 2
+
+
+def test_push_to_hub_uploads_the_folder_without_checkpoints(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    class Repo:
+        repo_id = "someone/defectfill-metal_nut-color"
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **k: calls.setdefault("create", (repo_id, k)) and Repo())
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **k: calls.setdefault("upload", k))
+    out = tmp_path / "defectfill-metal_nut-color"
+    train.main(tiny_args(out, "--push_to_hub", "--hub_token", "hf_x", "--max_train_steps", "2", "--checkpointing_steps", "1"))
+    assert calls["create"][0] == "defectfill-metal_nut-color" and calls["create"][1]["token"] == "hf_x"
+    upload = calls["upload"]
+    assert upload["repo_id"] == Repo.repo_id and upload["folder_path"] == str(out)
+    assert "checkpoint-*" in upload["ignore_patterns"] and "logs/**" in upload["ignore_patterns"]
+
+
+def test_all_defect_types_train_one_run_each(tmp_path):
+    out = tmp_path / "runs"
+    runs = train.main(tiny_args(out, "--defect_type", "all", "--max_train_steps", "1"))
+    assert [p.name for p in runs] == ["color", "scratch"]
+    assert read_run(out / "scratch")["defect_type"] == "scratch" and (out / "color" / train.LORA_FILENAME).exists()
+
+
+# ------------------------------------------------------------------------------- accelerate launch
+
+
+def test_accelerate_launch_two_cpu_processes(tmp_path):
+    """The real launcher, 2 processes (gloo): trains, and the main process alone writes the outputs."""
+    out = tmp_path / "ddp"
+    # accelerate's --cpu flag takes its single-process (or MPI) launcher; torchrun-style processes on
+    # the CPU (gloo) are --multi_gpu with ACCELERATE_USE_CPU.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "ACCELERATE_USE_CPU": "true"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train_defectfill.py"),
+               "--config", str(REPO_ROOT / "configs" / "tiny.yaml"), "--output_dir", str(out), "--max_train_steps", "2",
+               "--train_batch_size", "1", "--validation_steps", "0", "--checkpointing_steps", "2", "--report_to", "none"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / train.LORA_FILENAME).exists() and read_run(out)["training_summary"]["global_step"] == 2
+    assert (out / "checkpoint-2" / "random_states_1.pkl").exists()  # both processes saved their RNG state
