@@ -308,21 +308,49 @@ def select_split(dataset, split: dict, part: str = "train"):
 # ----------------------------------------------------------------------------------------------------
 
 
+def mask_crop_box(mask: np.ndarray, min_size: int, context: float = 0.5) -> tuple[int, int, int, int] | None:
+    """A square (left, top, right, bottom) box around the mask's bounding box, `context` times larger,
+    at least `min_size` pixels, moved to lie inside the image. None when no square fits the mask (its
+    box is wider or taller than the image's short side) or the mask is empty: use the whole image then.
+    Shared by inference (generate at full resolution around the defect) and training (the same scale)."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return None
+    height, width = mask.shape
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    side = max(int(math.ceil(max(bottom - top, right - left) * (1 + context))), min_size)
+    side = min(side, height, width)
+    if side < max(bottom - top, right - left):
+        return None
+    center_y, center_x = (top + bottom) / 2, (left + right) / 2
+    box_top = int(min(max(round(center_y - side / 2), 0), height - side))
+    box_left = int(min(max(round(center_x - side / 2), 0), width - side))
+    return box_left, box_top, box_left + side, box_top + side
+
+
 @dataclass
 class PairTransform:
     """Image and mask to `resolution` together, with the same random augmentation.
 
     Augmentation (SPEC): a random resize by a factor in `scale_range` then a random crop back to
     `resolution`, and an optional horizontal flip (off by default: some defects are orientation-specific).
+    With `defect_crop_probability`, a square crop around the defect (`mask_crop_box`) is taken first, so
+    training sees defects at the scale inference generates them (ours, not the paper's; off by default).
     Output: image (3, R, R) in [-1, 1]; mask (1, R, R) in {0, 1}.
     """
 
     resolution: int
     scale_range: tuple[float, float] = (1.0, 1.0)
     hflip: bool = False
+    defect_crop_probability: float = 0.0
 
     def __call__(self, image: Image.Image, mask: Image.Image, rng: random.Random | None = None):
         rng = rng or random
+        if self.defect_crop_probability > 0 and rng.random() < self.defect_crop_probability:
+            # The defect at full resolution, as inference generates it with --crop_to_mask.
+            box = mask_crop_box(binarize_mask(mask), self.resolution)
+            if box is not None:
+                image, mask = image.crop(box), mask.crop(box)
         size = round(self.resolution * rng.uniform(*self.scale_range))
         size = max(size, self.resolution)
         image = image.convert("RGB").resize((size, size), Image.BICUBIC)

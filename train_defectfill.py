@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--resolution", type=int, default=512, help="Training resolution (square).")
     data.add_argument("--max_scale", type=float, default=1.125,
                       help="Augmentation: random resize by a factor in [1, max_scale], then random crop back to --resolution.")
+    data.add_argument("--defect_crop_probability", type=float, default=0.0,
+                      help="Augmentation: with this probability, first crop a square around the defect at full resolution "
+                           "(the scale infer_defectfill.py --crop_to_mask generates at). 0 = the paper's whole-image resize.")
     data.add_argument("--random_flip", action="store_true", help="Augmentation: random horizontal flip (off: some defects are orientation-specific).")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
 
@@ -230,7 +233,7 @@ def load_training_split(args, defect_type: str, output_dir: Path):
 
 
 def build_dataloader(train_rows, args, num_processes: int) -> DataLoader:
-    transform = dm.PairTransform(args.resolution, (1.0, args.max_scale), args.random_flip)
+    transform = dm.PairTransform(args.resolution, (1.0, args.max_scale), args.random_flip, args.defect_crop_probability)
     sampler = EpochShuffleSampler(len(train_rows), args.train_batch_size * num_processes, args.seed)
     return DataLoader(
         FewShotDefectDataset(train_rows, transform), batch_size=args.train_batch_size, sampler=sampler,
@@ -937,4 +940,7 @@ def main(args: argparse.Namespace) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except (TrainingError, dm.DatasetError) as error:
+        raise SystemExit(f"error: {error}") from None

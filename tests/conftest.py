@@ -48,3 +48,17 @@ def copy_of_data(tmp_path, synthetic_data_dir) -> Path:
     target = tmp_path / "mvtec"
     shutil.copytree(synthetic_data_dir, target)
     return target
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A short DefectFill run on the tiny model (metal_nut / color), shared by the inference tests."""
+    import train_defectfill as train
+
+    output_dir = tmp_path_factory.mktemp("tiny_run") / "metal_nut-color"
+    train.main(train.parse_args([
+        "--config", str(REPO_ROOT / "configs" / "tiny.yaml"), "--pretrained_model_name_or_path", str(TINY_MODEL),
+        "--data_dir", str(SYNTHETIC_DATA), "--output_dir", str(output_dir), "--max_train_steps", "4",
+        "--train_batch_size", "2", "--validation_steps", "0", "--checkpointing_steps", "1000", "--report_to", "none",
+    ]))
+    return output_dir
