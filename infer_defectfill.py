@@ -114,12 +114,18 @@ def read_run(lora: str, cache_dir: str | None = None) -> dict:
         run_file = path / RUN_FILENAME
         return json.loads(run_file.read_text()) if run_file.is_file() else {}
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
 
     try:
         return json.loads(Path(hf_hub_download(lora, RUN_FILENAME, cache_dir=cache_dir)).read_text())
-    except EntryNotFoundError:
+    except LocalEntryNotFoundError as error:  # offline and not cached (a subclass of EntryNotFoundError)
+        raise InferenceError(f"--lora {lora} is not a local folder, and the Hub cannot be reached to fetch it ({error})") from error
+    except EntryNotFoundError:  # a LoRA repo made elsewhere, without our run file
         return {}
+    except (HFValidationError, OSError) as error:  # offline, unknown repo, or not a repo id at all
+        raise InferenceError(
+            f"--lora {lora} is not a local folder, and its {RUN_FILENAME} could not be fetched from the Hub ({error})"
+        ) from error
 
 
 def resolve_settings(args, run: dict) -> argparse.Namespace:

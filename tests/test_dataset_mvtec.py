@@ -247,3 +247,35 @@ def test_non_image_files_are_ignored(copy_of_data):
     (copy_of_data / "wood" / "train" / "good" / "Thumbs.db").write_bytes(b"\0")
     assert len(dm.load_mvtec_defects(copy_of_data, "wood", ["scratch"])) == 6
     assert len(dm.list_good_images(copy_of_data, "wood")) == 10
+
+
+# ----------------------------------------------------------------------------------- defect crops
+
+
+def test_mask_crop_box_contains_the_mask_with_context():
+    mask = np.zeros((200, 300), dtype=bool)
+    mask[50:70, 100:140] = True  # a 20 x 40 defect
+    box = dm.mask_crop_box(mask, min_size=32, context=0.5)
+    left, top, right, bottom = box
+    assert right - left == bottom - top == 60  # 40 * 1.5
+    assert left <= 100 and right >= 140 and top <= 50 and bottom >= 70
+    assert dm.mask_crop_box(mask, min_size=128) == (56, 0, 184, 128)  # at least 128, moved inside the image
+
+
+def test_mask_crop_box_falls_back_when_no_square_fits():
+    mask = np.zeros((100, 300), dtype=bool)
+    mask[10:20, 0:250] = True  # wider than the short side
+    assert dm.mask_crop_box(mask, 64) is None
+    assert dm.mask_crop_box(np.zeros((10, 10), dtype=bool), 4) is None
+
+
+def test_pair_transform_defect_crop_keeps_the_defect_at_full_resolution():
+    image = Image.new("RGB", (256, 256), (0, 0, 0))
+    mask = Image.new("L", (256, 256), 0)
+    mask.paste(255, (200, 200, 208, 208))  # an 8 px defect
+    image.paste((255, 255, 255), (200, 200, 208, 208))
+    cropped_image, cropped_mask = dm.PairTransform(64, defect_crop_probability=1.0)(image, mask, random.Random(0))
+    whole_image, whole_mask = dm.PairTransform(64)(image, mask, random.Random(0))
+    assert cropped_mask.sum() == 64  # 8 x 8 pixels kept at full resolution
+    assert whole_mask.sum() == 4  # the whole-image resize shrinks it to 2 x 2
+    assert torch.equal(cropped_image[0] > 0, cropped_mask[0].bool())

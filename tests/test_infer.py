@@ -232,3 +232,22 @@ def test_base_that_is_not_inpainting_is_rejected(tiny_run, tmp_path, tiny_model_
     with pytest.raises(infer.InferenceError, match="is not an inpainting model"):
         run(tiny_run, tmp_path / "out", "--pretrained_model_name_or_path", str(base), "--image_path", str(image_path),
             "--mask_path", str(mask_path))
+
+
+def test_lora_that_is_neither_folder_nor_reachable_repo(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(infer.InferenceError, match="--lora someone/missing-run is not a local folder"):
+        infer.main(infer.parse_args(["--lora", "someone/missing-run", "--output_dir", str(tmp_path / "o")]))
+
+
+def test_lpips_without_backbone_weights_says_how_to_provide_them(monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.models, "alexnet", offline)
+    with pytest.raises(infer.InferenceError, match=r"backbone weights.*\$TORCH_HOME/hub/checkpoints.*--num_candidates 1"):
+        infer.LpipsScorer("alex")

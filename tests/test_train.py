@@ -365,3 +365,17 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / train.LORA_FILENAME).exists() and read_run(out)["training_summary"]["global_step"] == 2
     assert (out / "checkpoint-2" / "random_states_1.pkl").exists()  # both processes saved their RNG state
+
+
+def test_mixed_precision_keeps_trainable_lora_in_fp32(tmp_path):
+    """Frozen weights in bf16, LoRA parameters in fp32 (no "Attempting to unscale FP16 gradients")."""
+    from types import SimpleNamespace
+
+    accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision="bf16")
+    models = train.prepare_models(accelerator, tiny_args(tmp_path, "--mixed_precision", "bf16"))
+    for model in (models.unet, models.text_encoder):
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        assert trainable and all(p.dtype == torch.float32 for p in trainable)
+        assert all(p.dtype == torch.bfloat16 for p in frozen)
+    assert models.vae.dtype == torch.bfloat16
