@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
     t.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="xformers attention on every non-recording layer (CUDA only; pip install -r requirements-gpu.txt).")
+    t.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=True,
+                   help="Reuse the VAE posteriors of each image and its defect background across epochs when augmentation "
+                        "cannot change them (--max_scale 1, no flip, no defect crop): 1 VAE encode a step instead of 3.")
     t.add_argument("--max_nonfinite_steps", type=int, default=10,
                    help="Stop with an error after this many non-finite losses in a row (each is skipped and counted).")
 
@@ -183,7 +186,7 @@ class FewShotDefectDataset(Dataset):
         row_index, augmentation_seed = index
         row = self.rows[row_index]
         image, mask = self.transform(row["image"], row["mask"], random.Random(augmentation_seed))
-        return {"pixel_values": image, "masks": mask}
+        return {"pixel_values": image, "masks": mask, "row_index": torch.tensor(row_index)}
 
 
 class EpochShuffleSampler(Sampler):
@@ -210,7 +213,7 @@ class EpochShuffleSampler(Sampler):
 
 
 def collate(examples: list[dict]) -> dict:
-    return {key: torch.stack([e[key] for e in examples]) for key in ("pixel_values", "masks")}
+    return {key: torch.stack([e[key] for e in examples]) for key in ("pixel_values", "masks", "row_index")}
 
 
 def load_training_split(args, defect_type: str, output_dir: Path):
@@ -367,9 +370,50 @@ def build_prompt_ids(tokenizer, object_class: str, token: str) -> PromptIds:
 
 def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     """E(x) = vae.encode(x).latent_dist.sample() * scaling_factor, as the inpainting pipeline encodes."""
+    return sample_latents(vae, *encode_posterior(vae, pixels))
+
+
+def encode_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE posterior of `pixels`; frozen VAE, no gradient."""
     with torch.no_grad():
-        latents = vae.encode(pixels.to(dtype=vae.dtype)).latent_dist.sample()
-    return latents * vae.config.scaling_factor
+        posterior = vae.encode(pixels.to(dtype=vae.dtype)).latent_dist
+    return posterior.mean, posterior.std
+
+
+def sample_latents(vae, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """latent_dist.sample() * scaling_factor, drawn in one call so cached and fresh posteriors consume the
+    random stream identically."""
+    noise = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)  # logical order, whatever mean's strides
+    return (mean + std * noise) * vae.config.scaling_factor
+
+
+class LatentCache:
+    """The VAE posteriors (mean, std) of each training row's image I and defect background (1 - M) I.
+
+    Valid only when augmentation never changes a row's pixels (`--max_scale 1`, no flip, no defect crop):
+    then two of a step's three VAE encodes are the same every epoch. A fresh sample is still drawn from
+    the posterior each step."""
+
+    def __init__(self) -> None:
+        self.posteriors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def posterior(self, vae, images: torch.Tensor, masks: torch.Tensor, row_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of cat([I, (1 - M) I]) for the batch, encoding only rows not seen before."""
+        rows = row_index.tolist()
+        missing = [i for i, row in enumerate(rows) if row not in self.posteriors]
+        if missing:
+            picked = images[missing]
+            mean, std = encode_posterior(vae, torch.cat([picked, picked * (1 - masks[missing])]))
+            for k, i in enumerate(missing):
+                self.posteriors[rows[i]] = (mean[[k, k + len(missing)]], std[[k, k + len(missing)]])
+        mean = torch.stack([self.posteriors[row][0] for row in rows], dim=1).flatten(0, 1)  # I rows, then (1 - M) I rows
+        std = torch.stack([self.posteriors[row][1] for row in rows], dim=1).flatten(0, 1)
+        return mean, std
+
+
+def augmentation_is_static(args) -> bool:
+    """True when a row's transformed pixels are the same every epoch (latents may be cached)."""
+    return args.max_scale == 1.0 and not args.random_flip and args.defect_crop_probability == 0
 
 
 def diffusion_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
@@ -382,24 +426,30 @@ def diffusion_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor
 
 def compute_defectfill_losses(
     batch: dict, unet, vae, text_encoder, noise_scheduler, prompt_ids: PromptIds, store: VStarAttentionStore | None,
-    config: StepConfig,
+    config: StepConfig, latent_cache: LatentCache | None = None,
 ) -> dict[str, torch.Tensor]:
     """One DefectFill step's losses: {"defect", "object", "attention", "loss"} (SPEC "One training step").
 
     Both branches share x0, one noise sample and one timestep; they run as one UNet call of batch 2B
     (defect rows first, object rows second) and the three images of each sample are VAE-encoded in
-    one call. While the store records (object rows only), it stays recording after this returns: call
-    backward, then `store.reset()` (gradient checkpointing recomputes the recorded layers in backward).
+    one call (or, with a `latent_cache`, only the random-box background is encoded). While the store
+    records (object rows only), it stays recording after this returns: call backward, then `store.reset()` (gradient checkpointing recomputes the recorded layers in backward).
     """
     images, masks = batch["pixel_values"], batch["masks"]
     b, _, height, width = images.shape
     random_masks = method.random_box_mask(b, height, width, config.num_boxes, config.box_min_fraction,
                                           config.box_max_fraction).to(images.device, images.dtype)
-    encoded = encode_latents(vae, torch.cat([images, images * (1 - masks), images * (1 - random_masks)]))
-    latents, defect_background, object_background = encoded.chunk(3)
+    if latent_cache is not None:
+        cached_mean, cached_std = latent_cache.posterior(vae, images, masks, batch["row_index"])
+        random_mean, random_std = encode_posterior(vae, images * (1 - random_masks))
+        mean, std = torch.cat([cached_mean, random_mean]), torch.cat([cached_std, random_std])
+    else:
+        mean, std = encode_posterior(vae, torch.cat([images, images * (1 - masks), images * (1 - random_masks)]))
+    latents, defect_background, object_background = sample_latents(vae, mean, std).chunk(3)
     latent_size = tuple(latents.shape[-2:])
 
-    noise = torch.randn_like(latents)
+    # randn in logical order (randn_like follows the strides of its input, which depend on how the latents were made).
+    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=latents.device).long()
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     defect_mask = method.mask_to_latent(masks, latent_size).to(latents.dtype)
@@ -825,6 +875,7 @@ class TrainingLoop:
         self.guard = NonFiniteGuard(args.max_nonfinite_steps)
         self.prompt_ids = build_prompt_ids(models.tokenizer, args.object_class, args.token)
         self.config = StepConfig.from_args(args)
+        self.latent_cache = LatentCache() if args.cache_latents and augmentation_is_static(args) else None
         self.steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
         self.history: list[dict[str, float]] = []
 
@@ -864,7 +915,7 @@ class TrainingLoop:
             models.text_encoder.train()
         with accelerator.accumulate(models.unet, models.text_encoder):
             terms = compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder, models.noise_scheduler,
-                                              self.prompt_ids, self.store, self.config)
+                                              self.prompt_ids, self.store, self.config, self.latent_cache)
             if not self.guard.check(accelerator, terms["loss"]):
                 self.store.reset()
                 self.optimizer.zero_grad(set_to_none=True)

@@ -379,3 +379,44 @@ def test_mixed_precision_keeps_trainable_lora_in_fp32(tmp_path):
         assert trainable and all(p.dtype == torch.float32 for p in trainable)
         assert all(p.dtype == torch.bfloat16 for p in frozen)
     assert models.vae.dtype == torch.bfloat16
+
+
+def test_latent_cache_gives_the_same_losses_with_one_encode(step_setup):
+    args, models, store, batch, prompt_ids = step_setup
+    config = train.StepConfig.from_args(args)
+    batch = {**batch, "row_index": torch.tensor([0, 1])}
+
+    def losses(cache):
+        torch.manual_seed(7)
+        terms = train.compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder, models.noise_scheduler,
+                                                prompt_ids, store, config, cache)
+        store.reset()
+        return {k: v.item() for k, v in terms.items()}
+
+    encoded_batches = []
+    real_encode = models.vae.encode
+    models.vae.encode = lambda x, *a, **k: encoded_batches.append(len(x)) or real_encode(x, *a, **k)
+    reference = losses(None)
+    cache = train.LatentCache()
+    first, second = losses(cache), losses(cache)
+    assert encoded_batches == [6, 4, 2, 2]  # uncached: 3B; cache miss: 2B + B; cache hit: B
+    for k in reference:  # same random draws; only the VAE batch sizes differ
+        assert first[k] == pytest.approx(reference[k], rel=1e-5) and second[k] == pytest.approx(reference[k], rel=1e-5)
+
+
+def test_latent_cache_only_without_augmentation():
+    args = train.parse_args(["--pretrained_model_name_or_path", "x", "--object_class", "b", "--data_dir", "d"])
+    assert not train.augmentation_is_static(args)  # the paper's random resize changes pixels every epoch
+    args.max_scale = 1.0
+    assert train.augmentation_is_static(args)
+    args.random_flip = True
+    assert not train.augmentation_is_static(args)
+
+
+def test_resume_with_cached_latents_reproduces_the_uninterrupted_run(tmp_path):
+    common = ("--train_batch_size", "1", "--max_train_steps", "3", "--checkpointing_steps", "1", "--max_scale", "1")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.main(tiny_args(straight, *common))
+    train.main(tiny_args(resumed, *common, "--resume_from_checkpoint", str(straight / "checkpoint-1")))
+    a, b = lora_state(straight), lora_state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,109 @@
+"""Shared pieces of the benchmarks: SD2-inpainting-shaped models with random weights at two sizes,
+and a timer that reports medians after warm-up (these machines are noisy; always compare ratios
+measured in the same run)."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+TINY_MODEL = REPO_ROOT / "models" / "tiny-sd2-inpainting"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    resolution: int
+    batch: int
+    dtype: torch.dtype
+    unet: dict
+    vae: dict
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+
+
+# stabilityai/stable-diffusion-2-inpainting's UNet and VAE configs, trimmed to the fields that shape them.
+SD2_UNET = dict(
+    sample_size=64, in_channels=9, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+)
+SD2_VAE = dict(
+    block_out_channels=(128, 256, 512, 512), latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, sample_size=512,
+)
+# The same structure at width 64 (a fifth of SD2's 320), for 2 CPU cores.
+CPU_UNET = {**SD2_UNET, "sample_size": 32, "block_out_channels": (64, 128, 256, 256), "attention_head_dim": (1, 2, 4, 4),
+            "cross_attention_dim": 256, "norm_num_groups": 32}
+CPU_VAE = {**SD2_VAE, "block_out_channels": (32, 64, 128, 128), "layers_per_block": 1, "sample_size": 256}
+
+PRESETS = {
+    "cpu": Preset("cpu", 256, 1, torch.float32, CPU_UNET, CPU_VAE, 256, 4, 4),
+    "sd2": Preset("sd2", 512, 4, torch.bfloat16, SD2_UNET, SD2_VAE, 1024, 23, 16),
+}
+
+
+def build_components(preset: Preset, device: torch.device):
+    """tokenizer, text encoder, VAE, UNet and DDPM scheduler with random weights in the preset's shape.
+    The tokenizer is the bundled tiny one (its vocabulary sizes the text encoder)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(TINY_MODEL, subfolder="tokenizer")
+    text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=preset.text_hidden, intermediate_size=preset.text_hidden * 4,
+                                 num_attention_heads=preset.text_heads, num_hidden_layers=preset.text_layers, hidden_act="gelu",
+                                 projection_dim=preset.text_hidden, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(text_config)
+    vae = AutoencoderKL(**preset.vae)
+    unet = UNet2DConditionModel(**preset.unet)
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False)
+        model.to(device, dtype=preset.dtype)
+    return tokenizer, text_encoder, vae, unet, scheduler
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> tuple[float, float | None]:
+    """(median seconds, peak GB on CUDA or None) of `fn` over `repeats` calls after `warmup`."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return statistics.median(times), peak
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        model = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = next((line.split(":", 1)[1].strip() for line in model.splitlines() if line.startswith("Model name")), platform.processor())
+    except OSError:
+        name = platform.processor()
+    return f"{name}, {torch.get_num_threads()} threads"
