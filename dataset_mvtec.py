@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fileio import write_json_atomic
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MASK_THRESHOLD = 128
 GOOD = "good"
@@ -278,12 +280,7 @@ def few_shot_split(
 
 
 def save_split(split: dict, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(split, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, split)
 
 
 def load_split(path: str | os.PathLike) -> dict:

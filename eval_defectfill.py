@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -32,6 +31,7 @@ from PIL import Image
 
 import dataset_mvtec as dm
 from cli_config import parse_args_with_config
+from fileio import write_json_atomic
 from infer_defectfill import METADATA_FILENAME, SYNTHESIS_FILENAME
 
 
@@ -177,9 +177,7 @@ def main(args: argparse.Namespace, feature: int | torch.nn.Module = 2048, distan
     results = [evaluate_folder(Path(folder), args, feature, distance) for folder in args.generated]
     print(format_table(results, args.kid_scale))
     output = Path(args.output_json) if args.output_json else Path(args.generated[0]).parent / "eval_results.json"
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(json.dumps({"kid_scale": args.kid_scale, "results": results}, indent=2) + "\n")
-    os.replace(tmp, output)
+    write_json_atomic(output, {"kid_scale": args.kid_scale, "results": results})
     return results
 
 

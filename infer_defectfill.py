@@ -29,6 +29,7 @@ from PIL import Image
 import dataset_mvtec as dm
 import defectfill_method as method
 from cli_config import parse_args_with_config
+from fileio import save_image_atomic, write_json_atomic, write_text_atomic
 from train_defectfill import LORA_FILENAME, RUN_FILENAME
 
 logger = logging.getLogger("defectfill")
@@ -307,13 +308,6 @@ class LpipsScorer:
 # ----------------------------------------------------------------------------------------------------
 
 
-def save_image_atomic(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    image.save(tmp)
-    os.replace(tmp, path)
-
-
 def read_metadata(output_dir: Path) -> dict[str, dict]:
     """Existing rows keyed by file name, kept only where the image and mask files exist (resume)."""
     path = output_dir / METADATA_FILENAME
@@ -324,9 +318,7 @@ def read_metadata(output_dir: Path) -> dict[str, dict]:
 
 
 def write_metadata(output_dir: Path, rows: dict[str, dict]) -> None:
-    tmp = output_dir / (METADATA_FILENAME + ".tmp")
-    tmp.write_text("".join(json.dumps(rows[name]) + "\n" for name in sorted(rows)))
-    os.replace(tmp, output_dir / METADATA_FILENAME)
+    write_text_atomic(output_dir / METADATA_FILENAME, "".join(json.dumps(rows[name]) + "\n" for name in sorted(rows)))
 
 
 def output_names(pair: Pair) -> tuple[str, str]:
@@ -455,9 +447,7 @@ def write_synthesis_record(output_dir: Path, settings) -> None:
                                                "guidance_scale", "seed", "composite", "crop_to_mask", "data_dir")}
     record["data_dir"] = str(record["data_dir"]) if record["data_dir"] else None
     record["split"] = settings.split
-    tmp = output_dir / (SYNTHESIS_FILENAME + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, output_dir / SYNTHESIS_FILENAME)
+    write_json_atomic(output_dir / SYNTHESIS_FILENAME, record)
 
 
 def push_dataset(output_dir: Path, settings) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import math
 import os
@@ -34,6 +33,7 @@ import dataset_mvtec as dm
 import defectfill_method as method
 from attention_processor import VStarAttentionStore, install_vstar_capture, token_piece_ids, token_weights
 from cli_config import parse_args_with_config
+from fileio import save_image_atomic, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("defectfill")
 
@@ -573,12 +573,6 @@ def run_record(args, defect_type: str, split: dict) -> dict:
     }
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def save_model_card(output_dir: Path, record: dict, repo_id: str | None, images: list | None = None) -> None:
     """A diffusers-style model card (README.md): YAML metadata (base_model, tags, instance_prompt, widget)
     and how to load the LoRA. Built locally: writing it needs no Hub access."""
@@ -586,7 +580,7 @@ def save_model_card(output_dir: Path, record: dict, repo_id: str | None, images:
 
     widget = []
     for index, image in enumerate(images or []):
-        image.save(output_dir / f"validation_{index}.png")
+        save_image_atomic(image, output_dir / f"validation_{index}.png")
         widget.append({"text": record["object_prompt"], "output": {"url": f"validation_{index}.png"}})
     n_train = sum(len(e["train"]) for e in record["split"]["defect_types"].values())
     data = ModelCardData(
@@ -628,10 +622,7 @@ Or with Low-Fidelity Selection and an exact background: `python infer_defectfill
 The few-shot split (training and held-out images) is in `few_shot_split.json`; everything inference
 needs is in `defectfill_run.json`.
 """
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-    tmp = output_dir / "README.md.tmp"
-    card.save(str(tmp))
-    os.replace(tmp, output_dir / "README.md")
+    write_text_atomic(output_dir / "README.md", str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")))
 
 
 def save_final_outputs(accelerator, models: Models, args, output_dir: Path, record: dict, images) -> None:
