@@ -122,7 +122,8 @@ class VStarAttentionStore:
         self.maps.setdefault(layer_name, per_head.mean(dim=1).reshape(-1, 1, height, width))
 
     def aggregate(self) -> torch.Tensor:
-        """A^[V*]: every recorded layer's map resized (bilinear) to the latent size, averaged over layers: (B, 1, h, w)."""
+        """A^[V*]: every recorded layer's map resized (bilinear) to the latent size, averaged over layers: (B, 1, h, w).
+        The paper says "resized"; bilinear (rather than nearest) is our choice, so coarse layers give smooth maps."""
         if not self.maps:
             raise RuntimeError("no [V*] attention map was recorded: is the processor installed and the store recording?")
         resized = [

@@ -242,7 +242,8 @@ def load_defect_dataset(
 
 def num_train_images(total: int, fraction: float, count: int | None) -> int:
     """How many of `total` images train: `count` if given, else ceil(total * fraction); at least one,
-    and at least one left out for evaluation when there are two or more."""
+    and at least one left out for evaluation when there are two or more. (Rounding up and the two
+    floors are ours: "the first third" does not say how to round.)"""
     if count is not None and count < 1:
         raise DatasetError(f"--train_count must be >= 1, got {count}")
     if count is None and not 0 < fraction <= 1:

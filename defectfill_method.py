@@ -78,7 +78,9 @@ def random_box_mask(
 ) -> torch.Tensor:
     """M_rand of the object branch: per sample, the union of `num_boxes` axis-aligned boxes whose sides
     are uniform in [min_fraction, max_fraction] of the image side (height for rows, width for columns),
-    placed uniformly so each box lies inside the image. Pixel resolution; (batch, 1, H, W) in {0, 1}."""
+    placed uniformly so each box lies inside the image. Pixel resolution; (batch, 1, H, W) in {0, 1}.
+    Ours where the paper is silent: the two sides are drawn independently, each relative to its own axis,
+    and boxes are kept inside the image rather than clipped."""
     if not 0 < min_fraction <= max_fraction <= 1:
         raise ValueError(f"box side fractions must satisfy 0 < min <= max <= 1, got {min_fraction}, {max_fraction}")
     shape = (batch, num_boxes)

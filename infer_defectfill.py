@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Keep every pixel outside the mask equal to the clean input (the mask stays an exact label).")
     p.add_argument("--crop_to_mask", action=argparse.BooleanOptionalAction, default=True,
                    help="Generate in a square crop around the mask at full resolution when the image is larger than --resolution.")
-    p.add_argument("--crop_context", type=float, default=0.5, help="Context around the mask's box in the crop, as a fraction of its side.")
+    p.add_argument("--crop_context", type=float, default=0.5,
+                   help="Context around the mask's box in the crop, as a fraction of its side (ours; the paper generates at 512 px).")
     p.add_argument("--lpips_net", default="alex", choices=("alex", "vgg", "squeeze"), help="LPIPS backbone for the selection.")
 
     p.add_argument("--output_dir", default="defectfill-synthetic", help="Output folder (images, masks, metadata.jsonl, preview.png).")
@@ -277,7 +278,8 @@ def select_candidate(scores: Sequence[float]) -> int:
 
 class LpipsScorer:
     """LPIPS between each candidate and the clean image, averaged over the mask's pixels (the spatial
-    LPIPS map of the `lpips` package, so the score only sees the inpainted region)."""
+    LPIPS map of the `lpips` package, so the score only sees the inpainted region). "LPIPS inside the
+    mask" is the paper's phrase; the spatial map averaged over the mask is our reading of it."""
 
     def __init__(self, net: str = "alex", device: str | torch.device = "cpu", pretrained_backbone: bool = True):
         import lpips

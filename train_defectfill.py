@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr_warmup_steps", type=int, default=100, help="Warmup steps of the LR schedule.")
     t.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
     t.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
+    # Optimizer details the paper leaves out: diffusers' LoRA-example defaults.
     t.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
     t.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
     t.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
@@ -417,6 +418,8 @@ def augmentation_is_static(args) -> bool:
 
 
 def diffusion_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
+    """The paper writes the losses in epsilon; for a v-prediction base model (ours, for generality) the same
+    masked losses apply to the velocity target."""
     if noise_scheduler.config.prediction_type == "epsilon":
         return noise
     if noise_scheduler.config.prediction_type == "v_prediction":

@@ -195,3 +195,19 @@ def test_layer_spatial_size():
     assert ap.layer_spatial_size(4 * 3, (25, 17)) == (4, 3)  # ceil halving: 25->13->7->4, 17->9->5->3
     with pytest.raises(ValueError):
         ap.layer_spatial_size(7, (64, 64))
+
+
+def test_recording_under_bf16_keeps_fp32_maps(unet):
+    unet.to(torch.bfloat16)
+    store = ap.VStarAttentionStore()
+    ap.install_vstar_capture(unet, store)
+    sample, timesteps, text = unet_inputs()
+    with torch.no_grad():
+        reference = unet(sample.bfloat16(), timesteps, text.bfloat16()).sample
+        with store.recording(one_hot_weights(2, 3), LATENT):
+            output = unet(sample.bfloat16(), timesteps, text.bfloat16()).sample
+            maps = store.aggregate()
+    assert output.dtype == torch.bfloat16 and maps.dtype == torch.float32
+    torch.testing.assert_close(output.float(), reference.float(), rtol=0.05, atol=0.05)
+    # Probabilities of one token, averaged: inside [0, 1].
+    assert 0 <= maps.min() and maps.max() <= 1

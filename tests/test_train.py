@@ -420,3 +420,22 @@ def test_resume_with_cached_latents_reproduces_the_uninterrupted_run(tmp_path):
     train.main(tiny_args(resumed, *common, "--resume_from_checkpoint", str(straight / "checkpoint-1")))
     a, b = lora_state(straight), lora_state(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tensorboard_logs_every_loss_term(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((trained_run / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss/defect", "loss/object", "loss/attention", "loss/loss", "lr/unet", "lr/text_encoder",
+            "skipped_nonfinite_steps"} <= scalars
+    assert len(events.Scalars("loss/loss")) == 20  # --logging_steps 1
+    images = set(events.Tags()["images"])
+    assert {"validation", "vstar_attention"} <= images
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(out, "--gradient_accumulation_steps", "2", "--train_batch_size", "1", "--max_train_steps", "2"))
+    assert read_run(out)["training_summary"]["global_step"] == 2
