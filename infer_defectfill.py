@@ -455,9 +455,13 @@ def write_synthesis_record(output_dir: Path, settings) -> None:
 def push_dataset(output_dir: Path, settings) -> str:
     from huggingface_hub import create_repo, upload_folder
 
-    repo_id = create_repo(settings.hub_dataset_id or output_dir.name, repo_type="dataset", exist_ok=True, token=settings.hub_token).repo_id
-    upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(output_dir), token=settings.hub_token,
-                  commit_message="DefectFill synthetic defects", ignore_patterns=["*.tmp", ".*"])
+    try:
+        repo_id = create_repo(settings.hub_dataset_id or output_dir.name, repo_type="dataset", exist_ok=True,
+                              token=settings.hub_token).repo_id
+        upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(output_dir), token=settings.hub_token,
+                      commit_message="DefectFill synthetic defects", ignore_patterns=["*.tmp", ".*"])
+    except Exception as error:  # offline, bad token, no write access: the images are safe on disk
+        raise InferenceError(f"the images are saved in {output_dir}, but pushing them to the Hub failed: {error}") from error
     return repo_id
 
 

@@ -641,11 +641,16 @@ def save_final_outputs(accelerator, models: Models, args, output_dir: Path, reco
 
 
 def push_to_hub(output_dir: Path, args) -> str:
+    """Upload the run folder (LoRA, run JSON, split, model card, validation images, TensorBoard logs);
+    checkpoints stay local."""
     from huggingface_hub import create_repo, upload_folder
 
-    repo_id = create_repo(args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token).repo_id
-    upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="DefectFill LoRA", token=args.hub_token,
-                  ignore_patterns=["checkpoint-*/**", "checkpoint-*", "logs/**", "*.tmp"])
+    try:
+        repo_id = create_repo(args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token).repo_id
+        upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="DefectFill LoRA", token=args.hub_token,
+                      ignore_patterns=["checkpoint-*/**", "checkpoint-*", "*.tmp"])
+    except Exception as error:  # offline, bad token, no write access: the run itself is safe on disk
+        raise TrainingError(f"the run is saved in {output_dir}, but pushing it to the Hub failed: {error}") from error
     return repo_id
 
 
@@ -691,12 +696,25 @@ def validation_pairs(args, split: dict, defect_type: str) -> list[tuple[Path, Pa
 
 
 def log_validation(accelerator, models: Models, args, pairs, step: int, store: VStarAttentionStore | None) -> list:
-    """Inpaint the validation pairs with the current LoRA and log them (and the [V*] map) to the trackers."""
+    """Inpaint the validation pairs with the current LoRA and log them (and the [V*] map) to the trackers.
+    Runs on a fork of the random state: validating never changes what training draws next, so a run
+    resumed from a checkpoint matches an uninterrupted one whatever --validation_steps is."""
+    if not pairs:
+        return []
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    python_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(args.seed)
+            return _log_validation(accelerator, models, args, pairs, step, store)
+    finally:
+        random.setstate(python_state)
+
+
+def _log_validation(accelerator, models: Models, args, pairs, step: int, store: VStarAttentionStore | None) -> list:
     from diffusers import StableDiffusionInpaintPipeline
     from PIL import Image
 
-    if not pairs:
-        return []
     pipeline = StableDiffusionInpaintPipeline.from_pretrained(
         args.pretrained_model_name_or_path, unet=accelerator.unwrap_model(models.unet),
         text_encoder=accelerator.unwrap_model(models.text_encoder), vae=models.vae, tokenizer=models.tokenizer,
@@ -732,7 +750,7 @@ def log_images(accelerator, name: str, images: list, step: int) -> None:
 
 
 def log_attention_preview(accelerator, models: Models, args, pair, step: int, store: VStarAttentionStore) -> None:
-    """The [V*] map of the object branch on a validation pair (noisy at t = T/2), next to its mask."""
+    """The [V*] map of the object branch on a validation pair (a seeded random timestep), next to its mask."""
     from PIL import Image
 
     transform = dm.PairTransform(args.resolution)

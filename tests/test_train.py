@@ -338,7 +338,18 @@ def test_push_to_hub_uploads_the_folder_without_checkpoints(tmp_path, monkeypatc
     assert calls["create"][0] == "defectfill-metal_nut-color" and calls["create"][1]["token"] == "hf_x"
     upload = calls["upload"]
     assert upload["repo_id"] == Repo.repo_id and upload["folder_path"] == str(out)
-    assert "checkpoint-*" in upload["ignore_patterns"] and "logs/**" in upload["ignore_patterns"]
+    assert "checkpoint-*" in upload["ignore_patterns"] and "checkpoint-*/**" in upload["ignore_patterns"]
+
+
+def test_push_to_hub_offline_fails_clearly_and_keeps_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "run"
+    with pytest.raises(train.TrainingError, match="saved in .*run, but pushing it to the Hub failed"):
+        train.main(tiny_args(out, "--push_to_hub", "--max_train_steps", "1"))
+    assert (out / train.LORA_FILENAME).exists() and (out / "README.md").exists()
 
 
 def test_all_defect_types_train_one_run_each(tmp_path):
@@ -439,3 +450,13 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     out = tmp_path / "run"
     train.main(tiny_args(out, "--gradient_accumulation_steps", "2", "--train_batch_size", "1", "--max_train_steps", "2"))
     assert read_run(out)["training_summary"]["global_step"] == 2
+
+
+def test_validation_does_not_change_the_training_randomness(tmp_path):
+    """A run that validates every step ends with the same LoRA as one that never validates."""
+    common = ("--max_train_steps", "2", "--train_batch_size", "1", "--num_validation_images", "1", "--num_inference_steps", "2")
+    quiet, validating = tmp_path / "quiet", tmp_path / "validating"
+    train.main(tiny_args(quiet, *common))
+    train.main(tiny_args(validating, *common, "--validation_steps", "1", "--report_to", "tensorboard"))
+    a, b = lora_state(quiet), lora_state(validating)
+    assert all(torch.equal(a[k], b[k]) for k in a)
