@@ -172,9 +172,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 class FewShotDefectDataset(Dataset):
     """The few-shot defect images and masks, transformed together (`PairTransform`). Indexed by
-    (row, augmentation seed) pairs from `EpochShuffleSampler`, so the random crop and flip of a sample
-    depend only on the run's seed and its position in the schedule: a resumed run (or a run with
-    DataLoader workers) augments exactly as an uninterrupted one."""
+    (row, sample seed) pairs from `EpochShuffleSampler`; the seed drives the sample's augmentation here
+    and its noise, timestep and random boxes in the step, so a sample's randomness depends only on the
+    run's seed and its place in the schedule: not on resuming, DataLoader workers or how a global batch
+    is split over processes."""
 
     def __init__(self, hf_dataset, transform: dm.PairTransform):
         self.rows = hf_dataset
@@ -184,16 +185,16 @@ class FewShotDefectDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: tuple[int, int]) -> dict:
-        row_index, augmentation_seed = index
+        row_index, sample_seed = index
         row = self.rows[row_index]
-        image, mask = self.transform(row["image"], row["mask"], random.Random(augmentation_seed))
-        return {"pixel_values": image, "masks": mask, "row_index": torch.tensor(row_index)}
+        image, mask = self.transform(row["image"], row["mask"], random.Random(sample_seed))
+        return {"pixel_values": image, "masks": mask, "row_index": torch.tensor(row_index), "sample_seed": torch.tensor(sample_seed)}
 
 
 class EpochShuffleSampler(Sampler):
     """Each epoch, a permutation of the rows seeded by (seed, epoch), repeated to at least `min_length`
     so a few-shot set smaller than the batch still fills batches; each row comes with its own
-    augmentation seed. Seeding by epoch makes a resumed run see the same order as an uninterrupted one."""
+    seed. Seeding by epoch makes a resumed run see the same order as an uninterrupted one."""
 
     def __init__(self, num_items: int, min_length: int, seed: int):
         self.num_items, self.seed, self.epoch = num_items, seed, 0
@@ -209,12 +210,12 @@ class EpochShuffleSampler(Sampler):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         repeats = math.ceil(self.length / self.num_items)
         order = torch.cat([torch.randperm(self.num_items, generator=generator) for _ in range(repeats)])
-        augmentation_seeds = torch.randint(0, 2**62, (self.length,), generator=generator)
-        return iter(zip(order[: self.length].tolist(), augmentation_seeds.tolist()))
+        sample_seeds = torch.randint(0, 2**62, (self.length,), generator=generator)
+        return iter(zip(order[: self.length].tolist(), sample_seeds.tolist()))
 
 
 def collate(examples: list[dict]) -> dict:
-    return {key: torch.stack([e[key] for e in examples]) for key in ("pixel_values", "masks", "row_index")}
+    return {key: torch.stack([e[key] for e in examples]) for key in ("pixel_values", "masks", "row_index", "sample_seed")}
 
 
 def load_training_split(args, defect_type: str, output_dir: Path):
@@ -381,11 +382,45 @@ def encode_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return posterior.mean, posterior.std
 
 
-def sample_latents(vae, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def sample_latents(vae, mean: torch.Tensor, std: torch.Tensor, draw: "RandomDraws | None" = None) -> torch.Tensor:
     """latent_dist.sample() * scaling_factor, drawn in one call so cached and fresh posteriors consume the
     random stream identically."""
-    noise = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)  # logical order, whatever mean's strides
-    return (mean + std * noise) * vae.config.scaling_factor
+    noise = draw.normal(mean.shape) if draw else torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+    return (mean + std * noise.to(mean.dtype)) * vae.config.scaling_factor
+
+
+class RandomDraws:
+    """A step's random numbers drawn per sample from that sample's seed: sample b of every batched draw
+    comes from generator b, so a sample gets the same boxes, noise and timestep in any batch, on any
+    process. Without seeds (benchmarks, previews) it draws from the global generator."""
+
+    def __init__(self, sample_seeds: torch.Tensor | None, device: torch.device):
+        self.device = device
+        self.generators = None if sample_seeds is None else [
+            torch.Generator(device=device).manual_seed(int(seed)) for seed in sample_seeds.tolist()
+        ]
+
+    def _per_sample(self, shape, draw):
+        """`shape[0]` is a multiple of the batch: rows k * B + b belong to sample b."""
+        if self.generators is None:
+            return draw(shape, None)
+        b = len(self.generators)
+        rows = [draw((1, *shape[1:]), self.generators[i % b]) for i in range(shape[0])]
+        return torch.cat(rows)
+
+    def normal(self, shape) -> torch.Tensor:
+        return self._per_sample(tuple(shape), lambda s, g: torch.randn(s, generator=g, device=self.device))
+
+    def timesteps(self, batch: int, num_train_timesteps: int) -> torch.Tensor:
+        return self._per_sample((batch,), lambda s, g: torch.randint(0, num_train_timesteps, s, generator=g, device=self.device))
+
+    def box_masks(self, batch: int, height: int, width: int, config: "StepConfig") -> torch.Tensor:
+        def draw(shape, generator):
+            if generator is not None:  # box sampling runs on the CPU; one CPU generator per sample, seeded from the device one
+                generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=self.device)))
+            return method.random_box_mask(shape[0], height, width, config.num_boxes, config.box_min_fraction,
+                                          config.box_max_fraction, generator=generator)
+        return self._per_sample((batch,), draw).to(self.device)
 
 
 class LatentCache:
@@ -440,20 +475,20 @@ def compute_defectfill_losses(
     """
     images, masks = batch["pixel_values"], batch["masks"]
     b, _, height, width = images.shape
-    random_masks = method.random_box_mask(b, height, width, config.num_boxes, config.box_min_fraction,
-                                          config.box_max_fraction).to(images.device, images.dtype)
+    draw = RandomDraws(batch.get("sample_seed"), images.device)
+    random_masks = draw.box_masks(b, height, width, config).to(images.dtype)
     if latent_cache is not None:
         cached_mean, cached_std = latent_cache.posterior(vae, images, masks, batch["row_index"])
         random_mean, random_std = encode_posterior(vae, images * (1 - random_masks))
         mean, std = torch.cat([cached_mean, random_mean]), torch.cat([cached_std, random_std])
     else:
         mean, std = encode_posterior(vae, torch.cat([images, images * (1 - masks), images * (1 - random_masks)]))
-    latents, defect_background, object_background = sample_latents(vae, mean, std).chunk(3)
+    latents, defect_background, object_background = sample_latents(vae, mean, std, draw).chunk(3)
     latent_size = tuple(latents.shape[-2:])
 
-    # randn in logical order (randn_like follows the strides of its input, which depend on how the latents were made).
-    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=latents.device).long()
+    # In logical order (randn_like follows the strides of its input, which depend on how the latents were made).
+    noise = draw.normal(latents.shape).to(latents.dtype)
+    timesteps = draw.timesteps(b, noise_scheduler.config.num_train_timesteps).long()
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     defect_mask = method.mask_to_latent(masks, latent_size).to(latents.dtype)
     random_mask = method.mask_to_latent(random_masks, latent_size).to(latents.dtype)

@@ -58,7 +58,7 @@ def make_batch(preset, device):
     side = preset.resolution // 5
     masks[..., side : 2 * side, side : 2 * side] = 1
     return {"pixel_values": images.to(device, preset.dtype), "masks": masks.to(device, preset.dtype),
-            "row_index": torch.arange(preset.batch)}
+            "row_index": torch.arange(preset.batch), "sample_seed": torch.arange(preset.batch) + 1000}
 
 
 def add_lora(models, rank=8):

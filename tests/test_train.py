@@ -362,20 +362,30 @@ def test_all_defect_types_train_one_run_each(tmp_path):
 # ------------------------------------------------------------------------------- accelerate launch
 
 
-def test_accelerate_launch_two_cpu_processes(tmp_path):
-    """The real launcher, 2 processes (gloo): trains, and the main process alone writes the outputs."""
+def test_accelerate_launch_two_cpu_processes_match_one_process(tmp_path):
+    """The real launcher, 2 processes (gloo) of batch 1: trains, the main process alone writes the outputs,
+    and the LoRA equals a 1-process run of batch 2 (per-sample seeds make a sample's randomness
+    independent of the process it lands on; DDP averages the gradients of the two halves)."""
     out = tmp_path / "ddp"
     # accelerate's --cpu flag takes its single-process (or MPI) launcher; torchrun-style processes on
     # the CPU (gloo) are --multi_gpu with ACCELERATE_USE_CPU.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "ACCELERATE_USE_CPU": "true"}
+    flags = ["--config", str(REPO_ROOT / "configs" / "tiny.yaml"), "--max_train_steps", "2", "--validation_steps", "0",
+             "--checkpointing_steps", "2", "--report_to", "none", "--logging_steps", "1"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train_defectfill.py"),
-               "--config", str(REPO_ROOT / "configs" / "tiny.yaml"), "--output_dir", str(out), "--max_train_steps", "2",
-               "--train_batch_size", "1", "--validation_steps", "0", "--checkpointing_steps", "2", "--report_to", "none"]
+               *flags, "--output_dir", str(out), "--train_batch_size", "1"]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / train.LORA_FILENAME).exists() and read_run(out)["training_summary"]["global_step"] == 2
     assert (out / "checkpoint-2" / "random_states_1.pkl").exists()  # both processes saved their RNG state
+
+    single = tmp_path / "single"
+    train.main(train.parse_args([*flags, "--output_dir", str(single), "--train_batch_size", "2"]))
+    a, b = lora_state(out), lora_state(single)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
 def test_mixed_precision_keeps_trainable_lora_in_fp32(tmp_path):
