@@ -198,6 +198,12 @@ def make_pairs(goods: list[Path], masks: list[Path], num_images: int, pairing: s
     return [Pair(i, goods[i % len(goods)], masks[i % len(masks)]) for i in range(num_images)]
 
 
+def check_mask(mask_path: Path) -> None:
+    with Image.open(mask_path) as mask:
+        if not dm.binarize_mask(mask).any():
+            raise InferenceError(f"mask {mask_path} is empty (no pixel >= {dm.MASK_THRESHOLD}); nothing to inpaint")
+
+
 def load_pair(pair: Pair) -> tuple[Image.Image, np.ndarray]:
     """The clean RGB image and its boolean mask at the image's size (masks are resized, nearest)."""
     image = Image.open(pair.image_path).convert("RGB")
@@ -429,9 +435,11 @@ def synthesize(pipeline, pairs: list[Pair], settings, scorer: Callable | None, o
     todo = [p for p in pairs if output_names(p)[0] not in rows]
     if len(todo) < len(pairs):
         logger.info("resuming: %d of %d outputs already exist", len(pairs) - len(todo), len(pairs))
-    jobs = [prepare_job(p, settings.resolution, settings.crop_to_mask, settings.crop_context) for p in todo]  # validates all first
-    for start in tqdm(range(0, len(jobs), settings.batch_size), desc="pairs", unit="batch", disable=not jobs):
-        batch = jobs[start : start + settings.batch_size]
+    for pair in {p.mask_path: p for p in todo}.values():  # every mask checked before the first image is generated
+        check_mask(pair.mask_path)
+    for start in tqdm(range(0, len(todo), settings.batch_size), desc="pairs", unit="batch", disable=not todo):
+        batch = [prepare_job(p, settings.resolution, settings.crop_to_mask, settings.crop_context)
+                 for p in todo[start : start + settings.batch_size]]
         for job, candidates in zip(batch, generate_candidates(pipeline, batch, settings)):
             candidates = [composite(job.region, c, job.region_mask) for c in candidates] if settings.composite else candidates
             scores = scorer(job.region, candidates, job.region_mask) if scorer and len(candidates) > 1 else [0.0] * len(candidates)
