@@ -218,7 +218,7 @@ def collate(examples: list[dict]) -> dict:
     return {key: torch.stack([e[key] for e in examples]) for key in ("pixel_values", "masks", "row_index", "sample_seed")}
 
 
-def load_training_split(args, defect_type: str, output_dir: Path):
+def load_training_split(args, defect_type: str):
     """The training rows of `defect_type` and the split (saved next to the run)."""
     full = dm.load_defect_dataset(
         args.object_class, data_dir=args.data_dir, dataset_name=args.dataset_name, defect_types=[defect_type],
@@ -873,7 +873,7 @@ def train_one_defect(args, defect_type: str, output_dir: Path) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = create_accelerator(args, output_dir)
     set_seed(args.seed)
-    train_rows, split = load_training_split(args, defect_type, output_dir)
+    train_rows, split = load_training_split(args, defect_type)
     models = prepare_models(accelerator, args)
     store = VStarAttentionStore()
     install_vstar_capture(models.unet, store)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 
+import pytest
 import torch
 
 from tests.conftest import REPO_ROOT
@@ -66,3 +68,17 @@ def test_tiny_model_builder_is_deterministic(tmp_path, tiny_model_path):
         fresh, bundled = load_file(built / part), load_file(tiny_model_path / part)
         assert fresh.keys() == bundled.keys()
         assert all(torch.equal(fresh[k], bundled[k]) for k in fresh), part
+
+
+def test_pretraining_script_writes_a_loadable_pipeline(tmp_path):
+    """scripts/pretrain_tiny_model.py (a few steps here): trains, sets the VAE scaling factor, records itself."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from scripts.pretrain_tiny_model import main as pretrain
+
+    out = pretrain(["--output_dir", str(tmp_path / "tiny"), "--vae_steps", "2", "--unet_steps", "2", "--batch_size", "2"])
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(out)
+    record = json.loads((out / "pretraining.json").read_text())
+    assert record["settings"]["unet_steps"] == 2 and record["latent_std"] > 0
+    assert pipe.vae.config.scaling_factor == pytest.approx(1 / record["latent_std"], rel=1e-3)
+    assert "python scripts/pretrain_tiny_model.py" in (out / "README.md").read_text()

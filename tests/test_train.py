@@ -124,7 +124,7 @@ def step_setup(tmp_path):
 
     store = VStarAttentionStore()
     install_vstar_capture(models.unet, store)
-    rows, _ = train.load_training_split(args, "color", tmp_path)
+    rows, _ = train.load_training_split(args, "color")
     batch = next(iter(train.build_dataloader(rows, args, 1)))
     prompt_ids = train.build_prompt_ids(models.tokenizer, "metal_nut", "sks")
     return args, models, store, batch, prompt_ids
@@ -221,7 +221,7 @@ def test_training_lowers_the_defect_loss(trained_run, tmp_path):
     """A fixed-seed evaluation of the defect loss on the training images: the trained LoRA beats the
     untrained one (whose zero-initialised B makes it the base model)."""
     args = tiny_args(tmp_path)
-    rows, _ = train.load_training_split(args, "color", tmp_path)
+    rows, _ = train.load_training_split(args, "color")
     transform = train.dm.PairTransform(64)
     pairs = [transform(r["image"], r["mask"]) for r in rows]
     batch = {"pixel_values": torch.stack([p[0] for p in pairs] * 4), "masks": torch.stack([p[1] for p in pairs] * 4)}

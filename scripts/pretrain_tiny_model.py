@@ -1,0 +1,337 @@
+"""Pre-train the tiny SD2-inpainting-shaped model so the offline demo and the tests show real learning.
+
+Starting from the architecture of `make_tiny_model.py` (random weights), on procedurally generated
+defect-free objects and textures of several classes (those of `make_synthetic_mvtec.py` and more), at 64 px:
+
+1. the VAE as an autoencoder on 32 px crops (L1 + MSE reconstruction, a small KL term); its latent scaling factor is set
+   so the latents have unit variance, as SD's 0.18215 does for SD's VAE;
+2. the 9-channel UNet and the text encoder together for text-conditioned inpainting with random masks
+   (boxes, blobs, sometimes the whole image), captions naming the class and 10 % empty captions for
+   classifier-free guidance — the way SD-inpainting was trained, at the tiny model's resolution.
+
+Nothing the clean classes contain is saturated blue-green, the colour of the synthetic `color` defect,
+so a DefectFill run that paints that colour has learned it.
+
+    python scripts/pretrain_tiny_model.py --output_dir models/tiny-sd2-inpainting
+
+Deterministic for a seed (on the same machine and thread count); about half an hour on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts import make_synthetic_mvtec as synthetic  # noqa: E402
+from scripts.make_tiny_model import build_pipeline  # noqa: E402
+
+RESOLUTION = 64
+
+
+# ----------------------------------------------------------------------------------------------------
+# Procedural clean images, float arrays in [0, 255] of shape (size, size, 3)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _grid(size):
+    return synthetic._grid(size)
+
+
+def tile(rng, size):
+    x, y = _grid(size)
+    cells = rng.integers(3, 7)
+    base = np.sort(rng.uniform(120, 220, size=3))[::-1] * np.array([1.0, 0.9, 0.8])  # warm: R >= G >= B
+    shade = rng.uniform(-25, 25, size=(cells + 1, cells + 1))
+    cell_shade = shade[(y * cells).astype(int), (x * cells).astype(int)]
+    grout = (np.minimum((x * cells) % 1, (y * cells) % 1) < 0.06)
+    image = base[None, None] + cell_shade[..., None] + rng.normal(0, 4, (size, size, 1))
+    return np.where(grout[..., None], 60.0, image)
+
+
+def carpet(rng, size):
+    x, y = _grid(size)
+    freq = rng.uniform(18, 30)
+    weave = np.sin(2 * np.pi * freq * x) * np.sin(2 * np.pi * freq * y)
+    base = np.sort(rng.uniform(60, 170, size=3))[::-1] * np.array([1.0, 0.8, 0.7])
+    return base[None, None] * (0.8 + 0.15 * weave[..., None]) + rng.normal(0, 10, (size, size, 1))
+
+
+def grid_object(rng, size):
+    x, y = _grid(size)
+    pitch = rng.uniform(0.08, 0.16)
+    phase = rng.uniform(0, pitch, size=2)
+    wires = (np.abs(((x + phase[0]) % pitch) - pitch / 2) < 0.012) | (np.abs(((y + phase[1]) % pitch) - pitch / 2) < 0.012)
+    background = 25 + rng.normal(0, 3, (size, size))
+    grey = np.where(wires, rng.uniform(150, 210), background)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def leather(rng, size):
+    small = rng.normal(0, 1, (size // 8 + 1, size // 8 + 1))
+    blotch = np.kron(small, np.ones((8, 8)))[:size, :size]
+    base = np.array([rng.uniform(90, 140), rng.uniform(50, 80), rng.uniform(25, 45)])
+    return base[None, None] * (1 + 0.08 * blotch[..., None]) + rng.normal(0, 5, (size, size, 1))
+
+
+def bottle(rng, size):
+    x, y = _grid(size)
+    r = np.hypot(x - 0.5 - rng.uniform(-0.03, 0.03), y - 0.5 - rng.uniform(-0.03, 0.03))
+    glass = np.clip(40 + 160 * np.exp(-((r - 0.3) / 0.06) ** 2), 0, 255)
+    inner = np.where(r < 0.18, 30 + 20 * r, glass)
+    image = np.where(r < 0.42, inner, 235 + rng.normal(0, 3, (size, size)))
+    return np.stack([image * 0.85, image * 0.8, image * 0.7], axis=2)
+
+
+def pill(rng, size):
+    x, y = _grid(size)
+    cx, cy, a, b = 0.5, 0.5, rng.uniform(0.32, 0.42), rng.uniform(0.18, 0.24)
+    inside = ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 < 1
+    speckle = rng.random((size, size)) < 0.02
+    body = np.where(speckle, 0, 1)[..., None] * np.array([235, 230, 225]) + speckle[..., None] * np.array([170, 40, 40])
+    return np.where(inside[..., None], body, np.array([15, 15, 15]) + rng.normal(0, 2, (size, size, 1)))
+
+
+CLASSES = {
+    "wood": synthetic.wood_texture,
+    "metal nut": synthetic.metal_nut,
+    "tile": tile,
+    "carpet": carpet,
+    "grid": grid_object,
+    "leather": leather,
+    "bottle": bottle,
+    "pill": pill,
+}
+CAPTIONS = ("a {}", "a photo of a {}", "{}", "a {} surface", "a photo of {}")
+
+
+def render(rng: np.random.Generator, name: str) -> np.ndarray:
+    """One clean 64 px image of class `name`, rendered at a random scale (64-128 px) and cropped, so the
+    model sees objects at the scales training resizes and inference crops produce."""
+    size = int(rng.integers(RESOLUTION, 2 * RESOLUTION + 1))
+    image = np.clip(CLASSES[name](rng, size), 0, 255).astype(np.float32)
+    top, left = rng.integers(0, size - RESOLUTION + 1, size=2)
+    if size != RESOLUTION and rng.random() < 0.5:  # half the time the whole object, resized
+        tensor = torch.from_numpy(image).permute(2, 0, 1)[None]
+        return F.interpolate(tensor, size=(RESOLUTION, RESOLUTION), mode="area")[0].permute(1, 2, 0).numpy()
+    return image[top : top + RESOLUTION, left : left + RESOLUTION]
+
+
+def image_batch(rng: np.random.Generator, batch: int) -> tuple[torch.Tensor, list[str]]:
+    names = [list(CLASSES)[i] for i in rng.integers(0, len(CLASSES), size=batch)]
+    images = np.stack([render(rng, n) for n in names]) / 127.5 - 1
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float(), names
+
+
+def inpainting_masks(rng: np.random.Generator, batch: int) -> torch.Tensor:
+    """Random boxes, blobs or (10 %) the whole image, (B, 1, 64, 64) in {0, 1}."""
+    x, y = _grid(RESOLUTION)
+    masks = np.zeros((batch, RESOLUTION, RESOLUTION), dtype=np.float32)
+    for i in range(batch):
+        kind = rng.random()
+        if kind < 0.1:
+            masks[i] = 1
+            continue
+        for _ in range(int(rng.integers(1, 5))):
+            cx, cy = rng.random(2)
+            if kind < 0.55:
+                w, h = rng.uniform(0.08, 0.45, size=2)
+                masks[i] = np.maximum(masks[i], (np.abs(x - cx) < w / 2) & (np.abs(y - cy) < h / 2))
+            else:
+                angle = np.arctan2(y - cy, x - cx)
+                radius = rng.uniform(0.05, 0.22) * (1 + 0.3 * np.sin(3 * angle + rng.uniform(0, 6.3)))
+                masks[i] = np.maximum(masks[i], np.hypot(x - cx, y - cy) < radius)
+    return torch.from_numpy(masks)[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training stages
+# ----------------------------------------------------------------------------------------------------
+
+
+def train_vae(vae, rng, steps: int, batch: int, lr: float, log) -> dict:
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae.train()
+    history = []
+    for step in range(1, steps + 1):
+        images, _ = image_batch(rng, batch)
+        # 32 px crops: the VAE is convolutional, and a quarter of the pixels is a quarter of the time.
+        top, left = rng.integers(0, RESOLUTION // 2 + 1, size=2)
+        images = images[:, :, top : top + RESOLUTION // 2, left : left + RESOLUTION // 2]
+        posterior = vae.encode(images).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        l1 = F.l1_loss(reconstruction, images)
+        loss = l1 + F.mse_loss(reconstruction, images) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history.append(l1.item())
+        if step % 100 == 0 or step == steps:
+            log(f"vae step {step}/{steps}: l1 {np.mean(history[-100:]):.4f}")
+    vae.eval()
+    vae.requires_grad_(False)
+    with torch.no_grad():
+        images, _ = image_batch(rng, 64)
+        std = vae.encode(images).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    return {"vae_l1": float(np.mean(history[-100:])), "latent_std": std}
+
+
+def tokenize(tokenizer, captions):
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def train_inpainting(pipe, scheduler, rng, steps: int, batch: int, lr: float, log) -> dict:
+    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    warmup = max(1, steps // 20)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    unet.train()
+    text_encoder.train()
+    scale = vae.config.scaling_factor
+    history = []
+    for step in range(1, steps + 1):
+        images, names = image_batch(rng, batch)
+        masks = inpainting_masks(rng, batch)
+        captions = ["" if rng.random() < 0.1 else CAPTIONS[rng.integers(len(CAPTIONS))].format(n) for n in names]
+        with torch.no_grad():
+            encoded = vae.encode(torch.cat([images, images * (1 - masks)])).latent_dist.sample() * scale
+        latents, masked = encoded.chunk(2)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
+        noisy = scheduler.add_noise(latents, noise, t)
+        mask_latent = F.interpolate(masks, size=latents.shape[-2:])
+        embeds = text_encoder(tokenize(tokenizer, captions))[0]
+        prediction = unet(torch.cat([noisy, mask_latent, masked], 1), t, embeds).sample
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        history.append(loss.item())
+        if step % 100 == 0 or step == steps:
+            log(f"inpainting step {step}/{steps}: loss {np.mean(history[-100:]):.4f}")
+    unet.eval()
+    text_encoder.eval()
+    return {"inpainting_loss": float(np.mean(history[-100:]))}
+
+
+README_TEMPLATE = """---
+library_name: diffusers
+tags:
+- stable-diffusion
+- inpainting
+- tiny
+- testing
+---
+# tiny-sd2-inpainting
+
+A tiny pipeline with the structure of `stabilityai/stable-diffusion-2-inpainting`, **pre-trained on
+procedural images** so that the tests and the offline demo of defectfill exercise the real loading code
+(`from_pretrained`, `load_lora_weights`) without the Hub *and* show real learning.
+
+| component | shape |
+|---|---|
+| unet | `UNet2DConditionModel`, 9 input channels, widths 32/32/64/64, cross-attention in 3 down + 3 up blocks, linear projections |
+| vae | `AutoencoderKL`, 2 levels (scale factor 2), 4 latent channels, scaling factor {scaling_factor} |
+| text_encoder | `CLIPTextModel`, 3 layers, width 32 |
+| tokenizer | `CLIPTokenizer` from a small vocab.json/merges.txt: prompt words, `sks` and the MVTec class names are single tokens |
+| scheduler | `PNDMScheduler` with SD2's config |
+
+## How it was made
+
+```bash
+python scripts/make_tiny_model.py --output_dir models/tiny-sd2-inpainting          # architecture, random weights
+python scripts/pretrain_tiny_model.py --output_dir models/tiny-sd2-inpainting {arguments}
+```
+
+Data: 64 px procedural images of {classes} (random colours, phases and scales; nothing saturated
+blue-green, the colour of the synthetic `color` defect). Captions name the class ("a photo of a tile"),
+10 % are empty.
+
+| stage | steps | batch | learning rate | final loss (mean of the last 100 steps) |
+|---|---|---|---|---|
+| VAE on 32 px crops (L1 + MSE + 1e-6 KL) | {vae_steps} | {batch} | {vae_lr} | L1 {vae_l1:.4f} |
+| UNet + text encoder, inpainting (noise MSE) | {unet_steps} | {batch} | {unet_lr} | {inpainting_loss:.4f} |
+
+Seed {seed}; {minutes:.0f} minutes on {machine}.
+
+## Measured (`tests/test_pretrained_tiny_model.py`)
+
+{measurements}
+"""
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="models/tiny-sd2-inpainting", help="Where to write the trained pipeline.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the weights, the data and the noise.")
+    parser.add_argument("--vae_steps", type=int, default=1200, help="VAE training steps.")
+    parser.add_argument("--unet_steps", type=int, default=1300, help="UNet + text-encoder inpainting steps.")
+    parser.add_argument("--batch_size", type=int, default=16, help="Images per step.")
+    parser.add_argument("--vae_lr", type=float, default=5e-4, help="VAE learning rate.")
+    parser.add_argument("--unet_lr", type=float, default=5e-4, help="UNet and text-encoder learning rate (cosine, 5 % warmup).")
+    parser.add_argument("--measurements", default="", help="Markdown to put under 'Measured' in the model README.")
+    args = parser.parse_args(argv)
+
+    start = time.time()
+
+    def log(message):
+        print(f"[{time.time() - start:7.1f}s] {message}", flush=True)
+
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir.parent) as tmp:
+        pipe = build_pipeline(Path(tmp))
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        pipe.unet.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        stats = train_vae(pipe.vae, rng, args.vae_steps, args.batch_size, args.vae_lr, log)
+        pipe.unet.requires_grad_(True)
+        pipe.text_encoder.requires_grad_(True)
+        stats |= train_inpainting(pipe, scheduler, rng, args.unet_steps, args.batch_size, args.unet_lr, log)
+        pipe.unet.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+
+        staging = Path(tmp) / "pipeline"
+        pipe.save_pretrained(staging, safe_serialization=True)
+        for name in ("vocab.json", "merges.txt"):
+            (staging / "tokenizer" / name).write_bytes((Path(tmp) / name).read_bytes())
+        settings = {k: v for k, v in vars(args).items() if k not in ("output_dir", "measurements")}
+        import platform
+
+        (staging / "README.md").write_text(README_TEMPLATE.format(
+            scaling_factor=pipe.vae.config.scaling_factor, classes=", ".join(CLASSES), vae_steps=args.vae_steps,
+            unet_steps=args.unet_steps, batch=args.batch_size, vae_lr=args.vae_lr, unet_lr=args.unet_lr, seed=args.seed,
+            minutes=(time.time() - start) / 60, machine=f"{os.cpu_count()} CPU cores ({platform.machine()})",
+            arguments=" ".join(f"--{k} {v}" for k, v in settings.items()), measurements=args.measurements or "(see the tests)",
+            **stats))
+        (staging / "pretraining.json").write_text(json.dumps({"settings": settings, **stats}, indent=2) + "\n")
+        if output_dir.exists():
+            os.replace(output_dir, Path(tmp) / "old")
+        os.replace(staging, output_dir)
+    log(f"wrote {output_dir}: {stats}")
+    return output_dir
+
+
+if __name__ == "__main__":
+    main()
