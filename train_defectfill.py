@@ -359,7 +359,7 @@ class PromptIds:
     vstar_weights: torch.Tensor
 
 
-def tokenize(tokenizer, prompt: str) -> torch.Tensor:
+def tokenize(tokenizer, prompt: str | list[str]) -> torch.Tensor:
     return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
 

@@ -1,17 +1,14 @@
-"""Shared pieces of the benchmarks: SD2-inpainting-shaped models with random weights at two sizes,
-and a timer that reports medians after warm-up (these machines are noisy; always compare ratios
-measured in the same run)."""
+"""Shared pieces of the benchmarks: SD2-inpainting-shaped models with random weights at two sizes, device
+sync and a machine description. The scripts time their variants interleaved and report medians (these
+machines are noisy; always compare ratios measured in the same run)."""
 
 from __future__ import annotations
 
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -79,23 +76,6 @@ def build_components(preset: Preset, device: torch.device):
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def time_it(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> tuple[float, float | None]:
-    """(median seconds, peak GB on CUDA or None) of `fn` over `repeats` calls after `warmup`."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return statistics.median(times), peak
 
 
 def machine_description(device: torch.device) -> str:

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts import make_synthetic_mvtec as synthetic  # noqa: E402
 from scripts.make_tiny_model import build_pipeline  # noqa: E402
+from train_defectfill import tokenize  # noqa: E402
 
 RESOLUTION = 64
 
@@ -186,11 +187,6 @@ def train_vae(vae, rng, steps: int, batch: int, lr: float, log) -> dict:
         std = vae.encode(images).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
     return {"vae_l1": float(np.mean(history[-100:])), "latent_std": std}
-
-
-def tokenize(tokenizer, captions):
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
 
 
 def train_inpainting(pipe, scheduler, rng, steps: int, batch: int, lr: float, log) -> dict:
