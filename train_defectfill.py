@@ -896,19 +896,21 @@ def train_one_defect(args, defect_type: str, output_dir: Path) -> Path:
     logger.info("training %s/%s on %d images for %d steps", args.object_class, defect_type, len(train_rows), args.max_train_steps)
 
     loop = TrainingLoop(accelerator, models, args, store, optimizer, dataloader, lr_scheduler, output_dir)
-    loop.resume(resolve_resume_path(args, output_dir))
-    pairs = validation_pairs(args, split, defect_type)
-    with tqdm(total=args.max_train_steps, initial=loop.global_step, disable=not accelerator.is_local_main_process, desc="steps") as bar:
-        loop.run(bar, pairs)
+    try:  # trackers are closed (logs flushed) whether the run ends well or not
+        loop.resume(resolve_resume_path(args, output_dir))
+        pairs = validation_pairs(args, split, defect_type)
+        with tqdm(total=args.max_train_steps, initial=loop.global_step, disable=not accelerator.is_local_main_process, desc="steps") as bar:
+            loop.run(bar, pairs)
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        images = log_validation(accelerator, models, args, pairs, loop.global_step, store) if pairs else []
-        record["training_summary"] = loop.summary()
-        save_final_outputs(accelerator, models, args, output_dir, record, images)
-        if args.push_to_hub:
-            logger.info("pushed to https://huggingface.co/%s", push_to_hub(output_dir, args))
-    accelerator.end_training()
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            images = log_validation(accelerator, models, args, pairs, loop.global_step, store) if pairs else []
+            record["training_summary"] = loop.summary()
+            save_final_outputs(accelerator, models, args, output_dir, record, images)
+            if args.push_to_hub:
+                logger.info("pushed to https://huggingface.co/%s", push_to_hub(output_dir, args))
+    finally:
+        accelerator.end_training()
     return output_dir
 
 
