@@ -3,7 +3,8 @@
 Starting from the architecture of `make_tiny_model.py` (random weights), on procedurally generated
 defect-free objects and textures of several classes (those of `make_synthetic_mvtec.py` and more), at 64 px:
 
-1. the VAE as an autoencoder on 32 px crops (L1 + MSE reconstruction, a small KL term); its latent scaling factor is set
+1. the VAE as an autoencoder on 32 px crops, half of them with blobs of random colour so it can represent any
+   colour (L1 + MSE reconstruction, a small KL term); its latent scaling factor is set
    so the latents have unit variance, as SD's 0.18215 does for SD's VAE;
 2. the 9-channel UNet and the text encoder together for text-conditioned inpainting with random masks
    (boxes, blobs, sometimes the whole image), captions naming the class and 10 % empty captions for
@@ -135,6 +136,16 @@ def image_batch(rng: np.random.Generator, batch: int) -> tuple[torch.Tensor, lis
     return torch.from_numpy(images).permute(0, 3, 1, 2).float(), names
 
 
+def colour_patches(rng: np.random.Generator, images: torch.Tensor) -> torch.Tensor:
+    """Random blobs of any colour painted over half the images: the VAE must represent every colour (a
+    defect's colour included), even though the inpainting stage only ever sees the clean classes. A VAE
+    trained on the clean classes alone reconstructs the synthetic blue-green stain as grey."""
+    masks = inpainting_masks(rng, len(images))
+    colours = torch.from_numpy(rng.uniform(-1, 1, size=(len(images), 3, 1, 1))).float()
+    keep = torch.from_numpy(rng.random(len(images)) < 0.5).float().view(-1, 1, 1, 1) * (masks.amin(dim=(1, 2, 3), keepdim=True) < 1)
+    return images * (1 - masks * keep) + colours * masks * keep
+
+
 def inpainting_masks(rng: np.random.Generator, batch: int) -> torch.Tensor:
     """Random boxes, blobs or (10 %) the whole image, (B, 1, 64, 64) in {0, 1}."""
     x, y = _grid(RESOLUTION)
@@ -166,7 +177,7 @@ def train_vae(vae, rng, steps: int, batch: int, lr: float, log) -> dict:
     vae.train()
     history = []
     for step in range(1, steps + 1):
-        images, _ = image_batch(rng, batch)
+        images = colour_patches(rng, image_batch(rng, batch)[0])
         # 32 px crops: the VAE is convolutional, and a quarter of the pixels is a quarter of the time.
         top, left = rng.integers(0, RESOLUTION // 2 + 1, size=2)
         images = images[:, :, top : top + RESOLUTION // 2, left : left + RESOLUTION // 2]
