@@ -198,10 +198,15 @@ def make_pairs(goods: list[Path], masks: list[Path], num_images: int, pairing: s
     return [Pair(i, goods[i % len(goods)], masks[i % len(masks)]) for i in range(num_images)]
 
 
+def require_nonempty(mask: np.ndarray, mask_path: Path) -> np.ndarray:
+    if not mask.any():
+        raise InferenceError(f"mask {mask_path} is empty (no pixel >= {dm.MASK_THRESHOLD}); nothing to inpaint")
+    return mask
+
+
 def check_mask(mask_path: Path) -> None:
     with Image.open(mask_path) as mask:
-        if not dm.binarize_mask(mask).any():
-            raise InferenceError(f"mask {mask_path} is empty (no pixel >= {dm.MASK_THRESHOLD}); nothing to inpaint")
+        require_nonempty(dm.binarize_mask(mask), mask_path)
 
 
 def load_pair(pair: Pair) -> tuple[Image.Image, np.ndarray]:
@@ -210,10 +215,7 @@ def load_pair(pair: Pair) -> tuple[Image.Image, np.ndarray]:
     mask_image = Image.open(pair.mask_path)
     if mask_image.size != image.size:
         mask_image = mask_image.convert("L").resize(image.size, Image.NEAREST)
-    mask = dm.binarize_mask(mask_image)
-    if not mask.any():
-        raise InferenceError(f"mask {pair.mask_path} is empty (no pixel >= {dm.MASK_THRESHOLD}); nothing to inpaint")
-    return image, mask
+    return image, require_nonempty(dm.binarize_mask(mask_image), pair.mask_path)  # resizing can empty a tiny mask
 
 
 # ----------------------------------------------------------------------------------------------------
