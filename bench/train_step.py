@@ -11,7 +11,9 @@ resolution and dtype, timed interleaved (one step of each per round; median over
 - naive:    DefectFill as the public re-implementations write it: three separate VAE encodes, two UNet
   passes, the classic (non-SDPA) attention processor on every cross-attention layer, storing every map.
 - ours:     `train_defectfill.compute_defectfill_losses` (imported, not copied): one VAE call for the three
-  images, one UNet call of batch 2B, [V*] capture on the decoder cross-attention of the object half only.
+  images, one UNet call of batch 2B, [V*] capture on the decoder cross-attention of the object half only,
+  channels-last convolution weights (the training script's default, `train_defectfill.set_memory_format`).
+- ours_contiguous: the same step with `--no-channels_last` (the layout baseline and naive use).
 - ours_no_capture: the same with the attention loss off (capture overhead = ours / ours_no_capture - 1).
 Each step includes backward and an AdamW step.
 """
@@ -164,14 +166,18 @@ def main(argv=None) -> dict:
     sdpa = dict(unet.attn_processors)
     store, naive_maps, latent_cache = VStarAttentionStore(), {}, train.LatentCache()
 
+    # Layout changes happen here, outside the timed step: baseline and naive use the default layout.
     def with_sdpa():
+        train.set_memory_format(models, channels_last=False)
         unet.set_attn_processor(dict(sdpa))
 
-    def with_capture():
+    def with_capture(channels_last=True):
+        train.set_memory_format(models, channels_last)
         unet.set_attn_processor(dict(sdpa))
         install_vstar_capture(unet, store)
 
     def with_naive():
+        train.set_memory_format(models, channels_last=False)
         processors = {name: NaiveStoringProcessor(name[: -len(".processor")], naive_maps) if ".attn2." in name else sdpa[name]
                       for name in sdpa}
         unet.set_attn_processor(processors)
@@ -182,6 +188,8 @@ def main(argv=None) -> dict:
         "ours": (with_capture, lambda: ours_step(models, batch, prompt_ids, optimizer, store, config)),
         "ours_no_capture": (with_capture, lambda: ours_step(models, batch, prompt_ids, optimizer, store, no_capture)),
         "ours_cached_latents": (with_capture, lambda: ours_step(models, batch, prompt_ids, optimizer, store, config, latent_cache)),
+        "ours_contiguous": (lambda: with_capture(channels_last=False),
+                            lambda: ours_step(models, batch, prompt_ids, optimizer, store, config)),
     }
     import statistics
     import time
@@ -210,7 +218,9 @@ def main(argv=None) -> dict:
               "naive_over_baseline": medians["naive"] / medians["baseline"],
               "capture_overhead": medians["ours"] / medians["ours_no_capture"] - 1, "ours_tflop_per_step": flops / 1e12,
               "cached_over_baseline": medians["ours_cached_latents"] / medians["baseline"],
-              "cached_over_naive": medians["ours_cached_latents"] / medians["naive"]}
+              "cached_over_naive": medians["ours_cached_latents"] / medians["naive"],
+              "contiguous_over_baseline": medians["ours_contiguous"] / medians["baseline"],
+              "contiguous_over_naive": medians["ours_contiguous"] / medians["naive"]}
     if device.type == "cuda":
         result["mfu"] = flops / medians["ours"] / (args.peak_tflops * 1e12)
     print_report(result, args, preset)
@@ -231,6 +241,8 @@ def print_report(result: dict, args, preset) -> None:
     print(f"naive / baseline: {result['naive_over_baseline']:.2f}x")
     print(f"ours with cached latents (--max_scale 1): {result['cached_over_baseline']:.2f}x baseline, "
           f"{result['cached_over_naive']:.2f}x naive")
+    print(f"ours with --no-channels_last: {result['contiguous_over_baseline']:.2f}x baseline, "
+          f"{result['contiguous_over_naive']:.2f}x naive")
     print(f"capture overhead: {100 * result['capture_overhead']:+.1f}%   (target <= 5%)")
     print(f"model FLOPs of our step: {result['ours_tflop_per_step']:.3f} TFLOP" +
           (f", MFU {100 * result['mfu']:.1f}% of {args.peak_tflops:g} TFLOP/s" if "mfu" in result else ""))

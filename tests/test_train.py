@@ -425,6 +425,28 @@ def test_latent_cache_gives_the_same_losses_with_one_encode(step_setup):
         assert first[k] == pytest.approx(reference[k], rel=1e-5) and second[k] == pytest.approx(reference[k], rel=1e-5)
 
 
+def test_channels_last_changes_the_layout_not_the_losses(step_setup):
+    args, models, store, batch, prompt_ids = step_setup
+    config = train.StepConfig.from_args(args)
+
+    def losses():
+        terms = train.compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder, models.noise_scheduler,
+                                                prompt_ids, store, config)
+        store.reset()
+        return {k: v.item() for k, v in terms.items()}
+
+    train.set_memory_format(models, channels_last=False)
+    reference = losses()
+    assert not models.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    train.set_memory_format(models, channels_last=True)
+    conv_weights = [m.weight for model in (models.unet, models.vae) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert conv_weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
+    for key, value in losses().items():  # the per-sample seeds make the draws identical; only float rounding differs
+        assert value == pytest.approx(reference[key], rel=1e-4), key
+    assert tiny_args(Path("run")).channels_last
+    assert not tiny_args(Path("run"), "--no-channels_last").channels_last
+
+
 def test_latent_cache_only_without_augmentation():
     args = train.parse_args(["--pretrained_model_name_or_path", "x", "--object_class", "b", "--data_dir", "d"])
     assert not train.augmentation_is_static(args)  # the paper's random resize changes pixels every epoch
