@@ -146,6 +146,13 @@ def colour_patches(rng: np.random.Generator, images: torch.Tensor) -> torch.Tens
     return images * (1 - masks * keep) + colours * masks * keep
 
 
+def _blob(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, radius_range=(0.05, 0.22)) -> np.ndarray:
+    cx, cy = rng.random(2)
+    angle = np.arctan2(y - cy, x - cx)
+    radius = rng.uniform(*radius_range) * (1 + 0.3 * np.sin(3 * angle + rng.uniform(0, 6.3)))
+    return np.hypot(x - cx, y - cy) < radius
+
+
 def inpainting_masks(rng: np.random.Generator, batch: int) -> torch.Tensor:
     """Random boxes, blobs or (10 %) the whole image, (B, 1, 64, 64) in {0, 1}."""
     x, y = _grid(RESOLUTION)
@@ -156,15 +163,64 @@ def inpainting_masks(rng: np.random.Generator, batch: int) -> torch.Tensor:
             masks[i] = 1
             continue
         for _ in range(int(rng.integers(1, 5))):
-            cx, cy = rng.random(2)
             if kind < 0.55:
+                cx, cy = rng.random(2)
                 w, h = rng.uniform(0.08, 0.45, size=2)
                 masks[i] = np.maximum(masks[i], (np.abs(x - cx) < w / 2) & (np.abs(y - cy) < h / 2))
             else:
-                angle = np.arctan2(y - cy, x - cx)
-                radius = rng.uniform(0.05, 0.22) * (1 + 0.3 * np.sin(3 * angle + rng.uniform(0, 6.3)))
-                masks[i] = np.maximum(masks[i], np.hypot(x - cx, y - cy) < radius)
+                masks[i] = np.maximum(masks[i], _blob(rng, x, y))
     return torch.from_numpy(masks)[:, None]
+
+
+# HSV of the named spot colours: hue in degrees, saturation and value ranges. Hues 150-215 (cyan, teal:
+# the synthetic `color` defect is (40, 170, 190), hue 188) are left out on purpose.
+NAMED_COLOURS = {
+    "red": (0, (0.7, 0.95), (0.6, 0.95)),
+    "orange": (28, (0.75, 0.95), (0.8, 1.0)),
+    "yellow": (55, (0.7, 0.95), (0.8, 1.0)),
+    "green": (115, (0.6, 0.9), (0.4, 0.8)),
+    "blue": (235, (0.6, 0.9), (0.5, 0.9)),
+    "purple": (275, (0.5, 0.8), (0.4, 0.75)),
+    "pink": (325, (0.3, 0.55), (0.85, 1.0)),
+    "white": (0, (0.0, 0.06), (0.92, 1.0)),
+    "black": (0, (0.0, 0.2), (0.03, 0.15)),
+    "brown": (25, (0.55, 0.8), (0.28, 0.45)),
+}
+SPOT_CAPTIONS = ("a {} with a {} spot", "a photo of a {} with a {} spot", "{} with {} spot")
+SPOT_PROBABILITY = 0.4
+
+
+def add_named_spots(rng: np.random.Generator, images: torch.Tensor, masks: torch.Tensor, captions: list[str],
+                    names: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """On 40 % of the samples, paint one or two spots of a named colour and make them the mask to inpaint,
+    captioned "a tile with a red spot". The clean classes alone never teach the UNet that text decides what
+    fills a mask (the context always does), and DefectFill relies on exactly that: the [V*] token has to
+    override the surroundings."""
+    import colorsys
+
+    x, y = _grid(RESOLUTION)
+    images, masks, captions = images.clone(), masks.clone(), list(captions)
+    for i, name in enumerate(names):
+        if rng.random() >= SPOT_PROBABILITY:
+            continue
+        colour = list(NAMED_COLOURS)[rng.integers(len(NAMED_COLOURS))]
+        hue, saturation, value = NAMED_COLOURS[colour]
+        rgb = colorsys.hsv_to_rgb(((hue + rng.uniform(-10, 10)) % 360) / 360, rng.uniform(*saturation), rng.uniform(*value))
+        spot = np.zeros((RESOLUTION, RESOLUTION), dtype=bool)
+        for _ in range(int(rng.integers(1, 3))):
+            spot |= _blob(rng, x, y, (0.05, 0.16))
+        texture = rng.normal(1.0, 0.06, (RESOLUTION, RESOLUTION))
+        painted = np.clip(np.asarray(rgb)[:, None, None] * texture[None], 0, 1) * 2 - 1
+        spot_tensor = torch.from_numpy(spot)
+        images[i] = torch.where(spot_tensor, torch.from_numpy(painted).float(), images[i])
+        if rng.random() < 0.3:  # sometimes a box around the spots, as users draw masks
+            ys, xs = np.nonzero(spot)
+            spot = np.zeros_like(spot)
+            spot[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
+        masks[i, 0] = torch.from_numpy(spot).float()
+        if captions[i]:  # the empty captions stay empty (classifier-free guidance)
+            captions[i] = SPOT_CAPTIONS[rng.integers(len(SPOT_CAPTIONS))].format(name, colour)
+    return images, masks, captions
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -215,6 +271,7 @@ def train_inpainting(pipe, scheduler, rng, steps: int, batch: int, lr: float, lo
         images, names = image_batch(rng, batch)
         masks = inpainting_masks(rng, batch)
         captions = ["" if rng.random() < 0.1 else CAPTIONS[rng.integers(len(CAPTIONS))].format(n) for n in names]
+        images, masks, captions = add_named_spots(rng, images, masks, captions, names)
         with torch.no_grad():
             encoded = vae.encode(torch.cat([images, images * (1 - masks)])).latent_dist.sample() * scale
         latents, masked = encoded.chunk(2)
@@ -288,8 +345,8 @@ def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="models/tiny-sd2-inpainting", help="Where to write the trained pipeline.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the weights, the data and the noise.")
-    parser.add_argument("--vae_steps", type=int, default=1200, help="VAE training steps.")
-    parser.add_argument("--unet_steps", type=int, default=1300, help="UNet + text-encoder inpainting steps.")
+    parser.add_argument("--vae_steps", type=int, default=1500, help="VAE training steps.")
+    parser.add_argument("--unet_steps", type=int, default=1600, help="UNet + text-encoder inpainting steps.")
     parser.add_argument("--batch_size", type=int, default=16, help="Images per step.")
     parser.add_argument("--vae_lr", type=float, default=5e-4, help="VAE learning rate.")
     parser.add_argument("--unet_lr", type=float, default=5e-4, help="UNet and text-encoder learning rate (cosine, 5 % warmup).")

@@ -1,0 +1,242 @@
+"""Measure what the pre-trained tiny model has learned, against the same architecture at random init.
+
+    python scripts/measure_tiny_model.py                       # prints the table
+    python scripts/measure_tiny_model.py --update_readme       # also writes it into the model's README.md
+
+Three figures, each for the pre-trained model and for a freshly built random one (`make_tiny_model.py`):
+- VAE round trip: mean absolute error (pixels in [0, 1]) on held-out synthetic clean images;
+- base inpainting: empty prompt, a 24 px box in the middle of held-out clean images, distance of the mean
+  generated colour in the box to the true one (what the surroundings predict);
+- learning a defect: after `configs/tiny.yaml` (a 40-step DefectFill run on metal_nut / color, a blue-green
+  stain no clean class has), with the object prompt, inside held-out masks: the distance of the mean
+  generated colour to the stain colour (base model vs. base + LoRA, loaded with diffusers'
+  `load_lora_weights`) and the share of the [V*] decoder attention that falls inside the mask; images and
+  masks cropped around the mask at full resolution, as `infer_defectfill.py` does by default.
+
+`tests/test_pretrained_tiny_model.py` asserts bounds on the same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import dataset_mvtec as dm  # noqa: E402
+from scripts.make_synthetic_mvtec import STAIN_RGB  # noqa: E402
+
+TINY_MODEL = REPO_ROOT / "models" / "tiny-sd2-inpainting"
+SYNTHETIC_DATA = REPO_ROOT / "data" / "synthetic_mvtec"
+DEMO_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+RESOLUTION = 64
+HELD_OUT_CLEAN = [SYNTHETIC_DATA / c / "test" / "good" / f"{i:03d}.png" for c in ("wood", "metal_nut") for i in range(4)]
+STEPS = 20
+
+
+def load_pipeline(path):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_random_model(output_dir: Path) -> Path:
+    from scripts.make_tiny_model import main as build
+
+    return build(["--output_dir", str(output_dir)])
+
+
+def load_rgb(path, resample=Image.BICUBIC) -> Image.Image:
+    return Image.open(path).convert("RGB").resize((RESOLUTION, RESOLUTION), resample)
+
+
+def vae_round_trip_error(model_path) -> float:
+    """Mean absolute error of decode(encode(x)) on the held-out clean images, in [0, 1] pixel units."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(model_path), subfolder="vae")
+    arrays = np.stack([np.asarray(load_rgb(p), dtype=np.float32) for p in HELD_OUT_CLEAN]) / 127.5 - 1
+    images = torch.from_numpy(arrays).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        reconstruction = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+    return (reconstruction - images).abs().mean().item() / 2
+
+
+def centre_box_mask(side: int = 24) -> Image.Image:
+    mask = Image.new("L", (RESOLUTION, RESOLUTION), 0)
+    start = (RESOLUTION - side) // 2
+    mask.paste(255, (start, start, start + side, start + side))
+    return mask
+
+
+def inpainting_error(pipe) -> float:
+    """Empty prompt, no guidance, a centred 24 px box: distance (0-255 RGB) between the mean colour generated
+    in the box and the true mean colour there. The textures' phases are not predictable from the context,
+    their colour and brightness are, and a model that continues the surroundings gets them right."""
+    mask = centre_box_mask()
+    inside = np.asarray(mask) > 0
+    errors = []
+    for index, path in enumerate(HELD_OUT_CLEAN):
+        image = load_rgb(path)
+        out = pipe("", image=image, mask_image=mask, height=RESOLUTION, width=RESOLUTION, num_inference_steps=STEPS,
+                   guidance_scale=1.0, generator=torch.Generator().manual_seed(index), output_type="np").images[0]
+        truth = np.asarray(image, dtype=np.float32)[inside].mean(0)
+        errors.append(float(np.linalg.norm(out[inside].mean(0) * 255 - truth)))
+    return float(np.mean(errors))
+
+
+def train_demo_run(model_path, output_dir: Path, *extra: str) -> Path:
+    """The README demo's training command (configs/tiny.yaml), without validation and checkpoints."""
+    import train_defectfill as train
+
+    train.main(train.parse_args([
+        "--config", str(DEMO_CONFIG), "--pretrained_model_name_or_path", str(model_path), "--data_dir", str(SYNTHETIC_DATA),
+        "--output_dir", str(output_dir), "--validation_steps", "0", "--checkpointing_steps", "100000", "--report_to", "none",
+        *extra,
+    ]))
+    return output_dir
+
+
+def heldout_pairs(run_dir: Path) -> list[tuple[Path, Path]]:
+    """(clean test image, held-out defect mask) pairs of the run's object class and defect type."""
+    record = run_settings(run_dir)
+    masks = dm.list_heldout_masks(SYNTHETIC_DATA, record["split"], record["defect_type"])
+    goods = dm.list_good_images(SYNTHETIC_DATA, record["object_class"], splits=("test",))
+    return [(goods[i % len(goods)], mask) for i, mask in enumerate(masks)]
+
+
+def run_settings(run_dir: Path) -> dict:
+    import train_defectfill as train
+
+    return json.loads((run_dir / train.RUN_FILENAME).read_text())
+
+
+def regions(pairs) -> list[tuple[Image.Image, Image.Image]]:
+    """(image, mask) at model resolution, cropped around the mask as `infer_defectfill.py` crops by default."""
+    import infer_defectfill as infer
+
+    jobs = [infer.prepare_job(infer.Pair(i, image, mask), RESOLUTION, True, 0.5) for i, (image, mask) in enumerate(pairs)]
+    return [(job.region, job.region_mask) for job in jobs]
+
+
+def distance_to_stain(pipe, pairs, prompt: str) -> float:
+    """Mean over pairs of |mean generated RGB inside the mask - the stain's RGB| (0-255 units)."""
+    distances = []
+    for index, (image, mask) in enumerate(regions(pairs)):
+        out = pipe(prompt, image=image, mask_image=mask, height=RESOLUTION, width=RESOLUTION, num_inference_steps=STEPS,
+                   generator=torch.Generator().manual_seed(index), output_type="np").images[0]
+        inside = np.asarray(mask) > 127
+        distances.append(float(np.linalg.norm(out[inside].mean(0) * 255 - STAIN_RGB)))
+    return float(np.mean(distances))
+
+
+def vstar_mask_overlap(model_path, run_dir: Path, pairs, with_lora: bool) -> float:
+    """Share of the [V*] decoder attention (object branch, training's capture) that falls inside the mask,
+    averaged over the pairs, at fixed noise and timesteps."""
+    from types import SimpleNamespace
+
+    import train_defectfill as train
+    from attention_processor import VStarAttentionStore, install_vstar_capture
+
+    settings = run_settings(run_dir)
+    args = train.parse_args(["--config", str(DEMO_CONFIG), "--pretrained_model_name_or_path", str(model_path)])
+    models = train.load_models(args)
+    train.add_lora_adapters(models, args)
+    if with_lora:
+        train.load_lora_into(run_dir, models.unet, models.text_encoder)
+    store = VStarAttentionStore()
+    install_vstar_capture(models.unet, store)
+    prompt_ids = train.build_prompt_ids(models.tokenizer, settings["object_class"], settings["token"])
+    config = train.StepConfig.from_args(SimpleNamespace(**{**vars(args), "lambda_attention": 1.0}))
+    transform = dm.PairTransform(RESOLUTION)
+    overlaps = []
+    for index, (image, mask_image) in enumerate(regions(pairs)):
+        image, mask = transform(image, mask_image)
+        batch = {"pixel_values": image[None], "masks": mask[None], "sample_seed": torch.tensor([index])}
+        with torch.no_grad():
+            train.compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder, models.noise_scheduler,
+                                            prompt_ids, store, config)
+            attention = store.aggregate()[0, 0]
+        store.reset()
+        latent_mask = torch.nn.functional.interpolate(mask[None], size=tuple(attention.shape))[0, 0]
+        overlaps.append((attention * latent_mask).sum().item() / attention.sum().item())
+    return float(np.mean(overlaps))
+
+
+def measure(model_path=TINY_MODEL, work_dir: Path | None = None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(work_dir or tmp)
+        random_model = build_random_model(work / "random")
+        run_dir = train_demo_run(model_path, work / "run")
+        pairs = heldout_pairs(run_dir)
+        prompt = run_settings(run_dir)["object_prompt"]
+        pipe = load_pipeline(model_path)
+        results = {
+            "vae_error": {"pretrained": vae_round_trip_error(model_path), "random": vae_round_trip_error(random_model)},
+            "inpainting_error": {"pretrained": inpainting_error(pipe), "random": inpainting_error(load_pipeline(random_model))},
+            "stain_distance": {"base": distance_to_stain(pipe, pairs, prompt)},
+            "vstar_overlap": {"base": vstar_mask_overlap(model_path, run_dir, pairs, with_lora=False),
+                              "trained": vstar_mask_overlap(model_path, run_dir, pairs, with_lora=True)},
+            "mask_share": float(np.mean([(np.asarray(mask) > 127).mean() for _, mask in regions(pairs)])),
+        }
+        pipe.load_lora_weights(str(run_dir))
+        results["stain_distance"]["trained"] = distance_to_stain(pipe, pairs, prompt)
+    return results
+
+
+def as_markdown(results: dict) -> str:
+    r = results
+    return "\n".join([
+        "| measure | pre-trained | random init |",
+        "|---|---|---|",
+        f"| VAE round trip, mean abs. error (pixels in [0, 1]), 8 held-out clean images | {r['vae_error']['pretrained']:.4f} | {r['vae_error']['random']:.4f} |",
+        f"| inpainting a centred 24 px box, empty prompt: distance of its mean RGB (0-255) to the truth's | {r['inpainting_error']['pretrained']:.4f} | {r['inpainting_error']['random']:.4f} |",
+        "",
+        "After `python train_defectfill.py --config configs/tiny.yaml` (40 steps, metal_nut / color), held-out masks,",
+        f"prompt \"A metal nut with sks\", {STEPS} PNDM steps, guidance 7.5:",
+        "",
+        "| measure | base model | base + DefectFill LoRA |",
+        "|---|---|---|",
+        f"| distance of the mean colour inside the mask to the stain's RGB {tuple(int(v) for v in STAIN_RGB)} | {r['stain_distance']['base']:.1f} | {r['stain_distance']['trained']:.1f} |",
+        f"| share of the [V*] decoder attention inside the mask (mask covers {100 * r['mask_share']:.1f} % of the image) | {r['vstar_overlap']['base']:.3f} | {r['vstar_overlap']['trained']:.3f} |",
+    ])
+
+
+def update_readme(readme: Path, markdown: str) -> None:
+    from fileio import write_text_atomic
+
+    text = readme.read_text()
+    heading = "## Measured (`tests/test_pretrained_tiny_model.py`)"
+    if heading not in text:
+        raise SystemExit(f"{readme} has no '{heading}' section to update")
+    head = text.split(heading)[0]
+    write_text_atomic(readme, f"{head}{heading}\n\n`python scripts/measure_tiny_model.py`:\n\n{markdown}\n")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(TINY_MODEL), help="The pre-trained tiny model folder.")
+    parser.add_argument("--update_readme", action="store_true", help="Write the table into the model folder's README.md.")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    results = measure(args.model)
+    markdown = as_markdown(results)
+    print(json.dumps(results, indent=2))
+    print(markdown)
+    if args.update_readme:
+        update_readme(Path(args.model) / "README.md", markdown)
+    return results
+
+
+if __name__ == "__main__":
+    main()
