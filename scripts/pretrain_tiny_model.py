@@ -186,22 +186,23 @@ NAMED_COLOURS = {
     "black": (0, (0.0, 0.2), (0.03, 0.15)),
     "brown": (25, (0.55, 0.8), (0.28, 0.45)),
 }
-SPOT_CAPTIONS = ("a {} with a {} spot", "a photo of a {} with a {} spot", "{} with {} spot")
-SPOT_PROBABILITY = 0.4
+SPOT_CAPTIONS = ("a {} with a {} spot", "a photo of a {} with a {} spot", "a {} with {}")
+SPOT_PROBABILITY = 0.3
 
 
 def add_named_spots(rng: np.random.Generator, images: torch.Tensor, masks: torch.Tensor, captions: list[str],
                     names: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """On 40 % of the samples, paint one or two spots of a named colour and make them the mask to inpaint,
+    """On 30 % of the captioned samples, paint one or two spots of a named colour and make them the mask to inpaint,
     captioned "a tile with a red spot". The clean classes alone never teach the UNet that text decides what
     fills a mask (the context always does), and DefectFill relies on exactly that: the [V*] token has to
-    override the surroundings."""
+    override the surroundings. Uncaptioned samples never get spots: with an empty prompt the model must
+    continue the surroundings."""
     import colorsys
 
     x, y = _grid(RESOLUTION)
     images, masks, captions = images.clone(), masks.clone(), list(captions)
     for i, name in enumerate(names):
-        if rng.random() >= SPOT_PROBABILITY:
+        if rng.random() >= SPOT_PROBABILITY or not captions[i]:
             continue
         colour = list(NAMED_COLOURS)[rng.integers(len(NAMED_COLOURS))]
         hue, saturation, value = NAMED_COLOURS[colour]
@@ -218,8 +219,7 @@ def add_named_spots(rng: np.random.Generator, images: torch.Tensor, masks: torch
             spot = np.zeros_like(spot)
             spot[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
         masks[i, 0] = torch.from_numpy(spot).float()
-        if captions[i]:  # the empty captions stay empty (classifier-free guidance)
-            captions[i] = SPOT_CAPTIONS[rng.integers(len(SPOT_CAPTIONS))].format(name, colour)
+        captions[i] = SPOT_CAPTIONS[rng.integers(len(SPOT_CAPTIONS))].format(name, colour)
     return images, masks, captions
 
 
@@ -295,6 +295,7 @@ def train_inpainting(pipe, scheduler, rng, steps: int, batch: int, lr: float, lo
     return {"inpainting_loss": float(np.mean(history[-100:]))}
 
 
+MEASURE_LATER = "Not measured yet: `python scripts/measure_tiny_model.py --update_readme` writes the table here."
 README_TEMPLATE = """---
 library_name: diffusers
 tags:
@@ -320,25 +321,39 @@ procedural images** so that the tests and the offline demo of defectfill exercis
 ## How it was made
 
 ```bash
-python scripts/make_tiny_model.py --output_dir models/tiny-sd2-inpainting          # architecture, random weights
+# builds the architecture of scripts/make_tiny_model.py (random weights), then trains it:
 python scripts/pretrain_tiny_model.py --output_dir models/tiny-sd2-inpainting {arguments}
 ```
 
 Data: 64 px procedural images of {classes} (random colours, phases and scales; nothing saturated
 blue-green, the colour of the synthetic `color` defect). Captions name the class ("a photo of a tile"),
-10 % are empty.
+10 % are empty. On 30 % of the captioned inpainting samples, one or two spots of a named colour ({colours}; no cyan
+or teal) are painted and become the mask, captioned "a tile with a red spot": this teaches the UNet that the
+prompt decides what fills a mask, which is what a DefectFill LoRA binds to `sks`.
 
 | stage | steps | batch | learning rate | final loss (mean of the last 100 steps) |
 |---|---|---|---|---|
 | VAE on 32 px crops (L1 + MSE + 1e-6 KL) | {vae_steps} | {batch} | {vae_lr} | L1 {vae_l1:.4f} |
 | UNet + text encoder, inpainting (noise MSE) | {unet_steps} | {batch} | {unet_lr} | {inpainting_loss:.4f} |
 
-Seed {seed}; {minutes:.0f} minutes on {machine}.
+Seed {seed}; {minutes:.0f} minutes on {machine}, deterministic for a seed on the same machine and thread count.
 
 ## Measured (`tests/test_pretrained_tiny_model.py`)
 
 {measurements}
 """
+
+
+def write_model_readme(model_dir: Path, measurements: str = MEASURE_LATER) -> None:
+    """The model folder's README.md, from its pretraining.json (and the measured table, when there is one)."""
+    record = json.loads((model_dir / "pretraining.json").read_text())
+    settings = record["settings"]
+    (model_dir / "README.md").write_text(README_TEMPLATE.format(
+        scaling_factor=record["scaling_factor"], classes=", ".join(CLASSES), colours=", ".join(NAMED_COLOURS),
+        vae_steps=settings["vae_steps"], unet_steps=settings["unet_steps"], batch=settings["batch_size"],
+        vae_lr=settings["vae_lr"], unet_lr=settings["unet_lr"], seed=settings["seed"], minutes=record["minutes"],
+        machine=record["machine"], arguments=" ".join(f"--{k} {v}" for k, v in settings.items()), measurements=measurements,
+        vae_l1=record["vae_l1"], inpainting_loss=record["inpainting_loss"]))
 
 
 def main(argv=None) -> Path:
@@ -350,7 +365,6 @@ def main(argv=None) -> Path:
     parser.add_argument("--batch_size", type=int, default=16, help="Images per step.")
     parser.add_argument("--vae_lr", type=float, default=5e-4, help="VAE learning rate.")
     parser.add_argument("--unet_lr", type=float, default=5e-4, help="UNet and text-encoder learning rate (cosine, 5 % warmup).")
-    parser.add_argument("--measurements", default="", help="Markdown to put under 'Measured' in the model README.")
     args = parser.parse_args(argv)
 
     start = time.time()
@@ -380,16 +394,13 @@ def main(argv=None) -> Path:
         pipe.save_pretrained(staging, safe_serialization=True)
         for name in ("vocab.json", "merges.txt"):
             (staging / "tokenizer" / name).write_bytes((Path(tmp) / name).read_bytes())
-        settings = {k: v for k, v in vars(args).items() if k not in ("output_dir", "measurements")}
         import platform
 
-        (staging / "README.md").write_text(README_TEMPLATE.format(
-            scaling_factor=pipe.vae.config.scaling_factor, classes=", ".join(CLASSES), vae_steps=args.vae_steps,
-            unet_steps=args.unet_steps, batch=args.batch_size, vae_lr=args.vae_lr, unet_lr=args.unet_lr, seed=args.seed,
-            minutes=(time.time() - start) / 60, machine=f"{os.cpu_count()} CPU cores ({platform.machine()})",
-            arguments=" ".join(f"--{k} {v}" for k, v in settings.items()), measurements=args.measurements or "(see the tests)",
-            **stats))
-        (staging / "pretraining.json").write_text(json.dumps({"settings": settings, **stats}, indent=2) + "\n")
+        record = {"settings": {k: v for k, v in vars(args).items() if k != "output_dir"}, **stats,
+                  "minutes": round((time.time() - start) / 60, 1), "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
+                  "scaling_factor": pipe.vae.config.scaling_factor}
+        (staging / "pretraining.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_model_readme(staging)
         if output_dir.exists():
             os.replace(output_dir, Path(tmp) / "old")
         os.replace(staging, output_dir)

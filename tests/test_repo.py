@@ -57,17 +57,21 @@ def test_components_load_per_subfolder(tiny_model_path):
     assert DDPMScheduler.from_pretrained(tiny_model_path, subfolder="scheduler").config.prediction_type == "epsilon"
 
 
-def test_tiny_model_builder_is_deterministic(tmp_path, tiny_model_path):
+def test_tiny_model_builder_is_deterministic_and_shapes_the_bundled_model(tmp_path, tiny_model_path):
+    """make_tiny_model.py gives the same weights twice; the bundled model (those weights, pre-trained by
+    pretrain_tiny_model.py) has exactly its architecture and tokenizer."""
     from safetensors.torch import load_file
 
     from scripts.make_tiny_model import main as build
 
-    built = build(["--output_dir", str(tmp_path / "tiny")])
+    first, second = build(["--output_dir", str(tmp_path / "a")]), build(["--output_dir", str(tmp_path / "b")])
     for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                  "text_encoder/model.safetensors"):
-        fresh, bundled = load_file(built / part), load_file(tiny_model_path / part)
-        assert fresh.keys() == bundled.keys()
-        assert all(torch.equal(fresh[k], bundled[k]) for k in fresh), part
+        fresh, again, bundled = load_file(first / part), load_file(second / part), load_file(tiny_model_path / part)
+        assert all(torch.equal(fresh[k], again[k]) for k in fresh), part
+        assert {k: v.shape for k, v in fresh.items()} == {k: v.shape for k, v in bundled.items()}, part
+    for name in ("vocab.json", "merges.txt"):
+        assert (first / "tokenizer" / name).read_text() == (tiny_model_path / "tokenizer" / name).read_text()
 
 
 def test_pretraining_script_writes_a_loadable_pipeline(tmp_path):

@@ -40,7 +40,7 @@ def test_config_values_and_cli_override(tmp_path):
     args = tiny_args(tmp_path, "--rank", "4")
     assert args.object_class == "metal_nut" and args.defect_type == "color" and args.resolution == 64
     assert args.rank == 4  # command line beats the file
-    assert args.learning_rate == pytest.approx(2e-4) and isinstance(args.learning_rate, float)
+    assert args.learning_rate == pytest.approx(3e-3) and isinstance(args.learning_rate, float)
 
 
 def test_paper_defaults_without_config():
