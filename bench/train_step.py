@@ -14,6 +14,8 @@ resolution and dtype, timed interleaved (one step of each per round; median over
   images, one UNet call of batch 2B, [V*] capture on the decoder cross-attention of the object half only,
   channels-last convolution weights (the training script's default, `train_defectfill.set_memory_format`).
 - ours_contiguous: the same step with `--no-channels_last` (the layout baseline and naive use).
+- ours_compiled: the same step with `--torch_compile` (`train_defectfill.compile_models`), on a copy of the
+  models (compiling is in place); compiles in the warm-up rounds (`--no-compile` skips it).
 - ours_no_capture: the same with the attention loss off (capture overhead = ours / ours_no_capture - 1).
 Each step includes backward and an AdamW step.
 """
@@ -147,6 +149,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2, help="Untimed rounds first.")
     parser.add_argument("--repeats", type=int, default=5, help="Timed rounds (one step of each variant per round).")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="Enable UNet gradient checkpointing in every variant.")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="Also time ours with --torch_compile (compiles in the warm-up rounds; --no-compile skips it).")
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="The GPU's dense bf16 peak, for MFU (H100 SXM: 989).")
     args = parser.parse_args(argv)
 
@@ -191,6 +195,19 @@ def main(argv=None) -> dict:
         "ours_contiguous": (lambda: with_capture(channels_last=False),
                             lambda: ours_step(models, batch, prompt_ids, optimizer, store, config)),
     }
+    if args.compile:
+        import copy
+
+        compiled = train.Models(tokenizer, copy.deepcopy(text_encoder), copy.deepcopy(vae), copy.deepcopy(unet), scheduler)
+        compiled_optimizer = torch.optim.AdamW([p for m in (compiled.unet, compiled.text_encoder) for p in m.parameters()
+                                                if p.requires_grad], lr=1e-5)
+        compiled_store = VStarAttentionStore()
+        compiled.unet.set_attn_processor(dict(sdpa))
+        install_vstar_capture(compiled.unet, compiled_store)
+        train.set_memory_format(compiled, channels_last=True)
+        train.compile_models(compiled)
+        variants["ours_compiled"] = (lambda: None, lambda: ours_step(compiled, batch, prompt_ids, compiled_optimizer,
+                                                                     compiled_store, config))
     import statistics
     import time
 
@@ -221,6 +238,9 @@ def main(argv=None) -> dict:
               "cached_over_naive": medians["ours_cached_latents"] / medians["naive"],
               "contiguous_over_baseline": medians["ours_contiguous"] / medians["baseline"],
               "contiguous_over_naive": medians["ours_contiguous"] / medians["naive"]}
+    if "ours_compiled" in medians:
+        result["compiled_over_baseline"] = medians["ours_compiled"] / medians["baseline"]
+        result["compiled_over_naive"] = medians["ours_compiled"] / medians["naive"]
     if device.type == "cuda":
         result["mfu"] = flops / medians["ours"] / (args.peak_tflops * 1e12)
     print_report(result, args, preset)
@@ -243,6 +263,9 @@ def print_report(result: dict, args, preset) -> None:
           f"{result['cached_over_naive']:.2f}x naive")
     print(f"ours with --no-channels_last: {result['contiguous_over_baseline']:.2f}x baseline, "
           f"{result['contiguous_over_naive']:.2f}x naive")
+    if "compiled_over_naive" in result:
+        print(f"ours with --torch_compile: {result['compiled_over_baseline']:.2f}x baseline, "
+              f"{result['compiled_over_naive']:.2f}x naive   (target <= 0.85)")
     print(f"capture overhead: {100 * result['capture_overhead']:+.1f}%   (target <= 5%)")
     print(f"model FLOPs of our step: {result['ours_tflop_per_step']:.3f} TFLOP" +
           (f", MFU {100 * result['mfu']:.1f}% of {args.peak_tflops:g} TFLOP/s" if "mfu" in result else ""))

@@ -15,7 +15,7 @@ so a DefectFill run that paints that colour has learned it.
 
     python scripts/pretrain_tiny_model.py --output_dir models/tiny-sd2-inpainting
 
-Deterministic for a seed (on the same machine and thread count); about half an hour on 2 CPU cores.
+Deterministic for a seed (on the same machine and thread count); about 40 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -337,6 +337,14 @@ prompt decides what fills a mask, which is what a DefectFill LoRA binds to `sks`
 | UNet + text encoder, inpainting (noise MSE) | {unet_steps} | {batch} | {unet_lr} | {inpainting_loss:.4f} |
 
 Seed {seed}; {minutes:.0f} minutes on {machine}, deterministic for a seed on the same machine and thread count.
+
+## Limits
+
+40 CPU-minutes make a weak inpainter: large holes get blotchy fills (of the right overall colour more often
+than not), and outside the mask the pipeline's raw output drifts in colour (`infer_defectfill.py` pastes the
+clean background back). The defect colour a LoRA teaches it lands near the closest hue it knows (the
+blue-green stain comes out blue). What it shows, offline and in seconds, is a DefectFill run changing what
+the model paints inside a mask, measured below.
 
 ## Measured (`tests/test_pretrained_tiny_model.py`)
 
