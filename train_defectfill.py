@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Mixed precision; default: accelerate config. Trainable LoRA weights stay fp32.")
     t.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
     t.add_argument("--torch_compile", action="store_true",
-                   help="torch.compile the UNet and the VAE encoder in place (inductor): the first steps compile (about 20 s "
-                        "for the tiny model on a CPU, which needs a C++ compiler), the later ones run faster.")
+                   help="torch.compile the UNet and the VAE encoder in place (inductor): the first steps compile (minutes on a "
+                        "2-core CPU with a cold cache; a CPU needs a C++ compiler), the later ones run faster.")
     t.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                    help="Keep the UNet and VAE convolution weights channels-last (NHWC), which oneDNN and cuDNN "
                         "convolve faster; the same model, the same results up to float rounding.")
@@ -310,7 +310,7 @@ def set_memory_format(models: Models, channels_last: bool) -> None:
 
 def compile_models(models: Models) -> None:
     """In place (`nn.Module.compile`): accelerate's hooks, the LoRA state dicts and the attention processors
-    keep seeing the same modules. bench/train_step.py measures the gain (0.8x a step on 2 CPU cores)."""
+    keep seeing the same modules. bench/train_step.py measures the gain (0.9x a step on 2 CPU cores)."""
     models.unet.compile()
     models.vae.encoder.compile()
 

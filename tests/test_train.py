@@ -426,15 +426,22 @@ def test_latent_cache_gives_the_same_losses_with_one_encode(step_setup):
         assert first[k] == pytest.approx(reference[k], rel=1e-5) and second[k] == pytest.approx(reference[k], rel=1e-5)
 
 
-def test_channels_last_changes_the_layout_not_the_losses(step_setup):
+def step_terms(step_setup, backward: bool = False) -> dict[str, torch.Tensor]:
+    """One call of the real step on the fixture's batch (its per-sample seeds make every call draw the same)."""
     args, models, store, batch, prompt_ids = step_setup
-    config = train.StepConfig.from_args(args)
+    terms = train.compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder, models.noise_scheduler,
+                                            prompt_ids, store, train.StepConfig.from_args(args))
+    if backward:
+        terms["loss"].backward()
+    store.reset()
+    return terms
+
+
+def test_channels_last_changes_the_layout_not_the_losses(step_setup):
+    models = step_setup[1]
 
     def losses():
-        terms = train.compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder, models.noise_scheduler,
-                                                prompt_ids, store, config)
-        store.reset()
-        return {k: v.item() for k, v in terms.items()}
+        return {k: v.item() for k, v in step_terms(step_setup).items()}
 
     train.set_memory_format(models, channels_last=False)
     reference = losses()
@@ -497,14 +504,10 @@ def test_validation_does_not_change_the_training_randomness(tmp_path):
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor on CPU needs a C++ compiler")
 def test_torch_compile_gives_the_eager_losses_and_gradients(step_setup):
-    args, models, store, batch, prompt_ids = step_setup
-    config = train.StepConfig.from_args(args)
+    models = step_setup[1]
 
     def losses_and_grad():
-        terms = train.compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder, models.noise_scheduler,
-                                                prompt_ids, store, config)
-        terms["loss"].backward()
-        store.reset()
+        terms = step_terms(step_setup, backward=True)
         lora_b = next(p for n, p in models.unet.named_parameters() if "lora_B" in n and "up_blocks" in n)
         grad = lora_b.grad.clone()
         models.unet.zero_grad(set_to_none=True)
