@@ -130,14 +130,16 @@ def regions(pairs) -> list[tuple[Image.Image, Image.Image]]:
     """(image, mask) at model resolution, cropped around the mask as `infer_defectfill.py` crops by default."""
     import infer_defectfill as infer
 
-    jobs = [infer.prepare_job(infer.Pair(i, image, mask), RESOLUTION, True, 0.5) for i, (image, mask) in enumerate(pairs)]
+    defaults = infer.build_parser()
+    crop_to_mask, context = defaults.get_default("crop_to_mask"), defaults.get_default("crop_context")
+    jobs = [infer.prepare_job(infer.Pair(i, image, mask), RESOLUTION, crop_to_mask, context) for i, (image, mask) in enumerate(pairs)]
     return [(job.region, job.region_mask) for job in jobs]
 
 
-def distance_to_stain(pipe, pairs, prompt: str) -> float:
-    """Mean over pairs of |mean generated RGB inside the mask - the stain's RGB| (0-255 units)."""
+def distance_to_stain(pipe, regions, prompt: str) -> float:
+    """Mean over the (image, mask) regions of |mean generated RGB inside the mask - the stain's RGB| (0-255 units)."""
     distances = []
-    for index, (image, mask) in enumerate(regions(pairs)):
+    for index, (image, mask) in enumerate(regions):
         out = pipe(prompt, image=image, mask_image=mask, height=RESOLUTION, width=RESOLUTION, num_inference_steps=STEPS,
                    generator=torch.Generator().manual_seed(index), output_type="np").images[0]
         inside = np.asarray(mask) > 127
@@ -145,9 +147,10 @@ def distance_to_stain(pipe, pairs, prompt: str) -> float:
     return float(np.mean(distances))
 
 
-def vstar_mask_overlap(model_path, run_dir: Path, pairs, with_lora: bool) -> float:
+def vstar_mask_overlaps(model_path, run_dir: Path, regions) -> dict[str, float]:
     """Share of the [V*] decoder attention (object branch, training's capture) that falls inside the mask,
-    averaged over the pairs, at fixed noise and timesteps."""
+    averaged over the regions at fixed noise and timesteps: {"base": fresh LoRA adapters (their B is zero,
+    so the base model's maps), "trained": the run's LoRA loaded into them}."""
     from types import SimpleNamespace
 
     import train_defectfill as train
@@ -157,25 +160,29 @@ def vstar_mask_overlap(model_path, run_dir: Path, pairs, with_lora: bool) -> flo
     args = train.parse_args(["--config", str(DEMO_CONFIG), "--pretrained_model_name_or_path", str(model_path)])
     models = train.load_models(args)
     train.add_lora_adapters(models, args)
-    if with_lora:
-        train.load_lora_into(run_dir, models.unet, models.text_encoder)
     store = VStarAttentionStore()
     install_vstar_capture(models.unet, store)
     prompt_ids = train.build_prompt_ids(models.tokenizer, settings["object_class"], settings["token"])
     config = train.StepConfig.from_args(SimpleNamespace(**{**vars(args), "lambda_attention": 1.0}))
     transform = dm.PairTransform(RESOLUTION)
-    overlaps = []
-    for index, (image, mask_image) in enumerate(regions(pairs)):
-        image, mask = transform(image, mask_image)
-        batch = {"pixel_values": image[None], "masks": mask[None], "sample_seed": torch.tensor([index])}
-        with torch.no_grad():
-            train.compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder, models.noise_scheduler,
-                                            prompt_ids, store, config)
-            attention = store.aggregate()[0, 0]
-        store.reset()
-        latent_mask = torch.nn.functional.interpolate(mask[None], size=tuple(attention.shape))[0, 0]
-        overlaps.append((attention * latent_mask).sum().item() / attention.sum().item())
-    return float(np.mean(overlaps))
+    batches = [transform(image, mask_image) for image, mask_image in regions]
+
+    def mean_overlap() -> float:
+        overlaps = []
+        for index, (image, mask) in enumerate(batches):
+            batch = {"pixel_values": image[None], "masks": mask[None], "sample_seed": torch.tensor([index])}
+            with torch.no_grad():
+                train.compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder, models.noise_scheduler,
+                                                prompt_ids, store, config)
+                attention = store.aggregate()[0, 0]
+            store.reset()
+            latent_mask = torch.nn.functional.interpolate(mask[None], size=tuple(attention.shape))[0, 0]
+            overlaps.append((attention * latent_mask).sum().item() / attention.sum().item())
+        return float(np.mean(overlaps))
+
+    base = mean_overlap()
+    train.load_lora_into(run_dir, models.unet, models.text_encoder)
+    return {"base": base, "trained": mean_overlap()}
 
 
 def measure(model_path=TINY_MODEL, work_dir: Path | None = None) -> dict:
@@ -183,19 +190,18 @@ def measure(model_path=TINY_MODEL, work_dir: Path | None = None) -> dict:
         work = Path(work_dir or tmp)
         random_model = build_random_model(work / "random")
         run_dir = train_demo_run(model_path, work / "run")
-        pairs = heldout_pairs(run_dir)
+        heldout = regions(heldout_pairs(run_dir))
         prompt = run_settings(run_dir)["object_prompt"]
         pipe = load_pipeline(model_path)
         results = {
             "vae_error": {"pretrained": vae_round_trip_error(model_path), "random": vae_round_trip_error(random_model)},
             "inpainting_error": {"pretrained": inpainting_error(pipe), "random": inpainting_error(load_pipeline(random_model))},
-            "stain_distance": {"base": distance_to_stain(pipe, pairs, prompt)},
-            "vstar_overlap": {"base": vstar_mask_overlap(model_path, run_dir, pairs, with_lora=False),
-                              "trained": vstar_mask_overlap(model_path, run_dir, pairs, with_lora=True)},
-            "mask_share": float(np.mean([(np.asarray(mask) > 127).mean() for _, mask in regions(pairs)])),
+            "stain_distance": {"base": distance_to_stain(pipe, heldout, prompt)},
+            "vstar_overlap": vstar_mask_overlaps(model_path, run_dir, heldout),
+            "mask_share": float(np.mean([(np.asarray(mask) > 127).mean() for _, mask in heldout])),
         }
         pipe.load_lora_weights(str(run_dir))
-        results["stain_distance"]["trained"] = distance_to_stain(pipe, pairs, prompt)
+        results["stain_distance"]["trained"] = distance_to_stain(pipe, heldout, prompt)
     return results
 
 

@@ -228,10 +228,25 @@ def add_named_spots(rng: np.random.Generator, images: torch.Tensor, masks: torch
 # ----------------------------------------------------------------------------------------------------
 
 
+class LossLog:
+    """A stage's loss: logged as the mean of the last 100 steps every 100 steps and at the end."""
+
+    def __init__(self, stage: str, metric: str, steps: int, log):
+        self.stage, self.metric, self.steps, self.log, self.history = stage, metric, steps, log, []
+
+    def add(self, step: int, value: float) -> None:
+        self.history.append(value)
+        if step % 100 == 0 or step == self.steps:
+            self.log(f"{self.stage} step {step}/{self.steps}: {self.metric} {self.recent_mean():.4f}")
+
+    def recent_mean(self) -> float:
+        return float(np.mean(self.history[-100:]))
+
+
 def train_vae(vae, rng, steps: int, batch: int, lr: float, log) -> dict:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
-    history = []
+    losses = LossLog("vae", "l1", steps, log)
     for step in range(1, steps + 1):
         images = colour_patches(rng, image_batch(rng, batch)[0])
         # 32 px crops: the VAE is convolutional, and a quarter of the pixels is a quarter of the time.
@@ -244,16 +259,14 @@ def train_vae(vae, rng, steps: int, batch: int, lr: float, log) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        history.append(l1.item())
-        if step % 100 == 0 or step == steps:
-            log(f"vae step {step}/{steps}: l1 {np.mean(history[-100:]):.4f}")
+        losses.add(step, l1.item())
     vae.eval()
     vae.requires_grad_(False)
     with torch.no_grad():
         images, _ = image_batch(rng, 64)
         std = vae.encode(images).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
-    return {"vae_l1": float(np.mean(history[-100:])), "latent_std": std}
+    return {"vae_l1": losses.recent_mean(), "latent_std": std}
 
 
 def train_inpainting(pipe, scheduler, rng, steps: int, batch: int, lr: float, log) -> dict:
@@ -266,7 +279,7 @@ def train_inpainting(pipe, scheduler, rng, steps: int, batch: int, lr: float, lo
     unet.train()
     text_encoder.train()
     scale = vae.config.scaling_factor
-    history = []
+    losses = LossLog("inpainting", "loss", steps, log)
     for step in range(1, steps + 1):
         images, names = image_batch(rng, batch)
         masks = inpainting_masks(rng, batch)
@@ -287,12 +300,10 @@ def train_inpainting(pipe, scheduler, rng, steps: int, batch: int, lr: float, lo
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         lr_scheduler.step()
-        history.append(loss.item())
-        if step % 100 == 0 or step == steps:
-            log(f"inpainting step {step}/{steps}: loss {np.mean(history[-100:]):.4f}")
+        losses.add(step, loss.item())
     unet.eval()
     text_encoder.eval()
-    return {"inpainting_loss": float(np.mean(history[-100:]))}
+    return {"inpainting_loss": losses.recent_mean()}
 
 
 MEASURE_LATER = "Not measured yet: `python scripts/measure_tiny_model.py --update_readme` writes the table here."
