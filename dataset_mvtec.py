@@ -37,6 +37,12 @@ GOOD = "good"
 REQUIRED_COLUMNS = ("image", "mask", "object_class", "defect_type")
 SPLIT_FILENAME = "few_shot_split.json"
 
+# The 15 MVTec AD categories (the tiny tokenizer's vocabulary is built from them).
+MVTEC_CATEGORIES = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)
+
 
 class DatasetError(ValueError):
     """Bad dataset input; the message names the file or folder and what was expected."""
@@ -326,6 +332,11 @@ def mask_crop_box(mask: np.ndarray, min_size: int, context: float = 0.5) -> tupl
     return box_left, box_top, box_left + side, box_top + side
 
 
+def to_signed_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a (3, H, W) float tensor in [-1, 1], the range the VAE and LPIPS take."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
 @dataclass
 class PairTransform:
     """Image and mask to `resolution` together, with the same random augmentation.
@@ -358,7 +369,7 @@ class PairTransform:
         image, mask = image.crop(box), mask.crop(box)
         if self.hflip and rng.random() < 0.5:
             image, mask = image.transpose(Image.FLIP_LEFT_RIGHT), mask.transpose(Image.FLIP_LEFT_RIGHT)
-        image_tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+        image_tensor = to_signed_tensor(image)
         mask_tensor = torch.from_numpy(binarize_mask(mask).astype(np.float32))[None]
         return image_tensor.contiguous(), mask_tensor
 
@@ -393,6 +404,45 @@ def list_heldout_masks(data_dir: str | os.PathLike, split: dict, defect_type: st
             raise DatasetError(f"held-out image {image_path} has no mask under {masks_root}")
         masks.append(mask)
     return masks
+
+
+# ----------------------------------------------------------------------------------------------------
+# Synthetic sets
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_synthetic(folder: str | os.PathLike, object_class: str | None = None, defect_types: Iterable[str] | None = None):
+    """A synthesis output folder (imagefolder layout: ``metadata.jsonl`` with ``file_name`` and
+    ``mask_file_name`` rows, as `infer_defectfill.py` writes it) as the same `datasets.Dataset` the real
+    data loads as: image, mask, object_class, defect_type, image_path (the file name in the folder).
+    Rows sorted by file name; optionally filtered to one class and some defect types."""
+    import datasets
+
+    from run_files import METADATA_FILENAME, RunFileError, read_metadata
+
+    root = Path(folder)
+    if not (root / METADATA_FILENAME).is_file():
+        raise DatasetError(f"{root} has no {METADATA_FILENAME}: is it an output folder of infer_defectfill.py?")
+    try:
+        rows = read_metadata(root, require_files=False)
+    except RunFileError as error:
+        raise DatasetError(str(error)) from error
+    columns: dict[str, list] = {name: [] for name in _features()}
+    for name in sorted(rows):
+        row = rows[name]
+        for key in ("file_name", "mask_file_name"):
+            if not (root / row[key]).is_file():
+                raise DatasetError(f"{root / METADATA_FILENAME} lists {row[key]}, which is not in {root}")
+        if object_class is not None and row.get("object_class") != object_class:
+            continue
+        if defect_types is not None and row.get("defect_type") not in set(defect_types):
+            continue
+        columns["image"].append(str(root / row["file_name"]))
+        columns["mask"].append(str(root / row["mask_file_name"]))
+        columns["object_class"].append(row.get("object_class") or "")
+        columns["defect_type"].append(row.get("defect_type") or "")
+        columns["image_path"].append(row["file_name"])
+    return datasets.Dataset.from_dict(columns, features=_features())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,12 +21,6 @@ DEFAULT_TOKEN = "sks"
 DEFECT_PROMPT_TEMPLATE = "A photo of {token}"
 OBJECT_PROMPT_TEMPLATE = "A {object} with {token}"
 
-# The 15 MVTec AD categories; used to build the tiny tokenizer's vocabulary and in the docs.
-MVTEC_CATEGORIES = (
-    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
-    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
-)
-
 
 @dataclass(frozen=True)
 class LossWeights:

@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from defectfill_method import DEFAULT_TOKEN, MVTEC_CATEGORIES  # noqa: E402
+from dataset_mvtec import MVTEC_CATEGORIES  # noqa: E402
+from defectfill_method import DEFAULT_TOKEN  # noqa: E402
 
 # Words the tiny tokenizer keeps whole. Anything else still tokenizes, letter by letter.
 PROMPT_WORDS = ("a", "an", "photo", "of", "with", "and", "the", "defect", DEFAULT_TOKEN)

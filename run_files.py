@@ -1,0 +1,299 @@
+"""The files a DefectFill run and a synthesis folder are made of: every file name, the typed records
+(`RunRecord` in ``defectfill_run.json``, `SynthesisRecord` in ``synthesis.json``), the metadata rows of
+a synthesis folder, checkpoint folder names, the LoRA file in diffusers format, and the Hub upload.
+
+Training writes these files, synthesis, evaluation and the downstream tools read them: each name and
+field is defined here once. Records carry a `version`; files written before it existed (version 1)
+still load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+from fileio import write_json_atomic, write_text_atomic
+
+RUN_FILENAME = "defectfill_run.json"
+LORA_FILENAME = "pytorch_lora_weights.safetensors"
+SPLIT_FILENAME = "few_shot_split.json"
+MODEL_CARD_FILENAME = "README.md"
+METADATA_FILENAME = "metadata.jsonl"
+SYNTHESIS_FILENAME = "synthesis.json"
+PREVIEW_FILENAME = "preview.png"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+RUN_RECORD_VERSION = 2
+SYNTHESIS_RECORD_VERSION = 2
+
+
+class RunFileError(ValueError):
+    """A run or synthesis file that cannot be used; the message names the file and the field."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Records
+# ----------------------------------------------------------------------------------------------------
+
+
+def _from_dict(cls, payload: dict, path: str | os.PathLike, required: Iterable[str]):
+    if not isinstance(payload, dict):
+        raise RunFileError(f"{path}: expected a JSON object, got {type(payload).__name__}")
+    version = payload.get("version", 1)
+    if not isinstance(version, int) or version > getattr(cls, "LATEST_VERSION"):
+        raise RunFileError(f"{path}: version {version!r} is newer than this code reads ({cls.LATEST_VERSION}); update defectfill")
+    missing = [name for name in required if payload.get(name) is None]
+    if missing:
+        raise RunFileError(f"{path}: missing field(s) {', '.join(missing)}")
+    known = {f.name for f in fields(cls)}
+    # Unknown keys are kept out (a newer writer may add some); version 1 files had no version field.
+    return cls(**{k: v for k, v in payload.items() if k in known and k != "version"})
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise RunFileError(f"cannot read {path}: {error}") from error
+
+
+@dataclass
+class RunRecord:
+    """What synthesis needs to use a training run (``defectfill_run.json`` next to the LoRA)."""
+
+    LATEST_VERSION = RUN_RECORD_VERSION
+
+    base_model: str
+    token: str
+    object_class: str
+    defect_type: str
+    defect_prompt: str
+    object_prompt: str
+    resolution: int
+    split: dict
+    revision: str | None = None
+    rank: int | None = None
+    lora_alpha: int | None = None
+    train_text_encoder: bool = True
+    loss_weights: dict = field(default_factory=dict)
+    max_train_steps: int | None = None
+    seed: int | None = None
+    data_dir: str | None = None
+    dataset_name: str | None = None
+    # The scale training saw defects at (version 2): synthesis follows it unless a flag overrides it.
+    max_scale: float | None = None
+    defect_crop_probability: float | None = None
+    crop_context: float | None = None
+    training_summary: dict | None = None
+    version: int = RUN_RECORD_VERSION
+
+    REQUIRED = ("base_model", "token", "object_class", "defect_type", "object_prompt", "resolution", "split")
+
+    @classmethod
+    def from_dict(cls, payload: dict, path: str | os.PathLike = RUN_FILENAME) -> "RunRecord":
+        payload = dict(payload)
+        payload.setdefault("defect_prompt", None)
+        record = _from_dict(cls, payload, path, cls.REQUIRED)
+        if "defect_types" not in record.split:
+            raise RunFileError(f"{path}: field 'split' is not a few-shot split (no 'defect_types')")
+        return record
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> "RunRecord":
+        path = Path(folder) / RUN_FILENAME
+        return cls.from_dict(_read_json(path), path)
+
+    def to_dict(self) -> dict:
+        payload = asdict(self)
+        payload["version"] = RUN_RECORD_VERSION
+        return payload
+
+    def write(self, folder: str | os.PathLike) -> Path:
+        return write_json_atomic(Path(folder) / RUN_FILENAME, self.to_dict())
+
+
+@dataclass
+class SynthesisRecord:
+    """The settings a synthesis folder was made with (``synthesis.json``); evaluation reads its data
+    folder and split (the held-out real images are the references)."""
+
+    LATEST_VERSION = SYNTHESIS_RECORD_VERSION
+
+    pretrained_model_name_or_path: str
+    prompt: str
+    resolution: int
+    lora: str | None = None
+    token: str | None = None
+    object_class: str | None = None
+    defect_type: str | None = None
+    num_candidates: int = 1
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    composite: bool = True
+    crop_to_mask: bool = False
+    crop_context: float | None = None
+    data_dir: str | None = None
+    split: dict | None = None
+    scale_source: str | None = None
+    version: int = SYNTHESIS_RECORD_VERSION
+
+    REQUIRED = ("pretrained_model_name_or_path", "prompt", "resolution")
+
+    @classmethod
+    def from_dict(cls, payload: dict, path: str | os.PathLike = SYNTHESIS_FILENAME) -> "SynthesisRecord":
+        return _from_dict(cls, payload, path, cls.REQUIRED)
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> "SynthesisRecord | None":
+        """The folder's record, or None when it has none (a folder made by another tool)."""
+        path = Path(folder) / SYNTHESIS_FILENAME
+        return cls.from_dict(_read_json(path), path) if path.is_file() else None
+
+    def to_dict(self) -> dict:
+        payload = asdict(self)
+        payload["version"] = SYNTHESIS_RECORD_VERSION
+        return payload
+
+    def write(self, folder: str | os.PathLike) -> Path:
+        return write_json_atomic(Path(folder) / SYNTHESIS_FILENAME, self.to_dict())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metadata rows of a synthesis folder (imagefolder layout: images/, masks/, metadata.jsonl)
+# ----------------------------------------------------------------------------------------------------
+
+
+def output_names(index: int) -> tuple[str, str]:
+    """(image, mask) file names of output number `index`, relative to the folder."""
+    return f"images/{index:05d}.png", f"masks/{index:05d}_mask.png"
+
+
+def read_metadata(folder: str | os.PathLike, require_files: bool = True) -> dict[str, dict]:
+    """Rows keyed by image file name; with `require_files`, only rows whose image and mask exist (resume)."""
+    folder = Path(folder)
+    path = folder / METADATA_FILENAME
+    if not path.is_file():
+        return {}
+    rows = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise RunFileError(f"{path}, line {number}: not JSON ({error})") from error
+        if "file_name" not in row or "mask_file_name" not in row:
+            raise RunFileError(f"{path}, line {number}: a row needs 'file_name' and 'mask_file_name'")
+        if not require_files or ((folder / row["file_name"]).is_file() and (folder / row["mask_file_name"]).is_file()):
+            rows[row["file_name"]] = row
+    return rows
+
+
+def write_metadata(folder: str | os.PathLike, rows: dict[str, dict]) -> Path:
+    return write_text_atomic(Path(folder) / METADATA_FILENAME, "".join(json.dumps(rows[name]) + "\n" for name in sorted(rows)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step}"
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step of a ``checkpoint-N`` folder name, None for any other name."""
+    match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """``checkpoint-N`` folders of a run, oldest first."""
+    found = [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The LoRA file (diffusers format)
+# ----------------------------------------------------------------------------------------------------
+
+
+def lora_layers(model, adapter_name: str = "default") -> dict:
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    # save_embedding_layers=False: no embedding is adapted, and 'auto' looks the base model up on the Hub.
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False))
+
+
+def save_lora(directory: str | os.PathLike, unet, text_encoder=None) -> None:
+    """`pytorch_lora_weights.safetensors` in diffusers format (keys `unet.` / `text_encoder.`), with the
+    adapter configs as metadata so `load_lora_weights` restores alpha as well as rank."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    kwargs = {"unet_lora_layers": lora_layers(unet), "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
+    if text_encoder is not None and getattr(text_encoder, "peft_config", None):
+        kwargs["text_encoder_lora_layers"] = lora_layers(text_encoder)
+        kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
+    StableDiffusionInpaintPipeline.save_lora_weights(directory, safe_serialization=True, **kwargs)
+
+
+def load_lora_into(directory: str | os.PathLike, unet, text_encoder=None) -> None:
+    """Inverse of `save_lora` for models that already carry the adapters (resuming, measuring)."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers.training_utils import _set_state_dict_into_text_encoder
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    state_dict, _ = StableDiffusionInpaintPipeline.lora_state_dict(directory)
+    unet_state = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state_dict.items() if k.startswith("unet.")})
+    result = set_peft_model_state_dict(unet, unet_state, adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise RunFileError(f"{directory}: unexpected UNet LoRA keys {result.unexpected_keys[:5]}")
+    if text_encoder is not None and getattr(text_encoder, "peft_config", None):
+        _set_state_dict_into_text_encoder(state_dict, prefix="text_encoder.", text_encoder=text_encoder)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading a run (local folder or Hub repo) and uploading a folder
+# ----------------------------------------------------------------------------------------------------
+
+
+def read_run(lora: str) -> RunRecord | None:
+    """The run record of a LoRA: a local folder (which must hold the weights) or a Hub repo id. None for a
+    LoRA trained elsewhere (no run file)."""
+    path = Path(lora)
+    if path.exists():
+        if not (path / LORA_FILENAME).is_file():
+            raise RunFileError(f"--lora {path} has no {LORA_FILENAME}; expected the output folder of train_defectfill.py")
+        return RunRecord.read(path) if (path / RUN_FILENAME).is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+
+    try:
+        downloaded = Path(hf_hub_download(lora, RUN_FILENAME))
+    except LocalEntryNotFoundError as error:  # offline and not cached (a subclass of EntryNotFoundError)
+        raise RunFileError(f"--lora {lora} is not a local folder, and the Hub cannot be reached to fetch it ({error})") from error
+    except EntryNotFoundError:  # a LoRA repo made elsewhere, without our run file
+        return None
+    except (HFValidationError, OSError) as error:  # offline, unknown repo, or not a repo id at all
+        raise RunFileError(f"--lora {lora} is not a local folder, and its {RUN_FILENAME} could not be fetched from the Hub ({error})") from error
+    return RunRecord.from_dict(_read_json(downloaded), f"{lora}/{RUN_FILENAME}")
+
+
+def upload_folder_to_hub(folder: Path, repo_id: str | None, token: str | None, repo_type: str = "model",
+                         ignore_patterns: list[str] | None = None, commit_message: str = "DefectFill") -> str:
+    """Create (or reuse) a Hub repo and upload `folder`; temporary files and hidden files never go up.
+    Returns the repo id. Errors propagate: the caller says what is safe on disk."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id or folder.name, repo_type=repo_type, exist_ok=True, token=token).repo_id
+    upload_folder(repo_id=repo_id, repo_type=repo_type, folder_path=str(folder), token=token, commit_message=commit_message,
+                  ignore_patterns=["*.tmp", ".*", *(ignore_patterns or [])])
+    return repo_id
