@@ -352,12 +352,13 @@ class PairTransform:
     scale_range: tuple[float, float] = (1.0, 1.0)
     hflip: bool = False
     defect_crop_probability: float = 0.0
+    defect_crop_context: float = 0.5
 
     def __call__(self, image: Image.Image, mask: Image.Image, rng: random.Random | None = None):
         rng = rng or random
         if self.defect_crop_probability > 0 and rng.random() < self.defect_crop_probability:
             # The defect at full resolution, as inference generates it with --crop_to_mask.
-            box = mask_crop_box(binarize_mask(mask), self.resolution)
+            box = mask_crop_box(binarize_mask(mask), self.resolution, self.defect_crop_context)
             if box is not None:
                 image, mask = image.crop(box), mask.crop(box)
         size = round(self.resolution * rng.uniform(*self.scale_range))

@@ -40,6 +40,20 @@ DEFAULT_BOX_MIN_FRACTION = 0.03
 DEFAULT_BOX_MAX_FRACTION = 0.25
 
 
+class InpaintingModelError(ValueError):
+    """A base model that is not a 9-channel inpainting model."""
+
+
+def check_inpainting_unet(unet, name: str) -> None:
+    """DefectFill needs an inpainting UNet: 9 input channels (latents, mask, masked-image latents)."""
+    channels = unet.config.in_channels
+    if channels != 9:
+        raise InpaintingModelError(
+            f"{name} has a UNet with {channels} input channels; DefectFill needs an inpainting model "
+            "(9 channels: latents, mask, masked-image latents), e.g. stabilityai/stable-diffusion-2-inpainting"
+        )
+
+
 def readable_object_name(object_class: str) -> str:
     """MVTec folder names are snake_case ("metal_nut"); prompts use the readable words ("metal nut")."""
     return object_class.replace("_", " ").strip()

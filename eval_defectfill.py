@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -32,7 +31,8 @@ from PIL import Image
 import dataset_mvtec as dm
 from cli_config import parse_args_with_config
 from fileio import write_json_atomic
-from infer_defectfill import METADATA_FILENAME, SYNTHESIS_FILENAME
+import run_files as rf
+from synthesis import LpipsModel, SynthesisError, default_device
 
 
 class EvaluationError(ValueError):
@@ -83,55 +83,36 @@ def ic_lpips(generated: torch.Tensor, real: torch.Tensor, distance: Callable[[to
     return float(np.mean(means)) if means else float("nan")
 
 
-class LpipsDistance:
-    """Paired LPIPS distances with the `lpips` package (AlexNet backbone, as in the IC-LPIPS papers)."""
-
-    def __init__(self, net: str = "alex", device: str = "cpu", pretrained_backbone: bool = True):
-        import lpips
-
-        try:
-            self.model = lpips.LPIPS(net=net, pnet_rand=not pretrained_backbone, verbose=False).to(device).eval()
-        except Exception as error:
-            raise EvaluationError(f"LPIPS needs the torchvision '{net}' weights, which could not be loaded ({error}); "
-                                  "put them in $TORCH_HOME/hub/checkpoints") from error
-        self.device = device
-
-    @torch.no_grad()
-    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.model(a.to(self.device), b.to(self.device)).flatten().cpu()
-
-
 def to_signed(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) to float in [-1, 1], the range LPIPS takes."""
     return images.float() / 127.5 - 1
 
 
-def real_images_of(folder: Path, record: dict, real_dir: str | None) -> list[Path]:
+def real_images_of(folder: Path, record: rf.SynthesisRecord | None, real_dir: str | None) -> list[Path]:
     if real_dir:
         return dm.image_files(Path(real_dir))
-    split, data_dir = record.get("split"), record.get("data_dir")
-    defect = record.get("defect_type")
+    split, data_dir = (record.split, record.data_dir) if record else (None, None)
+    defect = record.defect_type if record else None
     if not split or not data_dir or defect not in split.get("defect_types", {}):
-        raise EvaluationError(f"{folder / SYNTHESIS_FILENAME} names no data folder and split with held-out images of "
+        raise EvaluationError(f"{folder / rf.SYNTHESIS_FILENAME} names no data folder and split with held-out images of "
                               f"{defect!r}; give --real_dir")
     return [Path(data_dir) / p for p in split["defect_types"][defect]["heldout"]]
 
 
 def generated_images_of(folder: Path) -> list[Path]:
-    metadata = folder / METADATA_FILENAME
-    if not metadata.is_file():
-        raise EvaluationError(f"{folder} has no {METADATA_FILENAME}: is it an output folder of infer_defectfill.py?")
-    rows = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
-    return [folder / row["file_name"] for row in rows]
+    if not (folder / rf.METADATA_FILENAME).is_file():
+        raise EvaluationError(f"{folder} has no {rf.METADATA_FILENAME}: is it an output folder of infer_defectfill.py?")
+    return [folder / name for name in sorted(rf.read_metadata(folder, require_files=False))]
 
 
 def evaluate_folder(folder: Path, args, feature, distance) -> dict:
-    record_path = folder / SYNTHESIS_FILENAME
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record = rf.SynthesisRecord.read(folder)
     real_paths, fake_paths = real_images_of(folder, record, args.real_dir), generated_images_of(folder)
     real, fake = load_images(real_paths, args.image_size), load_images(fake_paths, args.image_size)
     kid_mean, kid_std = kid_score(real, fake, feature, args.kid_subsets, args.seed)
     return {
-        "folder": str(folder), "object_class": record.get("object_class"), "defect_type": record.get("defect_type") or folder.name,
+        "folder": str(folder), "object_class": record.object_class if record else None,
+        "defect_type": (record.defect_type if record else None) or folder.name,
         "num_generated": len(fake_paths), "num_real": len(real_paths), "kid": kid_mean, "kid_std": kid_std,
         f"kid_x{args.kid_scale:g}": kid_mean * args.kid_scale, "ic_lpips": ic_lpips(to_signed(fake), to_signed(real), distance),
     }
@@ -172,8 +153,8 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace, feature: int | torch.nn.Module = 2048, distance: Callable | None = None) -> list[dict]:
     """`feature` and `distance` replace Inception and LPIPS (tests, or other extractors)."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    distance = distance or LpipsDistance(args.lpips_net, device)
+    device = default_device(args.device)
+    distance = distance or LpipsModel(args.lpips_net, device).distance
     results = [evaluate_folder(Path(folder), args, feature, distance) for folder in args.generated]
     print(format_table(results, args.kid_scale))
     output = Path(args.output_json) if args.output_json else Path(args.generated[0]).parent / "eval_results.json"
@@ -184,5 +165,5 @@ def main(args: argparse.Namespace, feature: int | torch.nn.Module = 2048, distan
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (EvaluationError, dm.DatasetError) as error:
+    except (EvaluationError, SynthesisError, dm.DatasetError, rf.RunFileError) as error:
         raise SystemExit(f"error: {error}") from None

@@ -10,6 +10,7 @@ import torch
 
 import eval_defectfill as ev
 import infer_defectfill as infer
+from synthesis import LpipsModel
 
 
 class TinyFeatures(torch.nn.Module):
@@ -60,7 +61,7 @@ def test_ic_lpips_of_a_known_pair_is_its_distance():
     assert ev.ic_lpips(generated, real, l1_distance) == pytest.approx(0.4)
     # And with the real LPIPS network (random backbone, offline): one real image, so both generated
     # images share its cluster and IC-LPIPS is the pair's own LPIPS.
-    lpips_distance = ev.LpipsDistance("alex", pretrained_backbone=False)
+    lpips_distance = LpipsModel("alex", pretrained_backbone=False).distance
     a, b = random_images(2, 3, size=32).float() / 127.5 - 1
     expected = lpips_distance(a[None], b[None]).item()
     assert expected > 0
