@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 from PIL import Image
 
 import dataset_mvtec as dm
@@ -30,7 +29,6 @@ import defectfill_method as method
 import run_files as rf
 import synthesis
 from cli_config import add_hub_arguments, add_model_arguments, parse_args_with_config
-from fileio import save_image_atomic
 from synthesis import SynthesisError, SynthesisSettings
 
 logger = logging.getLogger("defectfill")
@@ -231,33 +229,13 @@ def prepare_pair(pair: Pair, settings: SynthesisSettings) -> synthesis.Job:
 # ----------------------------------------------------------------------------------------------------
 
 
-def save_result(output_dir: Path, pair: Pair, result: synthesis.SynthesisResult, plan: Plan, save_candidates: bool) -> dict:
-    image_name, mask_name = rf.output_names(pair.index)
-    save_image_atomic(Image.fromarray(result.job.mask.astype(np.uint8) * 255), output_dir / mask_name)
-    if save_candidates:
-        for c, candidate in enumerate(result.candidates):
-            save_image_atomic(candidate, output_dir / "candidates" / f"{pair.index:05d}_{c}.png")
-    save_image_atomic(result.image, output_dir / image_name)  # last: its presence marks the pair done
+def metadata_row(pair: Pair, result: synthesis.SynthesisResult, plan: Plan) -> dict:
     return {
-        "file_name": image_name, "mask_file_name": mask_name, "source_image": str(pair.image_path),
-        "source_mask": str(pair.mask_path), "seed": plan.synthesis.seed, "candidate": result.chosen,
-        "lpips": result.scores[result.chosen], "candidate_scores": result.scores, "prompt": plan.synthesis.prompt,
-        "object_class": plan.object_class, "defect_type": plan.defect_type, "crop_box": list(result.job.box),
+        "source_image": str(pair.image_path), "source_mask": str(pair.mask_path), "seed": plan.synthesis.seed,
+        "candidate": result.chosen, "lpips": result.scores[result.chosen], "candidate_scores": result.scores,
+        "prompt": plan.synthesis.prompt, "object_class": plan.object_class, "defect_type": plan.defect_type,
+        "crop_box": list(result.job.box),
     }
-
-
-def save_preview(output_dir: Path, rows: dict[str, dict], max_rows: int = 8) -> Path | None:
-    """A grid, one row per output: clean | mask | generated."""
-    chosen = [rows[name] for name in sorted(rows)[:max_rows]]
-    if not chosen:
-        return None
-    tile = 192
-    grid = Image.new("RGB", (3 * tile, tile * len(chosen)), (255, 255, 255))
-    for row_index, row in enumerate(chosen):
-        panels = [Image.open(row["source_image"]), Image.open(output_dir / row["mask_file_name"]), Image.open(output_dir / row["file_name"])]
-        for column, panel in enumerate(panels):
-            grid.paste(panel.convert("RGB").resize((tile, tile), Image.BICUBIC), (column * tile, row_index * tile))
-    return save_image_atomic(grid, output_dir / rf.PREVIEW_FILENAME)
 
 
 def synthesize_to_folder(pipeline, pairs: list[Pair], plan: Plan, scorer, output_dir: Path, batch_size: int,
@@ -274,10 +252,10 @@ def synthesize_to_folder(pipeline, pairs: list[Pair], plan: Plan, scorer, output
     for start in tqdm(range(0, len(todo), batch_size), desc="pairs", unit="batch", disable=not todo):
         batch = todo[start : start + batch_size]
         jobs = [prepare_pair(p, plan.synthesis) for p in batch]
-        for pair, result in zip(batch, synthesis.synthesize(pipeline, jobs, plan.synthesis, scorer)):
-            row = save_result(output_dir, pair, result, plan, save_candidates)
-            rows[row["file_name"]] = row
-        rf.write_metadata(output_dir, rows)
+        done = [rf.save_synthesis_result(output_dir, pair.index, result.image, result.job.mask, metadata_row(pair, result, plan),
+                                         result.candidates if save_candidates else None)
+                for pair, result in zip(batch, synthesis.synthesize(pipeline, jobs, plan.synthesis, scorer))]
+        rows = rf.add_metadata_rows(output_dir, done)
     return rows
 
 
@@ -316,7 +294,7 @@ def main(args: argparse.Namespace, scorer: synthesis.Scorer | None = None) -> Pa
                                        synthesis.precision_dtype(args.mixed_precision), plan.device, args.scheduler)
     rows = synthesize_to_folder(pipeline, pairs, plan, scorer, output_dir, args.batch_size, args.save_candidates)
     synthesis_record(plan).write(output_dir)
-    save_preview(output_dir, rows)
+    rf.save_preview(output_dir, rows)
     logger.info("%d images in %s", len(rows), output_dir)
     if args.push_to_hub:
         try:
