@@ -1,0 +1,364 @@
+"""app_defectfill: the [V*] attention recorded during synthesis, the handlers (runs, masks, errors in the
+CLI's words, "add to dataset" in infer's layout), the app through gradio_client, and a real browser
+(Debian's chromium driven by Playwright) that paints a stroke and generates."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import app_defectfill as app  # noqa: E402
+import run_files as rf  # noqa: E402
+import synthesis  # noqa: E402
+from synthesis import SynthesisError  # noqa: E402
+from tests.conftest import REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL  # noqa: E402
+
+DEMO = REPO_ROOT / "models" / "demo-lora-metal_nut-color"
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome") if Path(p).exists()), None)
+FAST = dict(num_candidates=2, num_inference_steps=2, guidance_scale=7.5, seed=0, crop_to_mask=True)
+
+
+def fast_args(*extra: str) -> argparse.Namespace:
+    return app.parse_args(["--num_candidates", "2", "--num_inference_steps", "2", *extra])
+
+
+@pytest.fixture(scope="module")
+def state() -> app.AppState:
+    """The app's state with a random-backbone LPIPS (offline: no AlexNet weights here), so selection runs."""
+    return app.AppState(fast_args(), synthesis.LpipsModel(pretrained_backbone=False).masked_scores, "selection on (test)")
+
+
+@pytest.fixture(scope="module")
+def demo_run() -> app.RunInfo:
+    return app.load_run(str(DEMO))
+
+
+@pytest.fixture(scope="module")
+def demo_pipeline(state, demo_run):
+    return state.pipeline(demo_run)
+
+
+def heldout_editor(run: app.RunInfo, source: app.Source) -> dict:
+    return app.pick_heldout_mask(source, str(run.heldout_masks[0]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# synthesis: the [V*] map during synthesis
+# ----------------------------------------------------------------------------------------------------
+
+
+def demo_job(run, settings):
+    with Image.open(run.good_images[0]) as image, Image.open(run.heldout_masks[0]) as mask:
+        return synthesis.prepare_job(image, mask, 0, settings)
+
+
+def test_recording_attention_keeps_the_images_and_restores_the_processors(demo_pipeline, demo_run):
+    from attention_processor import VStarCrossAttnProcessor
+
+    settings = synthesis.SynthesisSettings(prompt=demo_run.prompt, resolution=64, num_candidates=2, num_inference_steps=2)
+    job = demo_job(demo_run, settings)
+    [plain] = synthesis.synthesize(demo_pipeline, [job], settings)
+    calls = []
+    [recorded], [attention] = synthesis.synthesize_with_attention(demo_pipeline, [job], settings, "sks", on_step=calls.append)
+    assert calls == [1, 2]  # one UNet call per step (both CFG halves in one batch)
+    # The recording processor writes the attention product out (fp32 softmax) instead of SDPA: same images up to rounding.
+    difference = np.abs(np.asarray(plain.image, dtype=int) - np.asarray(recorded.image, dtype=int))
+    assert difference.max() <= 2
+    assert attention.shape == (8, 8) and torch.isfinite(attention).all()
+    assert 0 <= attention.min() and attention.max() <= 1  # averaged softmax probabilities of one text position
+    assert not any(isinstance(p, VStarCrossAttnProcessor) for p in demo_pipeline.unet.attn_processors.values())
+
+
+def test_attention_is_read_from_the_conditional_rows_under_guidance(demo_pipeline, demo_run):
+    """One step: the conditional rows of a guided call see the same input as an unguided call, so the
+    [V*] maps agree only if the recorded rows are the second (conditional) half of the doubled batch."""
+    maps = []
+    for guidance in (1.0, 7.5):
+        settings = synthesis.SynthesisSettings(prompt=demo_run.prompt, resolution=64, num_candidates=2, num_inference_steps=1,
+                                               guidance_scale=guidance)
+        maps.append(synthesis.synthesize_with_attention(demo_pipeline, [demo_job(demo_run, settings)], settings, "sks")[1][0])
+    assert torch.allclose(maps[0], maps[1], atol=1e-5)
+
+
+def test_prompt_without_the_token_has_no_attention_map(demo_pipeline, demo_run):
+    settings = synthesis.SynthesisSettings(prompt="A metal nut", resolution=64, num_candidates=1, num_inference_steps=1)
+    with pytest.raises(SynthesisError, match="does not contain the \\[V\\*\\] token 'sks'"):
+        synthesis.synthesize_with_attention(demo_pipeline, [demo_job(demo_run, settings)], settings, "sks")
+
+
+def test_attention_overlay_and_share_inside_the_mask():
+    image = Image.new("RGB", (40, 40), (100, 100, 100))
+    mask = np.zeros((40, 40), bool)
+    mask[10:20, 10:20] = True
+    job = synthesis.Job(0, image, mask, (8, 8, 24, 24), image.crop((8, 8, 24, 24)), Image.new("L", (16, 16)))
+    result = synthesis.SynthesisResult(job, image, [image], [0.0], 0)
+    attention = torch.zeros(4, 4)
+    attention[1:3, 1:3] = 1.0
+    overlay = np.asarray(synthesis.attention_overlay(result, attention, opacity=0.5)).astype(int)
+    assert (overlay[:8] == 50).all() and (overlay[30:] == 50).all()  # outside the region: no heat
+    assert (overlay[16, 16] == [178, 178, 178]).all()  # the peak: white heat
+    region_mask = np.zeros((16, 16), np.uint8)
+    region_mask[4:12, 4:12] = 255
+    assert synthesis.attention_in_mask(attention, region_mask) > 0.9
+    assert synthesis.attention_in_mask(attention, 255 - region_mask) < 0.1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments, runs, masks
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_flags_have_help_and_config_files_work(tmp_path):
+    parser = app.build_parser()
+    assert all(a.help for a in parser._actions)
+    config = tmp_path / "app.yaml"
+    config.write_text("lora: runs/x\nserver_port: 7999\nshare: false\n")
+    args = app.parse_args(["--config", str(config), "--device", "cpu"])
+    assert (args.lora, args.server_port, args.device, args.share) == ("runs/x", 7999, "cpu", False)
+    assert app.parse_args([]).server_name == os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    assert app.inference_dtype("auto", "cpu") == torch.float32 and app.inference_dtype("fp16", "cpu") == torch.float16
+
+
+def test_the_bundled_demo_run_resolves_from_anywhere(demo_run, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # its run file names models/... and data/... relative to the repository
+    run = app.load_run(str(DEMO))
+    assert Path(run.base_model).resolve() == TINY_MODEL.resolve() and run.is_tiny_demo
+    assert (run.object_class, run.defect_type, run.token, run.resolution) == ("metal_nut", "color", "sks", 64)
+    assert run.prompt == "A metal nut with sks" and run.crop_to_mask
+    assert run.good_images and all(p.is_file() for p in run.good_images)
+    assert run.heldout_masks and all(p.is_file() and "color" in str(p) for p in run.heldout_masks)
+    assert (DEMO / rf.LORA_FILENAME).stat().st_size < 2_000_000
+
+
+def test_a_folder_of_runs_lists_its_defect_types(tmp_path):
+    for defect in ("color", "scratch"):
+        shutil.copytree(DEMO, tmp_path / "all" / defect)
+        record = json.loads((tmp_path / "all" / defect / rf.RUN_FILENAME).read_text())
+        record["defect_type"] = defect
+        (tmp_path / "all" / defect / rf.RUN_FILENAME).write_text(json.dumps(record))
+    runs = app.list_runs(str(tmp_path / "all"))
+    assert runs == {f"metal_nut / {d} ({d})": str(tmp_path / "all" / d) for d in ("color", "scratch")}
+    assert app.list_runs(str(DEMO)) == {"metal_nut / color (demo-lora-metal_nut-color)": str(DEMO)}
+    assert app.list_runs("you/defectfill-bottle") == {"you/defectfill-bottle": "you/defectfill-bottle"}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SynthesisError, match="has no pytorch_lora_weights.safetensors and no run folders"):
+        app.list_runs(str(tmp_path / "empty"))
+
+
+def test_mask_from_editor_layers_at_image_size():
+    layer = np.zeros((50, 50, 4), np.uint8)
+    layer[10:20, 5:15, 3] = 255
+    mask = app.mask_from_editor({"background": None, "layers": [Image.fromarray(layer)], "composite": None}, (100, 100))
+    assert mask.shape == (100, 100) and mask[20:40, 10:30].all() and mask.sum() == 400
+    assert not app.mask_from_editor(None, (8, 8)).any()
+    # a held-out mask shown as a layer comes back as the same mask
+    held = Image.open(SYNTHETIC_DATA / "metal_nut" / "ground_truth" / "color" / "004_mask.png")
+    shown = app.editor_value(Image.new("RGB", held.size), synthesis.mask_at_image_size(held, held.size))
+    assert np.array_equal(app.mask_from_editor(shown, held.size), synthesis.mask_at_image_size(held, held.size))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generate and "add to dataset"
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_generate_selects_keeps_the_background_and_maps_the_token(state, demo_run, demo_pipeline):
+    source, _ = app.pick_good_image(str(demo_run.good_images[0]))
+    generated = app.generate(state, demo_run, source, heldout_editor(demo_run, source), str(demo_run.heldout_masks[0]), **FAST)
+    result = generated.result
+    assert len(result.candidates) == 2 and result.chosen == int(np.argmax(result.scores)) and generated.selection
+    assert sum("✓ chosen" in c for c in generated.captions()) == 1 and "LPIPS in mask" in generated.captions()[0]
+    clean, out = np.asarray(source.image), np.asarray(result.image)
+    assert out.shape == clean.shape and np.array_equal(out[~result.job.mask], clean[~result.job.mask])
+    assert generated.overlay.size == source.image.size and 0 <= generated.attention_share <= 1
+    assert "[V*] attention falls inside the mask" in generated.status()
+
+
+def test_without_lpips_selection_is_off_and_one_candidate_is_made(demo_run, demo_pipeline, monkeypatch):
+    def offline(*args, **kwargs):
+        raise SynthesisError("LPIPS needs the torchvision 'alex' backbone weights, which could not be loaded (offline)")
+
+    monkeypatch.setattr(synthesis, "LpipsModel", offline)
+    state = app.AppState.from_args(fast_args())
+    assert state.scorer is None and "Low-Fidelity Selection is off" in state.selection_note
+    assert "Low-Fidelity Selection is off" in app.run_summary(demo_run, state.selection_note)
+    state._pipeline, state._pipeline_key = demo_pipeline, (demo_run.base_model, demo_run.lora, demo_run.record.base_model)
+    source, _ = app.pick_good_image(str(demo_run.good_images[1]))
+    generated = app.generate(state, demo_run, source, heldout_editor(demo_run, source), None, **{**FAST, "num_candidates": 4})
+    assert len(generated.result.candidates) == 1 and not generated.selection and "selection off" in generated.status()
+
+
+def test_bad_input_is_reported_in_the_cli_words(state, demo_run, demo_pipeline, tmp_path):
+    source, empty_editor = app.pick_good_image(str(demo_run.good_images[0]))
+    with pytest.raises(SynthesisError, match=r"the painted mask is empty \(no pixel >= 128\); nothing to inpaint"):
+        app.generate(state, demo_run, source, empty_editor, None, **FAST)
+    with pytest.raises(SynthesisError, match="no good image"):
+        app.generate(state, demo_run, None, empty_editor, None, **FAST)
+    (tmp_path / "not_an_image.png").write_text("hello")
+    with pytest.raises(SynthesisError, match="cannot be read as an image"):
+        app.pick_good_image(str(tmp_path / "not_an_image.png"))
+    with pytest.raises(SynthesisError, match="nothing to add yet"):
+        app.add_to_dataset(None, str(tmp_path / "out"))
+
+
+def test_lora_of_another_base_model_is_named(demo_run, tmp_path):
+    other = tmp_path / "other_run"
+    shutil.copytree(DEMO, other)
+    weights = load_file(other / rf.LORA_FILENAME)
+    key = next(k for k in weights if k.startswith("unet.") and ("lora.down" in k or "lora_A" in k))
+    weights[key] = torch.zeros(weights[key].shape[0], weights[key].shape[1] * 2)
+    save_file(weights, other / rf.LORA_FILENAME)
+    run = app.load_run(str(other))
+    fresh = app.AppState(fast_args(), None, "off")
+    source, _ = app.pick_good_image(str(run.good_images[0]))
+    with pytest.raises(SynthesisError, match=r"trained on .*tiny-sd2-inpainting.*expects input size \d+, the base model has in_features"):
+        app.generate(fresh, run, source, heldout_editor(run, source), None, **FAST)
+
+
+def test_add_to_dataset_writes_what_infer_writes(state, demo_run, demo_pipeline, tmp_path):
+    import dataset_mvtec as dm
+    import infer_defectfill as infer
+
+    # infer's folder: one output from the same run
+    infer_dir = tmp_path / "infer"
+    infer.main(infer.parse_args(["--lora", str(DEMO), "--output_dir", str(infer_dir), "--num_images", "1",
+                                 "--num_inference_steps", "2", "--num_candidates", "1"]))
+    infer_row = next(iter(rf.read_metadata(infer_dir).values()))
+
+    folder = tmp_path / "app"
+    source, _ = app.pick_good_image(str(demo_run.good_images[0]))
+    picked = app.generate(state, demo_run, source, heldout_editor(demo_run, source), str(demo_run.heldout_masks[0]), **FAST)
+    app.add_to_dataset(picked, str(folder))
+    uploaded, editor = app.upload_good_image(np.asarray(Image.open(demo_run.good_images[2])))
+    editor["layers"] = [app.mask_layer(np.pad(np.ones((20, 30), bool), ((50, 58), (40, 58))), uploaded.image.size)]
+    painted = app.generate(state, demo_run, uploaded, editor, None, **FAST)
+    _, row = app.add_to_dataset(painted, str(folder))
+    # the app's rows join infer's folder as well
+    app.add_to_dataset(painted, str(infer_dir))
+
+    rows = rf.read_metadata(folder)
+    assert sorted(rows) == ["images/00000.png", "images/00001.png"] and set(row) == set(infer_row)
+    first = rows["images/00000.png"]
+    assert first["source_image"] == str(demo_run.good_images[0]) and first["source_mask"] == str(demo_run.heldout_masks[0])
+    assert first["candidate_scores"] == picked.result.scores and first["candidate"] == picked.result.chosen
+    assert Path(row["source_image"]) == folder / "sources" / "00001.png" and Path(row["source_image"]).is_file()
+    assert row["source_mask"] == str(folder / "masks" / "00001_mask.png")
+    assert np.array_equal(np.asarray(Image.open(folder / "images" / "00001.png")), np.asarray(painted.result.image))
+    assert rf.SynthesisRecord.read(folder).lora == str(DEMO) and (folder / rf.PREVIEW_FILENAME).is_file()
+    assert len(dm.load_synthetic(folder)) == 2 and len(dm.load_synthetic(infer_dir)) == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# The app served: gradio_client, and a real browser
+# ----------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(state):
+    blocks = app.build_app(state)
+    blocks.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, share=False,
+                          quiet=True)
+    try:
+        yield blocks.local_url
+    finally:
+        blocks.close()
+
+
+@pytest.mark.slow
+def test_the_app_through_gradio_client(server, demo_run, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(server, verbose=False, download_files=str(tmp_path / "downloads"))
+    choices = client.predict(str(DEMO), api_name="/list_runs")
+    client.predict(str(DEMO), api_name="/load_run")
+    client.predict(str(demo_run.good_images[0]), api_name="/pick_good_image")
+    empty = {"background": handle_file(str(demo_run.good_images[0])), "layers": [], "composite": None}
+    with pytest.raises(AppError, match=r"the painted mask is empty \(no pixel >= 128\); nothing to inpaint"):
+        client.predict(empty, "", 2, 2, 7.5, 0, True, api_name="/generate")
+
+    # the app keeps working: a held-out mask shown in the editor, then Generate
+    editor = client.predict(str(demo_run.heldout_masks[0]), api_name="/pick_heldout_mask")
+    gallery, result, mask, attention, status, files = client.predict(
+        editor, str(demo_run.heldout_masks[0]), 2, 2, 7.5, 0, True, api_name="/generate")
+    assert len(gallery) == 2 and sum("✓ chosen" in (item.get("caption") or "") for item in gallery) == 1
+    clean = np.asarray(Image.open(demo_run.good_images[0]).convert("RGB"))
+    label = np.asarray(Image.open(mask)) > 0
+    out = np.asarray(Image.open(result).convert("RGB"))
+    assert label.any() and np.array_equal(out[~label], clean[~label]) and "chosen" in status
+    assert sorted(Path(f).name.endswith("_mask.png") for f in files) == [False, True]
+    assert Image.open(attention).size == Image.open(result).size
+
+    added = client.predict(str(tmp_path / "dataset"), api_name="/add_to_dataset")
+    assert "images/00000.png" in added and len(rf.read_metadata(tmp_path / "dataset")) == 1
+    assert choices is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium executable (Debian: apt-get install chromium; .ci/run installs it)")
+def test_a_browser_paints_a_stroke_and_generates(server, demo_run, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    clean = np.asarray(Image.open(demo_run.good_images[0]).convert("RGB"))
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1300})
+            page.goto(server)
+            page.wait_for_selector("#editor canvas", timeout=60_000)
+            page.wait_for_function("document.querySelector('#summary') && document.querySelector('#summary').innerText.includes('metal_nut')",
+                                   timeout=60_000)
+            page.wait_for_timeout(1500)  # the editor draws its background
+            page.get_by_role("button", name="Brush", exact=True).click()
+            box = page.locator("#editor canvas").first.bounding_box()
+            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            page.mouse.move(cx - 40, cy)
+            page.mouse.down()
+            for dx in range(-40, 41, 4):
+                page.mouse.move(cx + dx, cy)
+            page.mouse.up()
+            page.wait_for_timeout(500)
+            page.click("#generate")
+            page.wait_for_selector("#result img", timeout=120_000)
+            page.wait_for_selector("#gallery img", timeout=30_000)
+            page.wait_for_timeout(500)
+            result = np.asarray(Image.open(_fetch(page, "#result img")).convert("RGB"))
+            mask = np.asarray(Image.open(_fetch(page, "#mask img")).convert("L")) > 0
+            screenshot = tmp_path / "app.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            if os.environ.get("DEFECTFILL_APP_SCREENSHOT"):
+                shutil.copy(screenshot, os.environ["DEFECTFILL_APP_SCREENSHOT"])
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 10_000
+    # the stroke: a horizontal band through the middle of the image
+    rows, cols = np.nonzero(mask)
+    assert mask.any() and abs(rows.mean() - mask.shape[0] / 2) < mask.shape[0] / 8 and abs(cols.mean() - mask.shape[1] / 2) < mask.shape[1] / 8
+    assert np.ptp(cols) > 2 * np.ptp(rows)
+    assert result.shape == clean.shape
+    assert np.array_equal(result[~mask], clean[~mask])  # outside the stroke: not one pixel changed
+    assert np.abs(result[mask].astype(int) - clean[mask].astype(int)).mean() > 2  # inside: painted
+
+
+def _fetch(page, selector: str):
+    import io
+
+    src = page.get_attribute(selector, "src")
+    return io.BytesIO(page.request.get(src).body())
