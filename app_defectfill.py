@@ -378,9 +378,9 @@ def generate(state: AppState, run: RunInfo, source: Source | None, editor: dict 
     job = synthesis.prepare_job(source.image, mask, 0, settings, mask_name="the painted mask")
     pipeline = state.pipeline(run, progress)
 
-    def on_step(calls: int) -> None:
+    def on_step(done: int, total: int) -> None:
         if progress:
-            progress((calls, settings.num_inference_steps), desc=f"denoising {settings.num_candidates} candidate(s)", unit="steps")
+            progress((done, total), desc=f"denoising {settings.num_candidates} candidate(s)", unit="steps")
 
     [result], [attention] = synthesis.synthesize_with_attention(pipeline, [job], settings, run.token, state.scorer, on_step)
     return Generated(result, settings, run, source, heldout_mask, attention,

@@ -325,14 +325,15 @@ def vstar_prompt_weights(tokenizer, prompt: str, token: str, rows: int) -> torch
 
 
 def synthesize_with_attention(pipeline, jobs: list[Job], settings: SynthesisSettings, token: str,
-                              scorer: Scorer | None = None, on_step: Callable[[int], None] | None = None,
+                              scorer: Scorer | None = None, on_step: Callable[[int, int], None] | None = None,
                               ) -> tuple[list[SynthesisResult], list[torch.Tensor]]:
     """`synthesize`, recording the [V*] token's decoder cross-attention (`attention_processor`) during the
     denoising: per job, the map of its chosen candidate, (h, w) at the latent size of the job's region,
     averaged over the steps and the decoder layers. With classifier-free guidance the UNet sees the batch
     twice, unconditional rows first (diffusers' order); only the conditional rows, whose prompt holds the
     token, are recorded. The images are those `synthesize` gives (recording computes the same attention).
-    `on_step(n)` is called after each UNet call (n = calls so far: one per denoising step)."""
+    `on_step(done, total)` is called after each UNet call (one per denoising step; some schedulers, such as
+    PNDM, take one more call than `num_inference_steps`: `total` is the scheduler's count)."""
     from attention_processor import install_vstar_capture, remove_vstar_capture
 
     batch = len(jobs) * settings.num_candidates
@@ -346,7 +347,7 @@ def synthesize_with_attention(pipeline, jobs: list[Job], settings: SynthesisSett
     def count_call(module, inputs, output):
         calls[0] += 1
         if on_step is not None:
-            on_step(calls[0])
+            on_step(calls[0], max(calls[0], len(pipeline.scheduler.timesteps)))
 
     install_vstar_capture(pipeline.unet, store)
     hook = pipeline.unet.register_forward_hook(count_call)
