@@ -185,9 +185,17 @@ def load_run(lora: str, base_model: str | None = None, data_dir: str | None = No
                    record.resolution if record else 512, crop, context, data, goods, masks)
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """A path for the page: relative to the repository when inside it (the bundled runs), else as is."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except (ValueError, OSError):
+        return str(path)
+
+
 def run_summary(run: RunInfo, selection_note: str) -> str:
-    lines = [f"**Run** `{run.lora}`: {run.object_class or '?'} / {run.defect_type or '?'}, token `{run.token}`, "
-             f"base `{run.base_model}`, {run.resolution} px, prompt *{run.prompt}*, "
+    lines = [f"**Run** `{shown_path(run.lora)}`: {run.object_class or '?'} / {run.defect_type or '?'}, token `{run.token}`, "
+             f"base `{shown_path(run.base_model)}`, {run.resolution} px, prompt *{run.prompt}*, "
              f"{'crop around the mask' if run.crop_to_mask else 'whole image'} (the scale it trained at)."]
     if run.is_tiny_demo:
         lines.append("The bundled tiny model is a toy (64 px, pre-trained on procedural images on a CPU): it shows the "
@@ -456,7 +464,7 @@ def build_app(state: AppState, lora: str | None = None):
     """The Gradio Blocks of the app on `state`, opening on `lora` (default: the bundled demo run)."""
     import gradio as gr
 
-    initial_location = lora or str(DEMO_RUN)
+    initial_location = shown_path(lora or DEMO_RUN)
     args = state.args
 
     def error_to_app(function):
@@ -542,7 +550,10 @@ def build_app(state: AppState, lora: str | None = None):
                                   elem_id="upload")
                 heldout = gr.Dropdown(choices=[], label="Mask: a held-out mask of the run (editable) or paint", elem_id="heldout")
                 with gr.Accordion("Settings", open=True):
-                    candidates = gr.Slider(1, 16, value=args.num_candidates, step=1, label="Candidates (Low-Fidelity Selection)")
+                    selection = state.scorer is not None
+                    candidates = gr.Slider(1, 16, value=args.num_candidates if selection else 1, step=1, interactive=selection,
+                                           label="Candidates (Low-Fidelity Selection)" if selection
+                                           else "Candidates: 1 (Low-Fidelity Selection is off: no LPIPS weights)")
                     steps = gr.Slider(1, 100, value=args.num_inference_steps, step=1, label="Denoising steps")
                     guidance = gr.Slider(1.0, 15.0, value=args.guidance_scale, step=0.5, label="Guidance scale")
                     seed = gr.Number(value=args.seed, precision=0, label="Seed")
@@ -552,10 +563,10 @@ def build_app(state: AppState, lora: str | None = None):
         gallery = gr.Gallery(label="Candidates (LPIPS inside the mask; ✓ = chosen)", columns=8, height=220, elem_id="gallery",
                              format="png")
         with gr.Row():
-            result = gr.Image(label="Result (full resolution)", type="pil", format="png", interactive=False, elem_id="result")
-            mask_view = gr.Image(label="Its mask (label)", type="pil", format="png", interactive=False, elem_id="mask")
+            result = gr.Image(label="Result (full resolution)", type="pil", format="png", interactive=False, height=300, elem_id="result")
+            mask_view = gr.Image(label="Its mask (label)", type="pil", format="png", interactive=False, height=300, elem_id="mask")
             attention = gr.Image(label="[V*] attention over the image", type="pil", format="png", interactive=False,
-                                 elem_id="attention")
+                                 height=300, elem_id="attention")
         with gr.Row():
             downloads = gr.File(label="Download image and mask", file_count="multiple", interactive=False, elem_id="downloads")
             with gr.Column():
@@ -584,6 +595,7 @@ def main(args: argparse.Namespace):
     state = AppState.from_args(args)
     logger.info("%s", state.selection_note.replace("**", ""))
     logger.info("device %s, dtype %s", state.device, str(state.dtype).replace("torch.", ""))
+    logger.info("the pipeline (base model + LoRA) loads on the first Generate")
     app = build_app(state, lora)
     app.queue().launch(server_name=args.server_name, server_port=args.server_port, share=args.share)
     return app

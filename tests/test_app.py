@@ -23,10 +23,12 @@ import app_defectfill as app  # noqa: E402
 import run_files as rf  # noqa: E402
 import synthesis  # noqa: E402
 from synthesis import SynthesisError  # noqa: E402
+from scripts.app_screenshot import find_chromium  # noqa: E402
 from tests.conftest import REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL  # noqa: E402
 
+CHROMIUM = find_chromium()
+
 DEMO = REPO_ROOT / "models" / "demo-lora-metal_nut-color"
-CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome") if Path(p).exists()), None)
 FAST = dict(num_candidates=2, num_inference_steps=2, guidance_scale=7.5, seed=0, crop_to_mask=True)
 
 
@@ -295,7 +297,9 @@ def test_the_app_through_gradio_client(server, demo_run, tmp_path):
     editor = {"background": handle_file(shown["background"]), "layers": [handle_file(f) for f in shown["layers"]], "composite": None}
     gallery, result, mask, attention, status, files = client.predict(
         editor, str(demo_run.heldout_masks[0]), 2, 2, 7.5, 0, True, api_name="/generate")
-    assert len(gallery) == 2 and sum("✓ chosen" in (item.get("caption") or "") for item in gallery) == 1
+    items = gallery["value"]  # a gr.update: the candidates, and the chosen one selected
+    chosen = [i for i, item in enumerate(items) if "✓ chosen" in (item.get("caption") or "")]
+    assert len(items) == 2 and chosen == [gallery["selected_index"]] and "LPIPS in mask" in items[0]["caption"]
     clean = np.asarray(Image.open(demo_run.good_images[0]).convert("RGB"))
     label = np.asarray(Image.open(mask)) > 0
     out = np.asarray(Image.open(result).convert("RGB"))
@@ -311,39 +315,23 @@ def test_the_app_through_gradio_client(server, demo_run, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium executable (Debian: apt-get install chromium; .ci/run installs it)")
 def test_a_browser_paints_a_stroke_and_generates(server, demo_run, tmp_path):
+    """Debian's chromium, headless, through Playwright: paint a stroke, Generate, read the result's pixels."""
     playwright = pytest.importorskip("playwright.sync_api")
+    from scripts.app_screenshot import paint_stroke_and_generate
+
     clean = np.asarray(Image.open(demo_run.good_images[0]).convert("RGB"))
+    screenshot = tmp_path / "app.png"
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1300})
-            page.goto(server)
-            page.wait_for_selector("#editor canvas", timeout=60_000)
-            page.wait_for_function("document.querySelector('#summary') && document.querySelector('#summary').innerText.includes('metal_nut')",
-                                   timeout=60_000)
-            page.wait_for_timeout(1500)  # the editor draws its background
-            page.get_by_role("button", name="Brush", exact=True).click()
-            box = page.locator("#editor canvas").first.bounding_box()
-            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-            page.mouse.move(cx - 40, cy)
-            page.mouse.down()
-            for dx in range(-40, 41, 4):
-                page.mouse.move(cx + dx, cy)
-            page.mouse.up()
-            page.wait_for_timeout(500)
-            page.click("#generate")
-            page.wait_for_selector("#result img", timeout=120_000)
-            page.wait_for_selector("#gallery img", timeout=30_000)
-            page.wait_for_timeout(500)
-            result = np.asarray(Image.open(_fetch(page, "#result img")).convert("RGB"))
-            mask = np.asarray(Image.open(_fetch(page, "#mask img")).convert("L")) > 0
-            screenshot = tmp_path / "app.png"
+            page = browser.new_page(viewport={"width": 1400, "height": 1250})
+            result, mask = paint_stroke_and_generate(page, server)
             page.screenshot(path=str(screenshot), full_page=True)
-            if os.environ.get("DEFECTFILL_APP_SCREENSHOT"):
-                shutil.copy(screenshot, os.environ["DEFECTFILL_APP_SCREENSHOT"])
+            assert "chosen" in page.inner_text("#status") and page.locator("#gallery img").count() >= 1
         finally:
             browser.close()
     assert screenshot.stat().st_size > 10_000
+    result, mask = np.asarray(result.convert("RGB")), np.asarray(mask.convert("L")) > 0
     # the stroke: a horizontal band through the middle of the image
     rows, cols = np.nonzero(mask)
     assert mask.any() and abs(rows.mean() - mask.shape[0] / 2) < mask.shape[0] / 8 and abs(cols.mean() - mask.shape[1] / 2) < mask.shape[1] / 8
@@ -351,10 +339,3 @@ def test_a_browser_paints_a_stroke_and_generates(server, demo_run, tmp_path):
     assert result.shape == clean.shape
     assert np.array_equal(result[~mask], clean[~mask])  # outside the stroke: not one pixel changed
     assert np.abs(result[mask].astype(int) - clean[mask].astype(int)).mean() > 2  # inside: painted
-
-
-def _fetch(page, selector: str):
-    import io
-
-    src = page.get_attribute(selector, "src")
-    return io.BytesIO(page.request.get(src).body())
