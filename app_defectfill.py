@@ -103,12 +103,14 @@ def inference_dtype(name: str, device: str):
 
 
 def local_path(path: str | os.PathLike | None) -> str | None:
-    """A path as given when it exists, else relative to the repository (the bundled runs name
-    `models/...` and `data/...`), else as given (a Hub id)."""
+    """An existing path, absolute; else the path relative to the repository (the bundled runs name
+    `models/...` and `data/...`); else as given (a Hub id)."""
     if path is None:
         return None
-    if not Path(path).exists() and not Path(path).is_absolute() and (REPO_ROOT / path).exists():
-        return str(REPO_ROOT / path)
+    if Path(path).exists():
+        return str(Path(path).resolve())
+    if not Path(path).is_absolute() and (REPO_ROOT / path).exists():
+        return str((REPO_ROOT / path).resolve())
     return str(path)
 
 
@@ -121,6 +123,7 @@ def list_runs(location: str) -> dict[str, str]:
     path = Path(local_path(location))
     if not path.exists():
         return {location: location}  # a Hub repo id: read_run fetches its run file
+    path = path.resolve()
     if (path / rf.LORA_FILENAME).is_file():
         return {run_label(path): str(path)}
     runs = {run_label(sub): str(sub) for sub in sorted(path.iterdir()) if (sub / rf.LORA_FILENAME).is_file()}
