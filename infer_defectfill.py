@@ -213,10 +213,15 @@ def build_pairs(args, plan: Plan) -> list[Pair]:
     return make_pairs(goods, masks, args.num_images or len(masks), args.pairing, args.seed)
 
 
-def check_mask(mask_path: Path) -> None:
-    with Image.open(mask_path) as mask:
-        if not dm.binarize_mask(mask).any():
-            raise SynthesisError(f"mask {mask_path} is empty (no pixel >= {dm.MASK_THRESHOLD}); nothing to inpaint")
+def check_inputs(pairs: list[Pair]) -> None:
+    """Decode every image and mask before the first one is generated: a corrupt file or an empty mask is
+    named up front, not after part of the output is written."""
+    for image_path in dict.fromkeys(p.image_path for p in pairs):
+        dm.open_checked(image_path, "image").close()
+    for mask_path in dict.fromkeys(p.mask_path for p in pairs):
+        with dm.open_checked(mask_path, "mask") as mask:
+            if not dm.binarize_mask(mask).any():
+                raise SynthesisError(f"mask {mask_path} is empty (no pixel >= {dm.MASK_THRESHOLD}); nothing to inpaint")
 
 
 def prepare_pair(pair: Pair, settings: SynthesisSettings) -> synthesis.Job:
@@ -247,8 +252,7 @@ def synthesize_to_folder(pipeline, pairs: list[Pair], plan: Plan, scorer, output
     todo = [p for p in pairs if rf.output_names(p.index)[0] not in rows]
     if len(todo) < len(pairs):
         logger.info("resuming: %d of %d outputs already exist", len(pairs) - len(todo), len(pairs))
-    for pair in {p.mask_path: p for p in todo}.values():  # every mask checked before the first image is generated
-        check_mask(pair.mask_path)
+    check_inputs(todo)
     for start in tqdm(range(0, len(todo), batch_size), desc="pairs", unit="batch", disable=not todo):
         batch = todo[start : start + batch_size]
         jobs = [prepare_pair(p, plan.synthesis) for p in batch]
