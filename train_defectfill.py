@@ -308,7 +308,7 @@ def register_state_hooks(accelerator, models: Models) -> None:
         if accelerator.is_main_process:
             unet = next(accelerator.unwrap_model(m) for m in to_save if is_unet(m))
             text_encoders = [accelerator.unwrap_model(m) for m in to_save if not is_unet(m)]
-            rf.save_lora(output_dir, unet, text_encoders[0] if text_encoders else None)
+            rf.save_lora(output_dir, unet, text_encoders[0] if text_encoders else None, fold_alpha=False)
         while weights:
             weights.pop()
 
