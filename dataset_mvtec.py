@@ -498,4 +498,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DatasetError as error:
+        raise SystemExit(f"error: {error}") from None
