@@ -1,0 +1,201 @@
+"""downstream_defectfill.py (issue #14): metrics against hand-computed cases, the copy-paste baseline,
+and end-to-end runs on the bundled data with a synthetic set built by hand (no diffusion model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset_mvtec as dm
+import downstream_data as dd
+import downstream_metrics as metrics
+from run_files import METADATA_FILENAME, SynthesisRecord, output_names
+from tests.conftest import REPO_ROOT
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------
+
+
+def two_image_masks() -> np.ndarray:
+    masks = np.zeros((2, 8, 8), dtype=bool)
+    masks[0, 2:4, 2:4] = True
+    masks[0, 6:8, 6:8] = True
+    return masks  # image 1 is defect-free
+
+
+def test_a_perfect_map_scores_one_everywhere():
+    masks = two_image_masks()
+    figures = metrics.localization_metrics(torch.tensor(masks, dtype=torch.float32), torch.tensor(masks))
+    assert figures == pytest.approx({k: 1.0 for k in figures})
+
+
+def test_a_constant_map_scores_chance():
+    masks = two_image_masks()
+    constant = np.full(masks.shape, 0.3)
+    prevalence = masks.mean()  # 8 / 128
+    assert metrics.auroc(constant, masks) == pytest.approx(0.5)
+    assert metrics.average_precision(constant, masks) == pytest.approx(prevalence)
+    assert metrics.f1_max(constant, masks) == pytest.approx(2 * prevalence / (1 + prevalence), rel=1e-6)
+    # PRO curve (0, 0) -> (1, 1): area up to 0.3 is 0.3^2 / 2, divided by 0.3.
+    assert metrics.au_pro(constant, masks) == pytest.approx(0.15)
+
+
+def test_au_pro_of_a_hand_computed_map():
+    # One row: defect, defect, good, good. Scores 0.9, 0.2, 0.5, 0.1. Thresholds, highest first:
+    # 0.9 -> FPR 0, PRO 1/2; 0.5 -> FPR 1/2, PRO 1/2; 0.2 -> FPR 1/2, PRO 1; 0.1 -> FPR 1, PRO 1.
+    masks = np.array([[[True, True, False, False]]])
+    scores = np.array([[[0.9, 0.2, 0.5, 0.1]]])
+    fpr, pro = metrics.pro_curve(scores, masks)
+    assert fpr.tolist() == [0, 0, 0.5, 0.5, 1] and pro.tolist() == [0, 0.5, 0.5, 1, 1]
+    assert metrics.au_pro(scores, masks, fpr_limit=0.3) == pytest.approx(0.5)  # 0.3 * 0.5 / 0.3
+    assert metrics.au_pro(scores, masks, fpr_limit=0.6) == pytest.approx((0.5 * 0.5 + 0.1 * 1) / 0.6)
+
+
+def test_au_pro_averages_regions_not_pixels():
+    # Regions {0} (1 px) and {2, 3, 4} (3 px); good pixels 1 and 5. At threshold 0.8 the small region is
+    # found and a third of the large one: PRO (1 + 1/3) / 2 = 2/3 with no false positive; a per-pixel
+    # overlap would say 2/4.
+    masks = np.array([[[True, False, True, True, True, False]]])
+    scores = np.array([[[0.9, 0.3, 0.8, 0.1, 0.1, 0.2]]])
+    assert metrics.au_pro(scores, masks) == pytest.approx(2 / 3)
+
+
+def test_image_score_is_the_max_of_the_pooled_map():
+    maps = torch.zeros(2, 5, 5)
+    maps[0, 2, 2] = 1.0
+    maps[1] = 0.5
+    # 3x3 mean around the single hot pixel: 1/9; a constant map stays constant (away from the zero padding).
+    assert metrics.image_scores_from_maps(maps, pool_size=3).tolist() == pytest.approx([1 / 9, 0.5])
+
+
+def test_metrics_refuse_a_single_class():
+    with pytest.raises(ValueError, match="one class"):
+        metrics.auroc([0.1, 0.2], [1, 1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Copy-paste baseline
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_copy_paste_keeps_the_background_exact_and_moves_the_defect():
+    rng = np.random.default_rng(0)
+    good, defect = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    mask = np.zeros((16, 16), dtype=bool)
+    mask[2:5, 3:6] = True  # centre (3, 4)
+    image, moved = dd.copy_paste(good, defect, mask, target_center=(10, 8))
+    assert moved.sum() == mask.sum() and dd.mask_center(moved) == (10, 8)
+    assert np.array_equal(image[~moved], good[~moved])
+    assert np.array_equal(image[moved], defect[mask])
+    # A target near the border: the shift is clipped so the whole defect stays in the image.
+    _, clipped = dd.copy_paste(good, defect, mask, target_center=(15, 15))
+    assert clipped.sum() == mask.sum() and clipped[13:16, 13:16].all()
+
+
+def test_copy_paste_set_follows_the_targets_types_and_positions(synthetic_data_dir):
+    split = dm.few_shot_split(dm.load_mvtec_defects(synthetic_data_dir, "metal_nut"))
+    real = dd.real_defects(synthetic_data_dir, "metal_nut", split, "train", 64)
+    goods = dd.train_good_set(synthetic_data_dir, "metal_nut", 64)
+    targets = dd.real_defects(synthetic_data_dir, "metal_nut", split, "heldout", 64)
+    pasted = dd.copy_paste_set(real, goods, targets, count=len(targets), seed=0)
+    assert pasted.defect_types == targets.defect_types
+    for index in range(len(pasted)):
+        assert pasted.masks[index].any()
+        row, col = dd.mask_center(pasted.masks[index].numpy())
+        target_row, target_col = dd.mask_center(targets.masks[index].numpy())
+        # at the target's centre unless clipping at the border moved it
+        assert (row, col) == (target_row, target_col) or not pasted.masks[index][1:-1, 1:-1].all()
+    assert dd.copy_paste_set(real, goods, targets, len(targets), seed=0).images.equal(pasted.images)
+
+
+def test_merge_splits_refuses_two_different_splits_of_one_defect_type():
+    a = {"defect_types": {"color": {"train": ["x/1.png"], "heldout": ["x/2.png"]}}}
+    b = {"defect_types": {"color": {"train": ["x/2.png"], "heldout": ["x/1.png"]}}}
+    scratch = {"defect_types": {"scratch": {"train": ["y/1.png"], "heldout": ["y/2.png"]}}}
+    assert sorted(dd.merge_splits([("a", a), ("s", scratch)])["defect_types"]) == ["color", "scratch"]
+    with pytest.raises(dm.DatasetError, match="differ for defect type 'color'"):
+        dd.merge_splits([("a", a), ("b", b)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end, on the bundled data with a hand-made synthetic set
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic_folder(tmp_path_factory, synthetic_data_dir):
+    """A synthesis folder in infer_defectfill.py's layout, made without the diffusion model: each real
+    training defect of metal_nut (both types) pasted onto train/good images at the held-out masks'
+    positions, at full resolution, with synthesis.json carrying the ordered split."""
+    folder = tmp_path_factory.mktemp("synthetic") / "handmade-metal_nut"
+    split = dm.few_shot_split(dm.load_mvtec_defects(synthetic_data_dir, "metal_nut"))
+    real = dd.real_defects(synthetic_data_dir, "metal_nut", split, "train", 128)
+    goods = dd.train_good_set(synthetic_data_dir, "metal_nut", 128)
+    targets = dd.real_defects(synthetic_data_dir, "metal_nut", split, "heldout", 128)
+    pasted = dd.copy_paste_set(real, goods, targets, count=2 * len(targets), seed=1)
+    rows = []
+    for index in range(len(pasted)):
+        image_name, mask_name = output_names(index)
+        for name, array in ((image_name, pasted.images[index].permute(1, 2, 0).numpy()),
+                            (mask_name, pasted.masks[index].numpy().astype(np.uint8) * 255)):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(folder / name)
+        rows.append({"file_name": image_name, "mask_file_name": mask_name, "object_class": "metal_nut",
+                     "defect_type": pasted.defect_types[index]})
+    (folder / METADATA_FILENAME).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    SynthesisRecord(pretrained_model_name_or_path="none (hand-made)", prompt="", resolution=128, object_class="metal_nut",
+                    data_dir=str(synthetic_data_dir), split=split).write(folder)
+    return folder
+
+
+def tiny_flags(synthetic_folder, output_dir) -> list[str]:
+    return ["--synthetic", f"handmade={synthetic_folder}", "--output_dir", str(output_dir), "--resolution", "64",
+            "--encoder", "resnet18", "--encoder_depth", "3", "--decoder_channels", "64", "32", "16",
+            "--classifier", "resnet18", "--epochs", "6", "--samples_per_epoch", "48", "--batch_size", "8",
+            "--learning_rate", "1e-3", "--classifier_epochs", "1", "--classifier_repeats", "1", "--seeds", "0",
+            "--no-progress"]
+
+
+@pytest.mark.slow
+def test_end_to_end_writes_the_table_and_json_and_beats_random_init(tmp_path, synthetic_folder):
+    """The CLI in a subprocess: table on stdout, JSON and figures written; a localizer trained on copy-paste
+    defects beats the untrained one on pixel AP; the same seed in-process gives the same figures."""
+    import downstream_defectfill as downstream
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    flags = tiny_flags(synthetic_folder, tmp_path / "cli")
+    done = subprocess.run([sys.executable, "downstream_defectfill.py", *flags], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for row in ("| untrained |", "| real_only |", "| copy_paste |", "| handmade |", "| SeaS (reported) |"):
+        assert row in done.stdout
+    assert "random init" in done.stdout
+    results = json.loads((tmp_path / "cli" / downstream.RESULTS_FILENAME).read_text())
+    assert (tmp_path / "cli" / downstream.CURVES_FILENAME).is_file() and (tmp_path / "cli" / downstream.MAPS_FILENAME).is_file()
+    assert results["test_set"] == {"color": 4, "good": 4, "scratch": 4} and results["classes"] == ["color", "scratch"]
+    summary = results["summary"]
+    assert summary["copy_paste"]["pixel_ap"]["mean"] > summary["untrained"]["pixel_ap"]["mean"] + 0.02
+    assert summary["untrained"]["classification_accuracy"]["mean"] is None
+    assert 0 <= summary["handmade"]["classification_accuracy"]["mean"] <= 1
+
+    again = downstream.main(downstream.parse_args(tiny_flags(synthetic_folder, tmp_path / "again")))
+    assert again["per_seed"] == results["per_seed"]
+
+
+def test_bad_inputs_name_the_flag(tmp_path, synthetic_data_dir):
+    import downstream_defectfill as downstream
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(downstream.DownstreamError, match="no metadata.jsonl"):
+        downstream.main(downstream.parse_args(["--synthetic", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o")]))
+    with pytest.raises(downstream.DownstreamError, match="--split_file"):
+        downstream.main(downstream.parse_args(["--data_dir", str(synthetic_data_dir), "--object_class", "metal_nut",
+                                               "--output_dir", str(tmp_path / "o")]))
