@@ -343,7 +343,7 @@ def train_localizer(args, defects: dd.ImageSet, goods: dd.ImageSet, seed: int, d
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * size
+            total += float(loss.detach()) * size
         scheduler.step()
         history["loss"].append(total / args.samples_per_epoch)
         bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
@@ -502,9 +502,11 @@ def map_grid(maps_by_source: dict[str, torch.Tensor], test: dd.ImageSet, count: 
 
 
 def main(args) -> dict:
+    import datasets
     from accelerate import Accelerator
 
     started = time.perf_counter()
+    datasets.disable_progress_bars()  # the loaders' filter bars; training has its own
     device = Accelerator().device
     sources = read_synthetic_sources(args.synthetic)
     data_dir = agreed_value("--data_dir", args.data_dir, sources, "data_dir")
