@@ -213,7 +213,9 @@ def collect_split(split_files: list[str] | None, sources: list[SyntheticSource])
 def load_synthetic_set(source: SyntheticSource, object_class: str, resolution: int) -> dd.ImageSet:
     sets = []
     for folder in source.folders:
-        rows = dm.load_synthetic(folder, object_class=object_class)
+        rows = dm.load_synthetic(folder)
+        # Rows without an object class (another generator's folder) count as this class.
+        rows = rows.filter(lambda value: value in ("", object_class), input_columns="object_class")
         if len(rows) == 0:
             raise DownstreamError(f"--synthetic {folder} has no image of object class {object_class!r}")
         part = dd.dataset_to_set(rows, resolution)
@@ -222,18 +224,22 @@ def load_synthetic_set(source: SyntheticSource, object_class: str, resolution: i
     return dd.concat_sets(sets)
 
 
-def heldout_mask_reuse(source: SyntheticSource, split: dict) -> tuple[int, int]:
-    """(rows whose source_mask is a held-out test mask of the split, rows): synthesis paints the held-out
-    masks by default, so the localizer then trains on the test set's defect shapes and positions."""
+def count_test_set_reuse(source: SyntheticSource, split: dict) -> dict[str, int]:
+    """How many rows of a synthetic set were made from the test set: ``masks``, painted in a held-out test
+    mask of the split (infer_defectfill.py's default: the localizer then trains on the test defects' shapes
+    and positions); ``images``, painted on a ``test/good`` image (``--good_split test|all``: the test's
+    defect-free images were seen in training). ``rows``: all rows."""
     heldout = {(Path(p).parent.name, Path(p).stem) for e in split["defect_types"].values() for p in e["heldout"]}
-    reused = total = 0
+    counts = {"masks": 0, "images": 0, "rows": 0}
     for folder in source.folders:
         for row in read_metadata(folder, require_files=False).values():
-            total += 1
-            mask = row.get("source_mask")
+            counts["rows"] += 1
+            mask, image = row.get("source_mask"), row.get("source_image")
             if mask and (Path(mask).parent.name, Path(mask).stem.removesuffix("_mask")) in heldout:
-                reused += 1
-    return reused, total
+                counts["masks"] += 1
+            if image and Path(image).parts[-3:-1] == ("test", dm.GOOD):
+                counts["images"] += 1
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -509,6 +515,9 @@ def main(args) -> dict:
     datasets.disable_progress_bars()  # the loaders' filter bars; training has its own
     device = Accelerator().device
     sources = read_synthetic_sources(args.synthetic)
+    build_localizer(args, args.seeds[0])  # a wrong --encoder or unreachable weights fail before any work
+    if args.encoder_weights == "imagenet":
+        build_classifier(args, 2, args.seeds[0])
     data_dir = agreed_value("--data_dir", args.data_dir, sources, "data_dir")
     object_class = agreed_value("--object_class", args.object_class, sources, "object_class")
     split = collect_split(args.split_file, sources)
@@ -535,11 +544,14 @@ def main(args) -> dict:
 
     notes = [f"encoders: {'ImageNet-pretrained' if args.encoder_weights == 'imagenet' else 'random init (offline; the peers pretrain on ImageNet)'}"]
     for source in sources:
-        reused, total = heldout_mask_reuse(source, split)
-        if reused:
-            notes.append(f"{source.name}: {reused} of {total} synthetic images were painted in held-out test masks "
-                         "(infer_defectfill.py's default): the localizer sees the test defects' shapes and positions; "
-                         "copy-paste pastes at the same positions")
+        reuse = count_test_set_reuse(source, split)
+        if reuse["masks"]:
+            notes.append(f"{source.name}: {reuse['masks']} of {reuse['rows']} images were painted in held-out test masks "
+                         "(infer_defectfill.py's default): the localizer sees the test defects' shapes and positions, "
+                         "so its figures are optimistic; copy-paste pastes at the same positions")
+        if reuse["images"]:
+            notes.append(f"{source.name}: {reuse['images']} of {reuse['rows']} images were painted on test/good images "
+                         "(--good_split test or all): the test's defect-free images were seen in training")
     if len(classes) < 2:
         notes.append(f"classification: n/a, the split holds one defect type ({', '.join(classes)}); it needs two or more")
     if args.validation_fraction > 0:

@@ -201,3 +201,18 @@ def test_bad_inputs_name_the_flag(tmp_path, synthetic_data_dir):
     with pytest.raises(downstream.DownstreamError, match="--split_file"):
         downstream.main(downstream.parse_args(["--data_dir", str(synthetic_data_dir), "--object_class", "metal_nut",
                                                "--output_dir", str(tmp_path / "o")]))
+
+
+def test_synthetic_rows_made_from_the_test_set_are_counted(tmp_path):
+    import downstream_defectfill as downstream
+
+    split = {"defect_types": {"color": {"train": ["metal_nut/test/color/000.png"], "heldout": ["metal_nut/test/color/003.png"]}}}
+    rows = [
+        {"source_mask": "data/metal_nut/ground_truth/color/003_mask.png", "source_image": "data/metal_nut/train/good/001.png"},
+        {"source_mask": "data/metal_nut/ground_truth/color/000_mask.png", "source_image": "data/metal_nut/test/good/002.png"},
+        {"source_mask": "masks/own.png", "source_image": "data/metal_nut/train/good/004.png"},
+    ]
+    (tmp_path / METADATA_FILENAME).write_text("".join(
+        json.dumps({"file_name": f"images/{i}.png", "mask_file_name": f"masks/{i}.png", **row}) + "\n" for i, row in enumerate(rows)))
+    source = downstream.SyntheticSource("s", [tmp_path], [None])
+    assert downstream.count_test_set_reuse(source, split) == {"masks": 1, "images": 1, "rows": 3}
