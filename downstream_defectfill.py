@@ -444,6 +444,15 @@ def figure_to_image(figure):
     return Image.open(buffer).convert("RGB")
 
 
+def thin_curve(x: np.ndarray, y: np.ndarray, points: int = 4000) -> tuple[np.ndarray, np.ndarray]:
+    """At most `points` evenly spaced points of a curve, its ends kept (pixel curves of a full MVTec class
+    have millions of points; a plot needs a few thousand)."""
+    if len(x) <= points:
+        return x, y
+    keep = np.unique(np.linspace(0, len(x) - 1, points).round().astype(int))
+    return x[keep], y[keep]
+
+
 def plot_curves(maps_by_source: dict[str, torch.Tensor], test: dd.ImageSet, path: Path) -> Path:
     """Image and pixel ROC and PR curves, one line per training set, as a PNG."""
     import matplotlib
@@ -458,8 +467,8 @@ def plot_curves(maps_by_source: dict[str, torch.Tensor], test: dd.ImageSet, path
         for column, (scores, labels) in enumerate(((image_scores, image_labels), (maps, test.masks))):
             fpr, tpr, _ = metrics.roc_curve(scores, labels)
             precision, recall, _ = metrics.precision_recall_curve(scores, labels)
-            axes[2 * column].plot(fpr, tpr, label=name)
-            axes[2 * column + 1].plot(recall, precision, label=name)
+            axes[2 * column].plot(*thin_curve(fpr, tpr), label=name)
+            axes[2 * column + 1].plot(*thin_curve(recall, precision), label=name)
     for axis, title, (x, y) in zip(axes, ("image ROC", "image PR", "pixel ROC", "pixel PR"),
                                    [("FPR", "TPR"), ("recall", "precision")] * 2):
         axis.set(title=title, xlabel=x, ylabel=y, xlim=(0, 1), ylim=(0, 1.02))

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,3 +217,25 @@ def test_synthetic_rows_made_from_the_test_set_are_counted(tmp_path):
         json.dumps({"file_name": f"images/{i}.png", "mask_file_name": f"masks/{i}.png", **row}) + "\n" for i, row in enumerate(rows)))
     source = downstream.SyntheticSource("s", [tmp_path], [None])
     assert downstream.count_test_set_reuse(source, split) == {"masks": 1, "images": 1, "rows": 3}
+
+
+def test_augmentation_moves_image_and_mask_together():
+    masks = torch.zeros(6, 8, 8)
+    masks[:, 1:3, 2:7] = 1  # not symmetric under flips or turns
+    images = masks[:, None].repeat(1, 3, 1, 1) * 0.8 + 0.1
+    out_images, out_masks = dd.augment_batch(images, masks, torch.Generator().manual_seed(0))
+    assert not torch.equal(out_masks, masks)  # six draws: some flip or turn happened
+    for image, mask in zip(out_images, out_masks):
+        assert torch.equal(image[0] > image[0].mean(), mask.bool())
+
+
+def test_small_helpers_of_the_report():
+    import downstream_defectfill as downstream
+
+    assert downstream.parse_synthetic_entry("ours=a/x,a/y") == ("ours", [Path("a/x"), Path("a/y")])
+    assert downstream.parse_synthetic_entry("a/x") == ("x", [Path("a/x")])
+    assert downstream.summarize([0.5, 0.7, None]) == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1414213), "n": 2}
+    assert downstream.format_cell(downstream.summarize([0.5, 0.7])) == "60.0 ± 14.1"
+    x = np.linspace(0, 1, 10001)
+    thin_x, thin_y = downstream.thin_curve(x, x ** 2, points=101)
+    assert len(thin_x) == 101 and thin_x[0] == 0 and thin_x[-1] == 1 and np.allclose(thin_y, thin_x ** 2)
