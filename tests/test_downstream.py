@@ -239,3 +239,21 @@ def test_small_helpers_of_the_report():
     x = np.linspace(0, 1, 10001)
     thin_x, thin_y = downstream.thin_curve(x, x ** 2, points=101)
     assert len(thin_x) == 101 and thin_x[0] == 0 and thin_x[-1] == 1 and np.allclose(thin_y, thin_x ** 2)
+
+
+def test_early_stopping_chooses_on_a_validation_set_carved_from_training(synthetic_data_dir):
+    import downstream_defectfill as downstream
+
+    split = dm.few_shot_split(dm.load_mvtec_defects(synthetic_data_dir, "metal_nut"))
+    goods = dd.train_good_set(synthetic_data_dir, "metal_nut", 32)
+    real = dd.real_defects(synthetic_data_dir, "metal_nut", split, "train", 32)
+    defects = dd.copy_paste_set(real, goods, None, count=8, seed=0)
+    args = downstream.parse_args(["--resolution", "32", "--encoder", "resnet18", "--encoder_depth", "3",
+                                  "--decoder_channels", "16", "16", "16", "--epochs", "3", "--samples_per_epoch", "8",
+                                  "--validation_fraction", "0.25", "--patience", "1", "--no-progress"])
+    _, history = downstream.train_localizer(args, defects, goods, seed=0, device="cpu", augment=False, label="test")
+    assert 1 <= len(history["validation_pixel_ap"]) <= 3 and len(history["loss"]) == len(history["validation_pixel_ap"])
+    best = int(np.argmax(history["validation_pixel_ap"])) + 1
+    assert history["epoch_kept"] == best
+    train_part, validation_part = downstream.split_validation(defects, 0.25, seed=0)
+    assert len(validation_part) == 2 and not set(train_part.names) & set(validation_part.names)
