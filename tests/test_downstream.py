@@ -69,6 +69,35 @@ def test_au_pro_averages_regions_not_pixels():
     assert metrics.au_pro(scores, masks) == pytest.approx(2 / 3)
 
 
+def brute_force_au_pro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> float:
+    """AU-PRO the slow way: every distinct score as a threshold, regions labelled image by image."""
+    from scipy import ndimage
+
+    regions = [ndimage.label(m, structure=np.ones((3, 3)))[0] for m in masks]
+    region_masks = [labels == k for labels in regions for k in range(1, labels.max() + 1)]
+    region_maps = [maps[i] for i, labels in enumerate(regions) for _ in range(labels.max())]
+    points = [(0.0, 0.0)]
+    for threshold in sorted(set(maps.ravel()), reverse=True):
+        flagged = maps >= threshold
+        fpr = (flagged & ~masks).sum() / (~masks).sum()
+        pro = np.mean([(m[r] >= threshold).mean() for m, r in zip(region_maps, region_masks)])
+        points.append((fpr, pro))
+    fpr, pro = np.array(points).T
+    grid = np.linspace(0, fpr_limit, 30001)
+    # the curve is a polyline through the points in threshold order (vertical steps where FPR repeats)
+    return float(np.trapezoid(np.interp(grid, fpr, pro, right=pro[-1]), grid) / fpr_limit)
+
+
+def test_au_pro_matches_a_brute_force_count_on_random_maps():
+    rng = np.random.default_rng(3)
+    masks = np.zeros((3, 12, 12), dtype=bool)
+    masks[0, 1:4, 1:4] = masks[0, 8:11, 6:9] = True  # two regions in one image
+    masks[1, 5:7, :] = True
+    maps = rng.random(masks.shape).round(2) + masks * 0.3  # ties, and defects score higher on average
+    for limit in (0.3, 1.0):
+        assert metrics.au_pro(maps, masks, limit) == pytest.approx(brute_force_au_pro(maps, masks, limit), abs=2e-3)
+
+
 def test_image_score_is_the_max_of_the_pooled_map():
     maps = torch.zeros(2, 5, 5)
     maps[0, 2, 2] = 1.0
