@@ -285,3 +285,13 @@ def test_early_stopping_chooses_on_a_validation_set_carved_from_training(synthet
     assert history["epoch_kept"] == best
     train_part, validation_part = downstream.split_validation(defects, 0.25, seed=0)
     assert len(validation_part) == 2 and not set(train_part.names) & set(validation_part.names)
+
+
+def test_the_readme_demo_config_parses_to_the_documented_settings():
+    import downstream_defectfill as downstream
+
+    args = downstream.parse_args(["--config", str(REPO_ROOT / "configs" / "tiny_downstream.yaml")])
+    assert args.synthetic == ["defectfill=outputs/tiny-synthetic-metal_nut-color"] and args.seeds == [0, 1, 2]
+    assert (args.resolution, args.encoder, args.encoder_depth, args.decoder_channels) == (64, "resnet18", 3, [64, 32, 16])
+    assert (args.epochs, args.samples_per_epoch, args.encoder_weights, args.validation_fraction) == (8, 48, "none", 0.0)
+    assert "python downstream_defectfill.py --config configs/tiny_downstream.yaml" in (REPO_ROOT / "README.md").read_text()
