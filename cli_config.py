@@ -87,3 +87,26 @@ def parse_args_with_config(
     if missing:
         parser.error("missing required option(s): " + ", ".join(f"--{name}" for name in missing))
     return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Argument groups the scripts share
+# ----------------------------------------------------------------------------------------------------
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, base_help: str) -> argparse._ArgumentGroup:
+    """--pretrained_model_name_or_path, --revision, --variant."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--pretrained_model_name_or_path", default=None, help=base_help)
+    group.add_argument("--revision", default=None, help="Base model revision (branch, tag or commit) on the Hub.")
+    group.add_argument("--variant", default=None, help="Base model weights variant to load, e.g. fp16.")
+    return group
+
+
+def add_hub_arguments(parser: argparse.ArgumentParser, repo_flag: str, what: str) -> argparse._ArgumentGroup:
+    """--push_to_hub, the repo id flag (`repo_flag`), --hub_token."""
+    group = parser.add_argument_group("Hub")
+    group.add_argument("--push_to_hub", action="store_true", help=f"Upload {what} to the Hub.")
+    group.add_argument(repo_flag, default=None, help="Hub repo id; default: the output folder's name.")
+    group.add_argument("--hub_token", default=None, help="Hub token; prefer `huggingface-cli login` (never logged or saved).")
+    return group

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from fileio import write_json_atomic, write_text_atomic
 
@@ -196,6 +197,76 @@ def read_metadata(folder: str | os.PathLike, require_files: bool = True) -> dict
 
 def write_metadata(folder: str | os.PathLike, rows: dict[str, dict]) -> Path:
     return write_text_atomic(Path(folder) / METADATA_FILENAME, "".join(json.dumps(rows[name]) + "\n" for name in sorted(rows)))
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock on a synthesis folder's metadata (a hidden lock file, `flock`), so several processes
+    that add rows to one folder merge them instead of overwriting each other's."""
+    import fcntl
+
+    path = Path(folder) / ".metadata.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def add_metadata_rows(folder: str | os.PathLike, new_rows: Iterable[dict]) -> dict[str, dict]:
+    """Merge rows into the folder's metadata.jsonl under the folder lock (read, merge, atomic write); returns
+    every row. Rows whose files another writer already removed are dropped as in `read_metadata`."""
+    with folder_lock(folder):
+        rows = read_metadata(folder)
+        rows.update({row["file_name"]: row for row in new_rows})
+        write_metadata(folder, rows)
+        return rows
+
+
+def next_free_index(folder: str | os.PathLike) -> int:
+    """The first output number after every image already in the folder (listed or not)."""
+    taken = [int(p.stem) for p in (Path(folder) / "images").glob("*.png") if p.stem.isdigit()]
+    return max(taken, default=-1) + 1
+
+
+def save_synthesis_result(folder: str | os.PathLike, index: int, image, mask, row: dict, candidates: list | None = None) -> dict:
+    """Write one synthetic image and its label mask (bool array or PIL image) as output number `index`,
+    the image last (its presence marks the output done), and return its metadata row: `row` plus the file
+    names. Rejected candidates go to candidates/ when given."""
+    import numpy as np
+    from PIL import Image
+
+    from fileio import save_image_atomic
+
+    folder = Path(folder)
+    image_name, mask_name = output_names(index)
+    if isinstance(mask, np.ndarray):
+        mask = Image.fromarray(mask.astype(np.uint8) * 255)
+    save_image_atomic(mask, folder / mask_name)
+    for c, candidate in enumerate(candidates or []):
+        save_image_atomic(candidate, folder / "candidates" / f"{index:05d}_{c}.png")
+    save_image_atomic(image, folder / image_name)
+    return {"file_name": image_name, "mask_file_name": mask_name, **row}
+
+
+def save_preview(folder: str | os.PathLike, rows: dict[str, dict], max_rows: int = 8, tile: int = 192) -> Path | None:
+    """A grid, one row per output: clean source | mask | generated."""
+    from PIL import Image
+
+    from fileio import save_image_atomic
+
+    folder = Path(folder)
+    chosen = [rows[name] for name in sorted(rows)[:max_rows]]
+    if not chosen:
+        return None
+    grid = Image.new("RGB", (3 * tile, tile * len(chosen)), (255, 255, 255))
+    for row_index, row in enumerate(chosen):
+        panels = [Image.open(row["source_image"]), Image.open(folder / row["mask_file_name"]), Image.open(folder / row["file_name"])]
+        for column, panel in enumerate(panels):
+            grid.paste(panel.convert("RGB").resize((tile, tile), Image.BICUBIC), (column * tile, row_index * tile))
+    return save_image_atomic(grid, folder / PREVIEW_FILENAME)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import tempfile
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from PIL import Image
 
 from common import REPO_ROOT, TINY_MODEL, machine_description, synchronize
 
-import infer_defectfill as infer
+import synthesis
 
 DATA = REPO_ROOT / "data" / "synthetic_mvtec" / "metal_nut"
 
@@ -50,23 +47,22 @@ def main(argv=None) -> dict:
     pipeline = StableDiffusionInpaintPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
                                                               requires_safety_checker=False).to(device)
     pipeline.set_progress_bar_config(disable=True)
-    scorer = infer.LpipsScorer("alex", device, pretrained_backbone=not args.lpips_random_backbone)
+    scorer = synthesis.LpipsModel("alex", device, pretrained_backbone=not args.lpips_random_backbone).masked_scores
     image_path, mask_path = DATA / "test" / "good" / "000.png", DATA / "ground_truth" / "color" / "003_mask.png"
     image = Image.open(image_path).convert("RGB").resize((args.resolution, args.resolution))
     mask = Image.open(mask_path).convert("L").resize((args.resolution, args.resolution), Image.NEAREST)
-    settings = SimpleNamespace(prompt="A metal nut with sks", resolution=args.resolution, num_candidates=args.num_candidates,
-                               num_inference_steps=args.num_inference_steps, guidance_scale=7.5, seed=0, composite=True,
-                               crop_to_mask=True, crop_context=0.5, batch_size=1, save_candidates=False,
-                               object_class="metal_nut", defect_type="color")
+    settings = synthesis.SynthesisSettings("A metal nut with sks", args.resolution, args.num_candidates,
+                                           args.num_inference_steps, crop_to_mask=True)
 
     def plain():
         pipeline("A metal nut with sks", image=image, mask_image=mask, height=args.resolution, width=args.resolution,
                  num_inference_steps=args.num_inference_steps, num_images_per_prompt=args.num_candidates,
                  generator=torch.Generator(device).manual_seed(0))
 
-    def ours():
-        with tempfile.TemporaryDirectory() as out:
-            infer.synthesize(pipeline, [infer.Pair(0, image_path, mask_path)], settings, scorer, Path(out))
+    def ours():  # the synthesis core with its file reading (the CLI's saving excluded)
+        with Image.open(image_path) as clean, Image.open(mask_path) as defect_mask:
+            job = synthesis.prepare_job(clean, defect_mask, 0, settings)
+        synthesis.synthesize(pipeline, [job], settings, scorer)
 
     times = {"plain": [], "ours": []}
     for round_index in range(args.warmup + args.repeats):

@@ -10,11 +10,11 @@ resolution and dtype, timed interleaved (one step of each per round; median over
   inpainting UNet pass, SDPA attention, MSE on the noise.
 - naive:    DefectFill as the public re-implementations write it: three separate VAE encodes, two UNet
   passes, the classic (non-SDPA) attention processor on every cross-attention layer, storing every map.
-- ours:     `train_defectfill.compute_defectfill_losses` (imported, not copied): one VAE call for the three
+- ours:     `defectfill_step.DefectFillStep` (imported, not copied): one VAE call for the three
   images, one UNet call of batch 2B, [V*] capture on the decoder cross-attention of the object half only,
-  channels-last convolution weights (the training script's default, `train_defectfill.set_memory_format`).
+  channels-last convolution weights (the training script's default, `defectfill_step.set_memory_format`).
 - ours_contiguous: the same step with `--no-channels_last` (the layout baseline and naive use).
-- ours_compiled: the same step with `--torch_compile` (`train_defectfill.compile_models`), on a copy of the
+- ours_compiled: the same step with `--torch_compile` (`defectfill_step.compile_models`), on a copy of the
   models (compiling is in place); compiles in the warm-up rounds (`--no-compile` skips it).
 - ours_no_capture: the same with the attention loss off (capture overhead = ours / ours_no_capture - 1).
 Each step includes backward and an AdamW step.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from common import PRESETS, build_components, machine_description, synchronize
 
 import defectfill_method as method
-import train_defectfill as train
+import defectfill_step as ds
 from attention_processor import VStarAttentionStore, install_vstar_capture
 
 
@@ -66,7 +65,7 @@ def make_batch(preset, device):
 
 
 def add_lora(models, rank=8):
-    train.add_lora_adapters(models, SimpleNamespace(rank=rank, lora_alpha=2 * rank, train_text_encoder=True))
+    ds.add_lora_adapters(models, rank, 2 * rank)
     from diffusers.training_utils import cast_training_params
 
     cast_training_params([models.unet, models.text_encoder], dtype=torch.float32)
@@ -82,8 +81,8 @@ def optimizer_step(loss, optimizer):
 
 def baseline_step(models, batch, prompt_ids, optimizer, device):
     images, masks = batch["pixel_values"], batch["masks"]
-    latents = train.encode_latents(models.vae, images)
-    masked = train.encode_latents(models.vae, images * (1 - masks))
+    latents = ds.encode_latents(models.vae, images)
+    masked = ds.encode_latents(models.vae, images * (1 - masks))
     noise = torch.randn_like(latents)
     t = torch.randint(0, 1000, (len(latents),), device=device)
     noisy = models.noise_scheduler.add_noise(latents, noise, t)
@@ -97,9 +96,9 @@ def naive_step(models, batch, prompt_ids, optimizer, device, maps, config):
     images, masks = batch["pixel_values"], batch["masks"]
     b, _, h, w = images.shape
     random_masks = method.random_box_mask(b, h, w).to(device, images.dtype)
-    latents = train.encode_latents(models.vae, images)
-    defect_background = train.encode_latents(models.vae, images * (1 - masks))
-    object_background = train.encode_latents(models.vae, images * (1 - random_masks))
+    latents = ds.encode_latents(models.vae, images)
+    defect_background = ds.encode_latents(models.vae, images * (1 - masks))
+    object_background = ds.encode_latents(models.vae, images * (1 - random_masks))
     noise = torch.randn_like(latents)
     t = torch.randint(0, 1000, (b,), device=device)
     noisy = models.noise_scheduler.add_noise(latents, noise, t)
@@ -127,10 +126,10 @@ def naive_step(models, batch, prompt_ids, optimizer, device, maps, config):
 
 
 def ours_step(models, batch, prompt_ids, optimizer, store, config, latent_cache=None):
-    terms = train.compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder, models.noise_scheduler,
-                                            prompt_ids, store, config, latent_cache)
-    terms["loss"].backward()
-    store.reset()
+    step = ds.DefectFillStep(models.unet, models.vae, models.text_encoder, models.noise_scheduler, prompt_ids, config, store,
+                             latent_cache)
+    with step(batch) as output:
+        output.losses["loss"].backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -157,31 +156,30 @@ def main(argv=None) -> dict:
     preset = PRESETS[args.preset]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, text_encoder, vae, unet, scheduler = build_components(preset, device)
-    models = train.Models(tokenizer, text_encoder, vae, unet, scheduler)
+    models = ds.Models(tokenizer, text_encoder, vae, unet, scheduler)
     optimizer = add_lora(models)
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
     models.unet.train()
     batch = make_batch(preset, device)
-    prompt_ids = train.build_prompt_ids(tokenizer, "metal_nut", method.DEFAULT_TOKEN)
-    config = train.StepConfig.from_args(SimpleNamespace(lambda_defect=0.5, lambda_object=0.2, lambda_attention=0.05, object_alpha=0.3,
-                                                       num_boxes=30, box_min_fraction=0.03, box_max_fraction=0.25))
-    no_capture = train.StepConfig(method.LossWeights(0.5, 0.2, 0.0), 0.3, 30, 0.03, 0.25)
+    prompt_ids = ds.build_prompt_ids(tokenizer, "metal_nut", method.DEFAULT_TOKEN)
+    config = ds.StepConfig()  # the paper's weights, boxes and alpha
+    no_capture = ds.StepConfig(method.LossWeights(0.5, 0.2, 0.0))
     sdpa = dict(unet.attn_processors)
-    store, naive_maps, latent_cache = VStarAttentionStore(), {}, train.LatentCache()
+    store, naive_maps, latent_cache = VStarAttentionStore(), {}, ds.LatentCache()
 
     # Layout changes happen here, outside the timed step: baseline and naive use the default layout.
     def with_sdpa():
-        train.set_memory_format(models, channels_last=False)
+        ds.set_memory_format(models, channels_last=False)
         unet.set_attn_processor(dict(sdpa))
 
     def with_capture(channels_last=True):
-        train.set_memory_format(models, channels_last)
+        ds.set_memory_format(models, channels_last)
         unet.set_attn_processor(dict(sdpa))
         install_vstar_capture(unet, store)
 
     def with_naive():
-        train.set_memory_format(models, channels_last=False)
+        ds.set_memory_format(models, channels_last=False)
         processors = {name: NaiveStoringProcessor(name[: -len(".processor")], naive_maps) if ".attn2." in name else sdpa[name]
                       for name in sdpa}
         unet.set_attn_processor(processors)
@@ -198,14 +196,14 @@ def main(argv=None) -> dict:
     if args.compile:
         import copy
 
-        compiled = train.Models(tokenizer, copy.deepcopy(text_encoder), copy.deepcopy(vae), copy.deepcopy(unet), scheduler)
+        compiled = ds.Models(tokenizer, copy.deepcopy(text_encoder), copy.deepcopy(vae), copy.deepcopy(unet), scheduler)
         compiled_optimizer = torch.optim.AdamW([p for m in (compiled.unet, compiled.text_encoder) for p in m.parameters()
                                                 if p.requires_grad], lr=1e-5)
         compiled_store = VStarAttentionStore()
         compiled.unet.set_attn_processor(dict(sdpa))
         install_vstar_capture(compiled.unet, compiled_store)
-        train.set_memory_format(compiled, channels_last=True)
-        train.compile_models(compiled)
+        ds.set_memory_format(compiled, channels_last=True)
+        ds.compile_models(compiled)
         variants["ours_compiled"] = (lambda: None, lambda: ours_step(compiled, batch, prompt_ids, compiled_optimizer,
                                                                      compiled_store, config))
     import statistics

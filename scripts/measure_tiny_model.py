@@ -32,6 +32,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import dataset_mvtec as dm  # noqa: E402
+import defectfill_step as ds  # noqa: E402
+import synthesis  # noqa: E402
+from run_files import RunRecord, load_lora_into  # noqa: E402
 from scripts.make_synthetic_mvtec import STAIN_RGB  # noqa: E402
 
 TINY_MODEL = REPO_ROOT / "models" / "tiny-sd2-inpainting"
@@ -43,11 +46,7 @@ STEPS = 20
 
 
 def load_pipeline(path):
-    from diffusers import StableDiffusionInpaintPipeline
-
-    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return synthesis.load_pipeline(str(path), device="cpu")
 
 
 def build_random_model(output_dir: Path) -> Path:
@@ -101,38 +100,35 @@ def inpainting_error(pipe, side: int = 24, ring: int = 6) -> float:
 
 
 def train_demo_run(model_path, output_dir: Path, *extra: str) -> Path:
-    """The README demo's training command (configs/tiny.yaml), without validation and checkpoints."""
-    import train_defectfill as train
+    """The README demo's training command (configs/tiny.yaml), without validation and checkpoints, run as
+    users run it."""
+    import subprocess
 
-    train.main(train.parse_args([
-        "--config", str(DEMO_CONFIG), "--pretrained_model_name_or_path", str(model_path), "--data_dir", str(SYNTHETIC_DATA),
-        "--output_dir", str(output_dir), "--validation_steps", "0", "--checkpointing_steps", "100000", "--report_to", "none",
-        *extra,
-    ]))
+    command = [
+        sys.executable, str(REPO_ROOT / "train_defectfill.py"), "--config", str(DEMO_CONFIG),
+        "--pretrained_model_name_or_path", str(model_path), "--data_dir", str(SYNTHETIC_DATA), "--output_dir", str(output_dir),
+        "--validation_steps", "0", "--checkpointing_steps", "100000", "--report_to", "none", *extra,
+    ]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"training the demo run failed:\n{result.stderr[-3000:]}")
     return output_dir
 
 
 def heldout_pairs(run_dir: Path) -> list[tuple[Path, Path]]:
     """(clean test image, held-out defect mask) pairs of the run's object class and defect type."""
-    record = run_settings(run_dir)
-    masks = dm.list_heldout_masks(SYNTHETIC_DATA, record["split"], record["defect_type"])
-    goods = dm.list_good_images(SYNTHETIC_DATA, record["object_class"], splits=("test",))
-    return [(goods[i % len(goods)], mask) for i, mask in enumerate(masks)]
+    record = RunRecord.read(run_dir)
+    masks = dm.list_heldout_masks(SYNTHETIC_DATA, record.split, record.defect_type)
+    goods = dm.list_good_images(SYNTHETIC_DATA, record.object_class, splits=("test",))
+    return synthesis.round_robin(goods, masks, len(masks))
 
 
-def run_settings(run_dir: Path) -> dict:
-    import train_defectfill as train
-
-    return json.loads((run_dir / train.RUN_FILENAME).read_text())
-
-
-def regions(pairs) -> list[tuple[Image.Image, Image.Image]]:
-    """(image, mask) at model resolution, cropped around the mask as `infer_defectfill.py` crops by default."""
-    import infer_defectfill as infer
-
-    defaults = infer.build_parser()
-    crop_to_mask, context = defaults.get_default("crop_to_mask"), defaults.get_default("crop_context")
-    jobs = [infer.prepare_job(infer.Pair(i, image, mask), RESOLUTION, crop_to_mask, context) for i, (image, mask) in enumerate(pairs)]
+def regions(pairs, record: RunRecord) -> list[tuple[Image.Image, Image.Image]]:
+    """(image, mask) at model resolution, prepared as `infer_defectfill.py` prepares them for this run (at the
+    run's training scale: cropped around the mask for the demo config)."""
+    crop_to_mask, context = synthesis.crop_at_training_scale(record.defect_crop_probability, record.crop_context)
+    settings = synthesis.SynthesisSettings(record.object_prompt, RESOLUTION, crop_to_mask=crop_to_mask, crop_context=context)
+    jobs = [synthesis.prepare_job(Image.open(image), Image.open(mask), i, settings) for i, (image, mask) in enumerate(pairs)]
     return [(job.region, job.region_mask) for job in jobs]
 
 
@@ -151,19 +147,10 @@ def vstar_mask_overlaps(model_path, run_dir: Path, regions) -> dict[str, float]:
     """Share of the [V*] decoder attention (object branch, training's capture) that falls inside the mask,
     averaged over the regions at fixed noise and timesteps: {"base": fresh LoRA adapters (their B is zero,
     so the base model's maps), "trained": the run's LoRA loaded into them}."""
-    from types import SimpleNamespace
-
-    import train_defectfill as train
-    from attention_processor import VStarAttentionStore, install_vstar_capture
-
-    settings = run_settings(run_dir)
-    args = train.parse_args(["--config", str(DEMO_CONFIG), "--pretrained_model_name_or_path", str(model_path)])
-    models = train.load_models(args)
-    train.add_lora_adapters(models, args)
-    store = VStarAttentionStore()
-    install_vstar_capture(models.unet, store)
-    prompt_ids = train.build_prompt_ids(models.tokenizer, settings["object_class"], settings["token"])
-    config = train.StepConfig.from_args(SimpleNamespace(**{**vars(args), "lambda_attention": 1.0}))
+    record = RunRecord.read(run_dir)
+    models = ds.load_models(str(model_path))
+    ds.add_lora_adapters(models, record.rank, record.lora_alpha, record.train_text_encoder)
+    step = ds.DefectFillStep.build(models, record.object_class, record.token)
     transform = dm.PairTransform(RESOLUTION)
     batches = [transform(image, mask_image) for image, mask_image in regions]
 
@@ -171,17 +158,14 @@ def vstar_mask_overlaps(model_path, run_dir: Path, regions) -> dict[str, float]:
         overlaps = []
         for index, (image, mask) in enumerate(batches):
             batch = {"pixel_values": image[None], "masks": mask[None], "sample_seed": torch.tensor([index])}
-            with torch.no_grad():
-                train.compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder, models.noise_scheduler,
-                                                prompt_ids, store, config)
-                attention = store.aggregate()[0, 0]
-            store.reset()
+            with torch.no_grad(), step(batch) as output:
+                attention = output.attention_map[0, 0]
             latent_mask = torch.nn.functional.interpolate(mask[None], size=tuple(attention.shape))[0, 0]
             overlaps.append((attention * latent_mask).sum().item() / attention.sum().item())
         return float(np.mean(overlaps))
 
     base = mean_overlap()
-    train.load_lora_into(run_dir, models.unet, models.text_encoder)
+    load_lora_into(run_dir, models.unet, models.text_encoder)
     return {"base": base, "trained": mean_overlap()}
 
 
@@ -190,8 +174,9 @@ def measure(model_path=TINY_MODEL, work_dir: Path | None = None) -> dict:
         work = Path(work_dir or tmp)
         random_model = build_random_model(work / "random")
         run_dir = train_demo_run(model_path, work / "run")
-        heldout = regions(heldout_pairs(run_dir))
-        prompt = run_settings(run_dir)["object_prompt"]
+        record = RunRecord.read(run_dir)
+        heldout = regions(heldout_pairs(run_dir), record)
+        prompt = record.object_prompt
         pipe = load_pipeline(model_path)
         results = {
             "vae_error": {"pretrained": vae_round_trip_error(model_path), "random": vae_round_trip_error(random_model)},

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts import make_synthetic_mvtec as synthetic  # noqa: E402
 from scripts.make_tiny_model import build_pipeline  # noqa: E402
-from train_defectfill import tokenize  # noqa: E402
+from defectfill_step import tokenize  # noqa: E402
 
 RESOLUTION = 64
 

@@ -27,22 +27,26 @@ def test_model_readme_records_how_it_was_made():
     assert f"{record['inpainting_loss']:.4f}" in readme and f"{record['vae_l1']:.4f}" in readme
 
 
+@pytest.mark.slow  # the measurement trains the demo run in a subprocess
 def test_vae_reconstructs_held_out_images(measured):
     error = measured["vae_error"]
     assert error["pretrained"] < 0.03, error  # measured 0.016 vs 0.288
     assert error["pretrained"] < 0.2 * error["random"], error
 
 
+@pytest.mark.slow  # the measurement trains the demo run in a subprocess
 def test_base_inpainting_continues_the_surroundings(measured):
     error = measured["inpainting_error"]  # measured 56.6 vs 71.5: a weak inpainter, but the colour of its context
     assert error["pretrained"] < 0.9 * error["random"], error
 
 
+@pytest.mark.slow  # the measurement trains the demo run in a subprocess
 def test_demo_run_paints_the_defect_colour(measured):
     distance = measured["stain_distance"]  # measured 156 -> 96
     assert distance["trained"] < 0.75 * distance["base"], distance
 
 
+@pytest.mark.slow  # the measurement trains the demo run in a subprocess
 def test_demo_run_focuses_the_vstar_attention_on_the_mask(measured):
     overlap = measured["vstar_overlap"]  # measured 0.068 -> 0.104, the mask covering 0.072 of the image
     assert overlap["trained"] > 1.3 * overlap["base"], overlap

@@ -86,3 +86,34 @@ def test_pretraining_script_writes_a_loadable_pipeline(tmp_path):
     assert record["settings"]["unet_steps"] == 2 and record["latent_std"] > 0
     assert pipe.vae.config.scaling_factor == pytest.approx(1 / record["latent_std"], rel=1e-3)
     assert "python scripts/pretrain_tiny_model.py" in (out / "README.md").read_text()
+
+
+ENTRY_SCRIPTS = ("train_defectfill", "infer_defectfill", "eval_defectfill", "downstream_defectfill", "app_defectfill")
+
+
+def imported_modules(path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_no_entry_script_imports_another():
+    """Scripts share modules, never each other (tests may import them: they are the scripts' users)."""
+    sources = [p for p in REPO_ROOT.glob("*.py")] + list((REPO_ROOT / "scripts").glob("*.py")) + list((REPO_ROOT / "bench").glob("*.py"))
+    offenders = {p.name: sorted(imported_modules(p) & (set(ENTRY_SCRIPTS) - {p.stem})) for p in sources}
+    assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def test_readme_speed_ratios_come_from_the_benchmark_results():
+    """A speed ratio quoted in the README (e.g. 0.77x) is one that bench/RESULTS.md records."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    results = (REPO_ROOT / "bench" / "RESULTS.md").read_text()
+    quoted = set(re.findall(r"\b\d+\.\d+x\b", readme))
+    assert {figure for figure in quoted if figure not in results} == set()

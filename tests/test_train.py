@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import defectfill_method as method
+import defectfill_step as ds
+import run_files as rf
 import train_defectfill as train
 from tests.conftest import REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL
 
@@ -31,7 +32,7 @@ def tiny_args(output_dir: Path, *extra: str):
 
 
 def read_run(output_dir: Path) -> dict:
-    return json.loads((output_dir / train.RUN_FILENAME).read_text())
+    return json.loads((output_dir / rf.RUN_FILENAME).read_text())
 
 
 # ---------------------------------------------------------------------------------------------- args
@@ -113,56 +114,6 @@ def test_unknown_defect_type_and_ambiguous_class(tmp_path):
         train.main(args)
 
 
-# ---------------------------------------------------------------------------------------------- step
-
-
-@pytest.fixture
-def step_setup(tmp_path):
-    args = tiny_args(tmp_path)
-    models = train.load_models(args)
-    train.add_lora_adapters(models, args)
-    from attention_processor import VStarAttentionStore, install_vstar_capture
-
-    store = VStarAttentionStore()
-    install_vstar_capture(models.unet, store)
-    rows, _ = train.load_training_split(args, "color")
-    batch = next(iter(train.build_dataloader(rows, args, 1)))
-    prompt_ids = train.build_prompt_ids(models.tokenizer, "metal_nut", "sks")
-    return args, models, store, batch, prompt_ids
-
-
-def test_step_losses_and_gradients(step_setup):
-    args, models, store, batch, prompt_ids = step_setup
-    terms = train.compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder, models.noise_scheduler,
-                                            prompt_ids, store, train.StepConfig.from_args(args))
-    assert set(terms) == {"defect", "object", "attention", "loss"}
-    assert all(torch.isfinite(v) and v > 0 for v in terms.values())
-    expected = 0.5 * terms["defect"] + 0.2 * terms["object"] + 0.05 * terms["attention"]
-    assert terms["loss"].item() == pytest.approx(expected.item())
-    assert store.enabled and len(store.maps) == 6  # still recording until backward is done
-    terms["loss"].backward()
-    store.reset()
-    text_lora = [p for n, p in models.text_encoder.named_parameters() if "lora_" in n]
-    assert text_lora and any(p.grad is not None and p.grad.abs().sum() > 0 for p in text_lora)
-    unet_lora = [p for n, p in models.unet.named_parameters() if "lora_B" in n]
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in unet_lora)
-
-
-def test_attention_weight_zero_turns_capture_off(step_setup):
-    args, models, store, batch, prompt_ids = step_setup
-    args.lambda_attention = 0.0
-    terms = train.compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder, models.noise_scheduler,
-                                            prompt_ids, store, train.StepConfig.from_args(args))
-    assert terms["attention"].item() == 0 and not store.enabled and store.maps == {}
-
-
-def test_prompt_ids_locate_the_token(step_setup):
-    _, models, _, _, prompt_ids = step_setup
-    position = prompt_ids.vstar_weights[0].nonzero().flatten().tolist()
-    # <bos> a metal nut with sks: "sks" is the 6th token.
-    assert position == [5] and prompt_ids.object[0, 5].item() == models.tokenizer.convert_tokens_to_ids("sks</w>")
-
-
 # ------------------------------------------------------------------------------------ end to end
 
 
@@ -178,9 +129,9 @@ def trained_run(tmp_path_factory):
 
 def test_run_writes_diffusers_lora_and_metadata(trained_run):
     names = {p.name for p in trained_run.iterdir()}
-    assert {train.LORA_FILENAME, train.RUN_FILENAME, "few_shot_split.json", "README.md", "validation_0.png", "logs"} <= names
+    assert {rf.LORA_FILENAME, rf.RUN_FILENAME, "few_shot_split.json", "README.md", "validation_0.png", "logs"} <= names
     assert sorted(p.name for p in trained_run.glob("checkpoint-*")) == ["checkpoint-20"]  # total limit 1
-    state = load_file(trained_run / train.LORA_FILENAME)
+    state = load_file(trained_run / rf.LORA_FILENAME)
     assert all(k.startswith(("unet.", "text_encoder.")) for k in state)
     assert any(k.startswith("text_encoder.") for k in state) and any(k.startswith("unet.") for k in state)
     assert all(v.dtype == torch.float32 for v in state.values())
@@ -208,8 +159,8 @@ def test_lora_loads_in_diffusers_and_changes_the_output(trained_run, tiny_pipeli
     pipe = StableDiffusionInpaintPipeline.from_pretrained(TINY_MODEL)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(trained_run)
-    saved = load_file(trained_run / train.LORA_FILENAME)
-    loaded = train.lora_layers(pipe.unet, adapter_name=next(iter(pipe.unet.peft_config)))
+    saved = load_file(trained_run / rf.LORA_FILENAME)
+    loaded = rf.lora_layers(pipe.unet, adapter_name=next(iter(pipe.unet.peft_config)))
     assert {f"unet.{k}" for k in loaded} == {k for k in saved if k.startswith("unet.")}  # nothing missing or unexpected
     for key, value in loaded.items():
         torch.testing.assert_close(value, saved[f"unet.{key}"])
@@ -228,16 +179,14 @@ def test_training_lowers_the_defect_loss(trained_run, tmp_path):
     batch = {"pixel_values": torch.stack([p[0] for p in pairs] * 4), "masks": torch.stack([p[1] for p in pairs] * 4)}
 
     def fixed_seed_defect_loss(load_trained: bool) -> float:
-        models = train.load_models(args)
-        train.add_lora_adapters(models, args)
+        models = ds.load_models(args.pretrained_model_name_or_path)
+        ds.add_lora_adapters(models, args.rank, args.lora_alpha)
         if load_trained:
-            train.load_lora_into(trained_run, models.unet, models.text_encoder)
-        prompt_ids = train.build_prompt_ids(models.tokenizer, "metal_nut", "sks")
+            rf.load_lora_into(trained_run, models.unet, models.text_encoder)
+        step = ds.DefectFillStep.build(models, "metal_nut", "sks", ds.StepConfig.from_args(args), capture=False)
         torch.manual_seed(1234)
-        with torch.no_grad():
-            terms = train.compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder,
-                                                    models.noise_scheduler, prompt_ids, None, train.StepConfig.from_args(args))
-        return terms["defect"].item()
+        with torch.no_grad(), step(batch) as output:
+            return output.losses["defect"].item()
 
     before, after = fixed_seed_defect_loss(False), fixed_seed_defect_loss(True)
     assert after < 0.95 * before, (before, after)  # measured: 0.0156 -> 0.0139
@@ -247,7 +196,7 @@ def test_training_lowers_the_defect_loss(trained_run, tmp_path):
 
 
 def lora_state(output_dir: Path) -> dict:
-    return load_file(output_dir / train.LORA_FILENAME)
+    return load_file(output_dir / rf.LORA_FILENAME)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -277,17 +226,17 @@ def test_resume_latest_picks_the_newest_checkpoint(tmp_path, caplog):
 
 
 def test_nonfinite_losses_are_skipped_and_counted(tmp_path, monkeypatch):
-    real = train.compute_defectfill_losses
+    real = ds.DefectFillStep.losses
     calls = {"n": 0}
 
-    def sometimes_nan(*a, **k):
+    def sometimes_nan(self, batch):
         calls["n"] += 1
-        terms = real(*a, **k)
+        output = real(self, batch)
         if calls["n"] in (2, 3):
-            terms["loss"] = terms["loss"] * float("nan")
-        return terms
+            output.losses["loss"] = output.losses["loss"] * float("nan")
+        return output
 
-    monkeypatch.setattr(train, "compute_defectfill_losses", sometimes_nan)
+    monkeypatch.setattr(ds.DefectFillStep, "losses", sometimes_nan)
     out = tmp_path / "run"
     train.main(tiny_args(out))
     summary = read_run(out)["training_summary"]
@@ -296,17 +245,17 @@ def test_nonfinite_losses_are_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_too_many_nonfinite_losses_stop_the_run(tmp_path, monkeypatch):
-    real = train.compute_defectfill_losses
+    real = ds.DefectFillStep.losses
 
-    def always_nan(*a, **k):
-        terms = real(*a, **k)
-        terms["loss"] = terms["loss"] * float("inf")
-        return terms
+    def always_nan(self, batch):
+        output = real(self, batch)
+        output.losses["loss"] = output.losses["loss"] * float("inf")
+        return output
 
-    monkeypatch.setattr(train, "compute_defectfill_losses", always_nan)
+    monkeypatch.setattr(ds.DefectFillStep, "losses", always_nan)
     with pytest.raises(train.TrainingError, match="3 non-finite losses in a row"):
         train.main(tiny_args(tmp_path / "run", "--max_nonfinite_steps", "3"))
-    assert not (tmp_path / "run" / train.LORA_FILENAME).exists()
+    assert not (tmp_path / "run" / rf.LORA_FILENAME).exists()
 
 
 def test_missing_gpu_extras_give_clear_errors(tmp_path, monkeypatch):
@@ -350,19 +299,20 @@ def test_push_to_hub_offline_fails_clearly_and_keeps_the_run(tmp_path, monkeypat
     out = tmp_path / "run"
     with pytest.raises(train.TrainingError, match="saved in .*run, but pushing it to the Hub failed"):
         train.main(tiny_args(out, "--push_to_hub", "--max_train_steps", "1"))
-    assert (out / train.LORA_FILENAME).exists() and (out / "README.md").exists()
+    assert (out / rf.LORA_FILENAME).exists() and (out / "README.md").exists()
 
 
 def test_all_defect_types_train_one_run_each(tmp_path):
     out = tmp_path / "runs"
     runs = train.main(tiny_args(out, "--defect_type", "all", "--max_train_steps", "1"))
     assert [p.name for p in runs] == ["color", "scratch"]
-    assert read_run(out / "scratch")["defect_type"] == "scratch" and (out / "color" / train.LORA_FILENAME).exists()
+    assert read_run(out / "scratch")["defect_type"] == "scratch" and (out / "color" / rf.LORA_FILENAME).exists()
 
 
 # ------------------------------------------------------------------------------- accelerate launch
 
 
+@pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes_match_one_process(tmp_path):
     """The real launcher, 2 processes (gloo) of batch 1: trains, the main process alone writes the outputs,
     and the LoRA equals a 1-process run of batch 2 (per-sample seeds make a sample's randomness
@@ -378,7 +328,7 @@ def test_accelerate_launch_two_cpu_processes_match_one_process(tmp_path):
                *flags, "--output_dir", str(out), "--train_batch_size", "1"]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (out / train.LORA_FILENAME).exists() and read_run(out)["training_summary"]["global_step"] == 2
+    assert (out / rf.LORA_FILENAME).exists() and read_run(out)["training_summary"]["global_step"] == 2
     assert (out / "checkpoint-2" / "random_states_1.pkl").exists()  # both processes saved their RNG state
 
     single = tmp_path / "single"
@@ -401,58 +351,6 @@ def test_mixed_precision_keeps_trainable_lora_in_fp32(tmp_path):
         assert trainable and all(p.dtype == torch.float32 for p in trainable)
         assert all(p.dtype == torch.bfloat16 for p in frozen)
     assert models.vae.dtype == torch.bfloat16
-
-
-def test_latent_cache_gives_the_same_losses_with_one_encode(step_setup):
-    args, models, store, batch, prompt_ids = step_setup
-    config = train.StepConfig.from_args(args)
-    batch = {**batch, "row_index": torch.tensor([0, 1])}
-
-    def losses(cache):
-        torch.manual_seed(7)
-        terms = train.compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder, models.noise_scheduler,
-                                                prompt_ids, store, config, cache)
-        store.reset()
-        return {k: v.item() for k, v in terms.items()}
-
-    encoded_batches = []
-    real_encode = models.vae.encode
-    models.vae.encode = lambda x, *a, **k: encoded_batches.append(len(x)) or real_encode(x, *a, **k)
-    reference = losses(None)
-    cache = train.LatentCache()
-    first, second = losses(cache), losses(cache)
-    assert encoded_batches == [6, 4, 2, 2]  # uncached: 3B; cache miss: 2B + B; cache hit: B
-    for k in reference:  # same random draws; only the VAE batch sizes differ
-        assert first[k] == pytest.approx(reference[k], rel=1e-5) and second[k] == pytest.approx(reference[k], rel=1e-5)
-
-
-def step_terms(step_setup, backward: bool = False) -> dict[str, torch.Tensor]:
-    """One call of the real step on the fixture's batch (its per-sample seeds make every call draw the same)."""
-    args, models, store, batch, prompt_ids = step_setup
-    terms = train.compute_defectfill_losses(batch, models.unet, models.vae, models.text_encoder, models.noise_scheduler,
-                                            prompt_ids, store, train.StepConfig.from_args(args))
-    if backward:
-        terms["loss"].backward()
-    store.reset()
-    return terms
-
-
-def test_channels_last_changes_the_layout_not_the_losses(step_setup):
-    models = step_setup[1]
-
-    def losses():
-        return {k: v.item() for k, v in step_terms(step_setup).items()}
-
-    train.set_memory_format(models, channels_last=False)
-    reference = losses()
-    assert not models.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    train.set_memory_format(models, channels_last=True)
-    conv_weights = [m.weight for model in (models.unet, models.vae) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert conv_weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
-    for key, value in losses().items():  # the per-sample seeds make the draws identical; only float rounding differs
-        assert value == pytest.approx(reference[key], rel=1e-4), key
-    assert tiny_args(Path("run")).channels_last
-    assert not tiny_args(Path("run"), "--no-channels_last").channels_last
 
 
 def test_latent_cache_only_without_augmentation():
@@ -500,24 +398,3 @@ def test_validation_does_not_change_the_training_randomness(tmp_path):
     train.main(tiny_args(validating, *common, "--validation_steps", "1", "--report_to", "tensorboard"))
     a, b = lora_state(quiet), lora_state(validating)
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor on CPU needs a C++ compiler")
-def test_torch_compile_gives_the_eager_losses_and_gradients(step_setup):
-    models = step_setup[1]
-
-    def losses_and_grad():
-        terms = step_terms(step_setup, backward=True)
-        lora_b = next(p for n, p in models.unet.named_parameters() if "lora_B" in n and "up_blocks" in n)
-        grad = lora_b.grad.clone()
-        models.unet.zero_grad(set_to_none=True)
-        models.text_encoder.zero_grad(set_to_none=True)
-        return {k: v.item() for k, v in terms.items()}, grad
-
-    eager, eager_grad = losses_and_grad()
-    train.compile_models(models)
-    compiled, compiled_grad = losses_and_grad()
-    for key in eager:  # the attention term too: the [V*] capture works under dynamo
-        assert compiled[key] == pytest.approx(eager[key], rel=1e-3), key
-    assert torch.allclose(compiled_grad, eager_grad, rtol=1e-2, atol=1e-6)
-    assert "_orig_mod" not in "".join(models.unet.state_dict())  # compiled in place: same keys for saving

@@ -1,0 +1,317 @@
+"""The models DefectFill trains and one training step: `DefectFillStep` holds the models, the prompt ids,
+the step's settings, the latent cache and the [V*] attention store, and `step(batch)` gives the paper's
+three losses (SPEC "One training step") inside a context that records the [V*] maps and stops
+recording when it exits, so no caller resets the store by hand.
+
+    step = DefectFillStep.build(models, object_class="metal_nut", token="sks", config=StepConfig())
+    with step(batch) as output:          # records the object branch's [V*] maps
+        output.losses["loss"].backward() # gradient checkpointing recomputes inside the context
+    # here the store is empty and idle again
+
+The training script, the tiny model's pre-training and measurement, and the benchmarks all call it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+import defectfill_method as method
+from attention_processor import VStarAttentionStore, install_vstar_capture, token_piece_ids, token_weights
+
+UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Models:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+
+
+def load_models(name: str, revision: str | None = None, variant: str | None = None, cache_dir: str | None = None) -> Models:
+    """The frozen components of a diffusers-format SD inpainting model (Hub id or local folder)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = dict(revision=revision, cache_dir=cache_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **source)
+    text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=variant, **source)
+    vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **source)
+    unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=variant, **source)
+    method.check_inpainting_unet(unet, name)
+    noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **source)
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False)
+    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler)
+
+
+def add_lora_adapters(models: Models, rank: int, lora_alpha: int, train_text_encoder: bool = True) -> None:
+    from peft import LoraConfig
+
+    models.unet.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS))
+    if train_text_encoder:
+        models.text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
+                                                   target_modules=TEXT_ENCODER_LORA_TARGETS))
+
+
+def set_memory_format(models: Models, channels_last: bool) -> None:
+    """NHWC convolution weights (their convolutions then run NHWC whatever the input's layout); the step's
+    time both ways is in bench/RESULTS.md (bench/train_step.py: ours vs ours_contiguous)."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    models.unet.to(memory_format=memory_format)
+    models.vae.to(memory_format=memory_format)
+
+
+def compile_models(models: Models) -> None:
+    """In place (`nn.Module.compile`): accelerate's hooks, the LoRA state dicts and the attention processors
+    keep seeing the same modules. bench/train_step.py measures the gain (ours_compiled)."""
+    models.unet.compile()
+    models.vae.encoder.compile()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts, latents and the step's random draws
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class StepConfig:
+    """What a step needs besides the batch and the models (from the flags); the defaults are the paper's."""
+
+    loss_weights: method.LossWeights = method.DEFAULT_LOSS_WEIGHTS
+    object_alpha: float = method.DEFAULT_OBJECT_ALPHA
+    num_boxes: int = method.DEFAULT_NUM_BOXES
+    box_min_fraction: float = method.DEFAULT_BOX_MIN_FRACTION
+    box_max_fraction: float = method.DEFAULT_BOX_MAX_FRACTION
+
+    @classmethod
+    def from_args(cls, args) -> "StepConfig":
+        weights = method.LossWeights(args.lambda_defect, args.lambda_object, args.lambda_attention)
+        return cls(weights, args.object_alpha, args.num_boxes, args.box_min_fraction, args.box_max_fraction)
+
+
+@dataclass
+class PromptIds:
+    """Token ids of P_def and P_obj (1, K each) and the [V*] weights over P_obj's positions (1, K)."""
+
+    defect: torch.Tensor
+    object: torch.Tensor
+    vstar_weights: torch.Tensor
+
+
+def tokenize(tokenizer, prompt: str | list[str]) -> torch.Tensor:
+    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def build_prompt_ids(tokenizer, object_class: str, token: str) -> PromptIds:
+    object_ids = tokenize(tokenizer, method.object_prompt(object_class, token))
+    weights = token_weights(object_ids, token_piece_ids(tokenizer, token))
+    return PromptIds(tokenize(tokenizer, method.defect_prompt(token)), object_ids, weights)
+
+
+def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """E(x) = vae.encode(x).latent_dist.sample() * scaling_factor, as the inpainting pipeline encodes."""
+    return sample_latents(vae, *encode_posterior(vae, pixels))
+
+
+def encode_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE posterior of `pixels`; frozen VAE, no gradient."""
+    with torch.no_grad():
+        posterior = vae.encode(pixels.to(dtype=vae.dtype)).latent_dist
+    return posterior.mean, posterior.std
+
+
+def sample_latents(vae, mean: torch.Tensor, std: torch.Tensor, draw: "RandomDraws | None" = None) -> torch.Tensor:
+    """latent_dist.sample() * scaling_factor, drawn in one call so cached and fresh posteriors consume the
+    random stream identically."""
+    noise = draw.normal(mean.shape) if draw else torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+    return (mean + std * noise.to(mean.dtype)) * vae.config.scaling_factor
+
+
+class RandomDraws:
+    """A step's random numbers drawn per sample from that sample's seed: sample b of every batched draw
+    comes from generator b, so a sample gets the same boxes, noise and timestep in any batch, on any
+    process. Without seeds (benchmarks, previews) it draws from the global generator."""
+
+    def __init__(self, sample_seeds: torch.Tensor | None, device: torch.device):
+        self.device = device
+        self.generators = None if sample_seeds is None else [
+            torch.Generator(device=device).manual_seed(int(seed)) for seed in sample_seeds.tolist()
+        ]
+
+    def _per_sample(self, shape, draw):
+        """`shape[0]` is a multiple of the batch: rows k * B + b belong to sample b."""
+        if self.generators is None:
+            return draw(shape, None)
+        b = len(self.generators)
+        rows = [draw((1, *shape[1:]), self.generators[i % b]) for i in range(shape[0])]
+        return torch.cat(rows)
+
+    def normal(self, shape) -> torch.Tensor:
+        return self._per_sample(tuple(shape), lambda s, g: torch.randn(s, generator=g, device=self.device))
+
+    def timesteps(self, batch: int, num_train_timesteps: int) -> torch.Tensor:
+        return self._per_sample((batch,), lambda s, g: torch.randint(0, num_train_timesteps, s, generator=g, device=self.device))
+
+    def box_masks(self, batch: int, height: int, width: int, config: "StepConfig") -> torch.Tensor:
+        def draw(shape, generator):
+            if generator is not None:  # box sampling runs on the CPU; one CPU generator per sample, seeded from the device one
+                generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=self.device)))
+            return method.random_box_mask(shape[0], height, width, config.num_boxes, config.box_min_fraction,
+                                          config.box_max_fraction, generator=generator)
+        return self._per_sample((batch,), draw).to(self.device)
+
+
+class LatentCache:
+    """The VAE posteriors (mean, std) of each training row's image I and defect background (1 - M) I.
+
+    Valid only when augmentation never changes a row's pixels (`--max_scale 1`, no flip, no defect crop):
+    then two of a step's three VAE encodes are the same every epoch. A fresh sample is still drawn from
+    the posterior each step."""
+
+    def __init__(self) -> None:
+        self.posteriors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def posterior(self, vae, images: torch.Tensor, masks: torch.Tensor, row_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of cat([I, (1 - M) I]) for the batch, encoding only rows not seen before."""
+        rows = row_index.tolist()
+        missing = [i for i, row in enumerate(rows) if row not in self.posteriors]
+        if missing:
+            picked = images[missing]
+            mean, std = encode_posterior(vae, torch.cat([picked, picked * (1 - masks[missing])]))
+            for k, i in enumerate(missing):
+                self.posteriors[rows[i]] = (mean[[k, k + len(missing)]], std[[k, k + len(missing)]])
+        mean = torch.stack([self.posteriors[row][0] for row in rows], dim=1).flatten(0, 1)  # I rows, then (1 - M) I rows
+        std = torch.stack([self.posteriors[row][1] for row in rows], dim=1).flatten(0, 1)
+        return mean, std
+
+
+def diffusion_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
+    """The paper writes the losses in epsilon; for a v-prediction base model (ours, for generality) the same
+    masked losses apply to the velocity target."""
+    if noise_scheduler.config.prediction_type == "epsilon":
+        return noise
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {noise_scheduler.config.prediction_type!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepOutput:
+    """`losses`: {"defect", "object", "attention", "loss"}; `attention_map`: A^[V*] of the object branch at
+    latent size (B, 1, h, w), None when the attention loss is off."""
+
+    losses: dict[str, torch.Tensor]
+    attention_map: torch.Tensor | None = None
+
+
+@dataclass
+class DefectFillStep:
+    """One DefectFill step over a batch {"pixel_values", "masks"[, "sample_seed", "row_index"]}.
+
+    Both branches share x0, one noise sample and one timestep; they run as one UNet call of batch 2B
+    (defect rows first, object rows second), and the three images of each sample are VAE-encoded in one
+    call (with a `latent_cache`, only the random-box background is encoded)."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    noise_scheduler: object
+    prompt_ids: PromptIds
+    config: StepConfig = field(default_factory=StepConfig)
+    store: VStarAttentionStore | None = None
+    latent_cache: LatentCache | None = None
+
+    @classmethod
+    def build(cls, models: Models, object_class: str, token: str = method.DEFAULT_TOKEN, config: StepConfig | None = None,
+              latent_cache: LatentCache | None = None, capture: bool = True) -> "DefectFillStep":
+        """A step on `models`, with the [V*] capture installed on the UNet's decoder cross-attention."""
+        store = None
+        if capture:
+            store = VStarAttentionStore()
+            install_vstar_capture(models.unet, store)
+        return cls(models.unet, models.vae, models.text_encoder, models.noise_scheduler,
+                   build_prompt_ids(models.tokenizer, object_class, token), config or StepConfig(), store, latent_cache)
+
+    @property
+    def records_attention(self) -> bool:
+        return self.store is not None and self.config.loss_weights.attention > 0
+
+    @contextmanager
+    def __call__(self, batch: dict) -> Iterator[StepOutput]:
+        """The step's losses; the [V*] store records while the context is open (call backward inside it:
+        gradient checkpointing recomputes the recorded layers in backward) and is reset when it closes."""
+        try:
+            yield self.losses(batch)
+        finally:
+            if self.store is not None:
+                self.store.reset()
+
+    def losses(self, batch: dict) -> StepOutput:
+        images, masks = batch["pixel_values"], batch["masks"]
+        b, _, height, width = images.shape
+        draw = RandomDraws(batch.get("sample_seed"), images.device)
+        random_masks = draw.box_masks(b, height, width, self.config).to(images.dtype)
+        # The inputs the UNet sees use the masks grown to whole latent blocks (thin defects survive).
+        scale = method.vae_scale_factor(self.vae)
+        covered, random_covered = method.cover_latent_blocks(masks, scale), method.cover_latent_blocks(random_masks, scale)
+        latents, defect_background, object_background = self.encode(images, covered, random_covered, batch.get("row_index"), draw)
+        latent_size = tuple(latents.shape[-2:])
+
+        # In logical order (randn_like follows the strides of its input, which depend on how the latents were made).
+        noise = draw.normal(latents.shape).to(latents.dtype)
+        timesteps = draw.timesteps(b, self.noise_scheduler.config.num_train_timesteps).long()
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        defect_mask = method.mask_to_latent(masks, latent_size).to(latents.dtype)
+        random_mask = method.mask_to_latent(random_masks, latent_size).to(latents.dtype)
+
+        # diffusers order: cat([noisy latents, mask, masked-image latents]); what the pretrained weights expect.
+        unet_input = torch.cat([
+            torch.cat([noisy, defect_mask, defect_background], dim=1),
+            torch.cat([noisy, random_mask, object_background], dim=1),
+        ])
+        device = latents.device
+        prompt_embeds = self.text_encoder(torch.cat([self.prompt_ids.defect, self.prompt_ids.object]).to(device))[0]
+        encoder_hidden_states = prompt_embeds.repeat_interleave(b, dim=0)
+        if self.records_attention:
+            self.store.start(self.prompt_ids.vstar_weights.expand(b, -1).to(device), latent_size, rows=slice(b, 2 * b))
+        prediction = self.unet(unet_input, timesteps.repeat(2), encoder_hidden_states, return_dict=False)[0]
+        defect_pred, object_pred = prediction.float().chunk(2)
+
+        target = diffusion_target(self.noise_scheduler, latents, noise, timesteps).float()
+        attention_map = self.store.aggregate() if self.records_attention else None
+        terms = {
+            "defect": method.defect_loss(defect_pred, target, defect_mask),
+            "object": method.object_loss(object_pred, target, defect_mask, self.config.object_alpha),
+            "attention": method.attention_loss(attention_map, defect_mask) if attention_map is not None else torch.zeros((), device=device),
+        }
+        terms["loss"] = method.total_loss(terms, self.config.loss_weights)
+        return StepOutput(terms, attention_map)
+
+    def encode(self, images, masks, random_masks, row_index, draw: RandomDraws):
+        """(x0, b_def, b_rand) latents: the image, its defect background (1 - M) I and its random-box
+        background (1 - M_rand) I (masks as the model sees them), drawn from their posteriors in one call."""
+        if self.latent_cache is not None:
+            cached_mean, cached_std = self.latent_cache.posterior(self.vae, images, masks, row_index)
+            random_mean, random_std = encode_posterior(self.vae, images * (1 - random_masks))
+            mean, std = torch.cat([cached_mean, random_mean]), torch.cat([cached_std, random_std])
+        else:
+            mean, std = encode_posterior(self.vae, torch.cat([images, images * (1 - masks), images * (1 - random_masks)]))
+        return sample_latents(self.vae, mean, std, draw).chunk(3)

@@ -1,0 +1,311 @@
+"""The synthesis core: paint a learned defect into a clean image with a [V*] LoRA, in memory.
+
+    pipeline = load_pipeline(base_model, lora="runs/bottle-broken_large")
+    settings = SynthesisSettings(prompt="A bottle with sks", resolution=512)
+    job = prepare_job(clean_image, mask, index=0, settings=settings)
+    [result] = synthesize(pipeline, [job], settings, scorer=LpipsModel().masked_scores)
+    result.image   # full resolution; outside the mask every pixel is the clean input's
+
+Steps (SPEC "Inference"): prepare a job (crop around the mask at full resolution, or the whole image,
+resized to the model's resolution), generate all candidates of all jobs in one pipeline call (one
+seeded generator per candidate), composite each candidate over the clean region, score it by LPIPS
+inside the mask and keep the highest (Low-Fidelity Selection), paste the region back at full
+resolution. Nothing here reads or writes files: the CLI (`infer_defectfill.py`), training's validation,
+the evaluation and the tests call these functions and do their own I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+import dataset_mvtec as dm
+import defectfill_method as method
+
+logger = logging.getLogger("defectfill")
+
+Scorer = Callable[[Image.Image, list[Image.Image], Image.Image], list[float]]
+
+
+class SynthesisError(ValueError):
+    """Bad synthesis input; the message names the file or flag and what was expected."""
+
+
+@dataclass(frozen=True)
+class SynthesisSettings:
+    """How a (clean image, mask) becomes a defect image; defaults are the paper's (SPEC "Inference")."""
+
+    prompt: str
+    resolution: int = 512
+    num_candidates: int = 8
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    seed: int = 0
+    composite: bool = True
+    crop_to_mask: bool = True
+    crop_context: float = 0.5
+
+
+def crop_at_training_scale(defect_crop_probability: float, crop_context: float) -> tuple[bool, float]:
+    """(crop_to_mask, crop_context) that generate defects at the scale a LoRA learned them: in a crop around
+    the mask when training cropped around defects (probability > 0), else on the whole image resized."""
+    return defect_crop_probability > 0, crop_context
+
+
+def precision_dtype(name: str | None) -> torch.dtype:
+    """torch dtype of a mixed-precision name ("no", "fp16", "bf16")."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name or "no", torch.float32)
+
+
+def default_device(device: str | None = None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def round_robin(images: Sequence, masks: Sequence, count: int) -> list[tuple]:
+    """`count` (image, mask) pairs taken in order, each list cycled."""
+    return [(images[i % len(images)], masks[i % len(masks)]) for i in range(count)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Jobs
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One (clean image, mask) prepared for the pipeline. `image` is the clean image at full resolution (RGB;
+    `mode` is the source's, which the output keeps), `mask` the exact label at full resolution, `box` the
+    region generated, `region` / `region_mask` that region at model resolution (the mask resized so that
+    every region pixel touching the label is masked: a thin defect never vanishes in the resize)."""
+
+    index: int
+    image: Image.Image
+    mask: np.ndarray
+    box: tuple[int, int, int, int]
+    region: Image.Image
+    region_mask: Image.Image
+    mode: str = "RGB"
+
+
+def mask_at_image_size(mask: Image.Image | np.ndarray, size: tuple[int, int], name: str = "mask") -> np.ndarray:
+    """The boolean mask at the image's size (resized, nearest, when it differs; a warning when the aspect
+    ratio differs too, since the mask is then stretched); an empty mask is an error."""
+    if isinstance(mask, np.ndarray):
+        mask = Image.fromarray(mask.astype(np.uint8) * 255)
+    if mask.size != size:
+        if abs(mask.size[0] * size[1] - mask.size[1] * size[0]) > max(size):
+            logger.warning("%s is %dx%d but its image is %dx%d: the mask is stretched to the image's aspect ratio",
+                           name, *mask.size, *size)
+        mask = mask.convert("L").resize(size, Image.NEAREST)
+    binary = dm.binarize_mask(mask)
+    if not binary.any():  # also when resizing emptied a tiny mask
+        raise SynthesisError(f"{name} is empty (no pixel >= {dm.MASK_THRESHOLD}); nothing to inpaint")
+    return binary
+
+
+def coverage_resize(mask: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """A boolean mask resized so that every output pixel that overlaps a masked input pixel is masked (box
+    filter, any coverage): a 3 px scratch stays visible at half the resolution."""
+    coverage = np.asarray(Image.fromarray(mask.astype(np.float32)).resize(size, Image.BOX))
+    return Image.fromarray(((coverage > 1e-6) * 255).astype(np.uint8))
+
+
+def prepare_job(image: Image.Image, mask: Image.Image | np.ndarray, index: int, settings: SynthesisSettings,
+                mask_name: str = "mask") -> Job:
+    """Crop (with `crop_to_mask`, when the image is larger than the resolution) and resize to the model."""
+    mode = "L" if image.mode in ("L", "LA", "I;16", "I;16B", "I;16L", "I", "F", "1") else "RGB"
+    image = dm.to_8bit(image).convert("RGB")
+    binary = mask_at_image_size(mask, image.size, mask_name)
+    box = (0, 0, *image.size)
+    if settings.crop_to_mask and min(image.size) > settings.resolution:
+        box = dm.mask_crop_box(binary, settings.resolution, settings.crop_context) or box
+    size = (settings.resolution, settings.resolution)
+    left, top, right, bottom = box
+    region = image.crop(box).resize(size, Image.BICUBIC)
+    return Job(index, image, binary, box, region, coverage_resize(binary[top:bottom, left:right], size), mode)
+
+
+def model_mask(region_mask: Image.Image, scale: int) -> Image.Image:
+    """The mask handed to the pipeline: the region mask grown to whole latent blocks, the function training
+    uses (`defectfill_method.cover_latent_blocks`), so the pipeline's nearest resize keeps every defect pixel."""
+    tensor = torch.from_numpy(np.asarray(region_mask) > 0).float()[None, None]
+    covered = method.cover_latent_blocks(tensor, scale)[0, 0].numpy()
+    return Image.fromarray((covered * 255).astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generate, composite, select
+# ----------------------------------------------------------------------------------------------------
+
+
+def candidate_generators(seed: int, pair_index: int, count: int, device) -> list[torch.Generator]:
+    """One generator per candidate, seeded by (seed, pair, candidate): the same pair gives the same
+    candidates whatever the batch size or the pairs around it."""
+    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + pair_index * 1_009 + c) for c in range(count)]
+
+
+def generate_candidates(pipeline, jobs: list[Job], settings: SynthesisSettings) -> list[list[Image.Image]]:
+    """All candidates of all jobs in one pipeline call; returns them per job."""
+    n = settings.num_candidates
+    generators = [g for job in jobs for g in candidate_generators(settings.seed, job.index, n, pipeline.device)]
+    result = pipeline(
+        prompt=[settings.prompt] * (len(jobs) * n), image=[job.region for job in jobs for _ in range(n)],
+        mask_image=[model_mask(job.region_mask, pipeline.vae_scale_factor) for job in jobs for _ in range(n)],
+        height=settings.resolution, width=settings.resolution,
+        num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale, generator=generators,
+    ).images
+    return [result[i * n : (i + 1) * n] for i in range(len(jobs))]
+
+
+def composite(clean: Image.Image, generated: Image.Image, mask: Image.Image | np.ndarray) -> Image.Image:
+    """M * generated + (1 - M) * clean, so outside the mask the output is the clean input exactly."""
+    mask = np.asarray(mask) > 0 if not isinstance(mask, np.ndarray) else mask
+    out = np.where(mask[..., None], np.asarray(generated.convert("RGB")), np.asarray(clean.convert("RGB")))
+    return Image.fromarray(out)
+
+
+def paste_back(job: Job, generated_region: Image.Image, use_composite: bool) -> Image.Image:
+    """The generated region back at full resolution, inside the clean image, in the source's mode (a grayscale
+    class stays grayscale; outside the label the pixels are the source's exactly)."""
+    left, top, right, bottom = job.box
+    full = job.image.copy()
+    full.paste(generated_region.resize((right - left, bottom - top), Image.BICUBIC), (left, top))
+    full = composite(job.image, full, job.mask) if use_composite else full
+    return full.convert(job.mode)
+
+
+def select_candidate(scores: Sequence[float]) -> int:
+    """Low-Fidelity Selection: the candidate whose masked region departs most from the clean object."""
+    return int(np.argmax(np.asarray(scores, dtype=np.float64)))
+
+
+@dataclass
+class SynthesisResult:
+    """A job's outcome: `image` at full resolution; `candidates` are the (composited) regions at model
+    resolution with their `scores`; `chosen` indexes the kept one."""
+
+    job: Job
+    image: Image.Image
+    candidates: list[Image.Image]
+    scores: list[float]
+    chosen: int
+
+    @property
+    def region(self) -> Image.Image:
+        return self.candidates[self.chosen]
+
+
+def synthesize(pipeline, jobs: list[Job], settings: SynthesisSettings, scorer: Scorer | None = None) -> list[SynthesisResult]:
+    """Generate, composite, select and paste back every job (one pipeline call for all of them).
+    Without a scorer, or with one candidate, the first candidate is kept (scores all 0)."""
+    results = []
+    for job, candidates in zip(jobs, generate_candidates(pipeline, jobs, settings)):
+        if settings.composite:
+            candidates = [composite(job.region, c, job.region_mask) for c in candidates]
+        scores = scorer(job.region, candidates, job.region_mask) if scorer and len(candidates) > 1 else [0.0] * len(candidates)
+        chosen = select_candidate(scores)
+        results.append(SynthesisResult(job, paste_back(job, candidates[chosen], settings.composite), candidates, scores, chosen))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# LPIPS (selection, IC-LPIPS)
+# ----------------------------------------------------------------------------------------------------
+
+
+class LpipsModel:
+    """The `lpips` package's LPIPS (AlexNet by default, as the IC-LPIPS papers use). `distance` gives the
+    standard per-pair LPIPS; `masked_scores` averages the spatial LPIPS map over a mask ("LPIPS inside the
+    mask" is the paper's phrase for Low-Fidelity Selection; the spatial map averaged over the mask is our
+    reading of it). `pretrained_backbone=False` is a random backbone: tests and offline runs only."""
+
+    def __init__(self, net: str = "alex", device: str | torch.device = "cpu", pretrained_backbone: bool = True):
+        import lpips
+
+        try:
+            self.model = lpips.LPIPS(net=net, pnet_rand=not pretrained_backbone, verbose=False).to(device).eval()
+        except Exception as error:  # the torchvision backbone download failed
+            raise SynthesisError(
+                f"LPIPS needs the torchvision '{net}' backbone weights, which could not be loaded ({error}). Put the "
+                f"checkpoint file in $TORCH_HOME/hub/checkpoints (run once with network access), or use --num_candidates 1"
+            ) from error
+        self.device = device
+
+    @torch.no_grad()
+    def distance_map(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) LPIPS map of paired batches in [-1, 1] (the `lpips` package's spatial output)."""
+        self.model.spatial = True
+        try:
+            return self.model(a.to(self.device), b.to(self.device))
+        finally:
+            self.model.spatial = False
+
+    @torch.no_grad()
+    def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(N,) LPIPS of paired batches in [-1, 1], as the `lpips` package reports it."""
+        return self.model(a.to(self.device), b.to(self.device)).flatten().cpu()
+
+    def masked_scores(self, clean: Image.Image, candidates: list[Image.Image], mask: Image.Image) -> list[float]:
+        """Per candidate, the LPIPS map against `clean` averaged over the mask's pixels."""
+        batch = torch.stack([dm.to_signed_tensor(c) for c in candidates])
+        distance = self.distance_map(batch, dm.to_signed_tensor(clean)[None].expand_as(batch))
+        weights = torch.from_numpy(np.asarray(mask) > 0).float().to(distance.device)
+        return ((distance[:, 0] * weights).sum(dim=(1, 2)) / weights.sum().clamp_min(1)).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_lora_fits(pipeline, lora: str, trained_on: str | None, base: str) -> None:
+    """Name the mismatch when a LoRA was trained on another architecture (load_lora_weights' own error
+    is a bare shape mismatch)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    state_dict, _ = StableDiffusionInpaintPipeline.lora_state_dict(lora)
+    modules = dict(pipeline.unet.named_modules())
+    for key, tensor in state_dict.items():
+        if not key.startswith("unet.") or "lora_A" not in key and "lora.down" not in key:
+            continue
+        name = key[len("unet."):].split(".lora")[0]
+        module = modules.get(name)
+        expected = getattr(module, "in_features", None)
+        if module is None or expected != tensor.shape[1]:
+            trained_on = trained_on or "another model"
+            found = "no such layer" if module is None else f"in_features {expected}"
+            raise SynthesisError(
+                f"the LoRA in {lora} was trained on {trained_on}, not on {base}: its layer {name} "
+                f"expects input size {tensor.shape[1]}, the base model has {found}. Use --pretrained_model_name_or_path {trained_on}"
+            )
+
+
+def load_pipeline(base_model: str, lora: str | None = None, trained_on: str | None = None, revision: str | None = None,
+                  variant: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None,
+                  scheduler: str | None = None):
+    """The base inpainting pipeline with the LoRA loaded (`load_lora_weights`, as users load it)."""
+    import diffusers
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipeline = StableDiffusionInpaintPipeline.from_pretrained(
+        base_model, revision=revision, variant=variant, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+    )
+    try:
+        method.check_inpainting_unet(pipeline.unet, base_model)
+    except method.InpaintingModelError as error:
+        raise SynthesisError(str(error)) from error
+    if scheduler:
+        scheduler_class = getattr(diffusers, scheduler, None)
+        if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
+            raise SynthesisError(f"--scheduler {scheduler} is not a diffusers scheduler class")
+        pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
+    if lora is not None:
+        check_lora_fits(pipeline, lora, trained_on, base_model)
+        pipeline.load_lora_weights(lora)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(default_device(device))
