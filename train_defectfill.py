@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
     t.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
     t.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
-    t.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (pip install -r requirements-gpu.txt).")
+    t.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit: 8-bit optimizer state for tensors of 4096+ elements (bench/optimizer_state.py measures the saving).")
     t.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
                    help="Mixed precision; default: accelerate config. Trainable LoRA weights stay fp32.")
     t.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
@@ -271,13 +271,13 @@ def enable_optional_features(models: Models, args) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
 
 
-def require_extra(module: str, flag: str):
+def require_extra(module: str, flag: str, requirements: str = "requirements-gpu.txt"):
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise TrainingError(f"{flag} needs the {module} package: pip install -r requirements-gpu.txt ({error})") from error
+        raise TrainingError(f"{flag} needs the {module} package: pip install -r {requirements} ({error})") from error
 
 
 def build_optimizer(models: Models, args):
@@ -286,7 +286,7 @@ def build_optimizer(models: Models, args):
     if args.train_text_encoder:
         groups.append({"params": [p for p in models.text_encoder.parameters() if p.requires_grad], "lr": args.text_encoder_lr})
     if args.use_8bit_adam:
-        optimizer_class = require_extra("bitsandbytes", "--use_8bit_adam").optim.AdamW8bit
+        optimizer_class = require_extra("bitsandbytes", "--use_8bit_adam", "requirements.txt").optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
     return optimizer_class(groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)

@@ -338,7 +338,7 @@ def test_too_many_nonfinite_losses_stop_the_run(tmp_path, monkeypatch):
 
 def test_missing_gpu_extras_give_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
-    with pytest.raises(train.TrainingError, match="--use_8bit_adam needs the bitsandbytes package: pip install -r requirements-gpu.txt"):
+    with pytest.raises(train.TrainingError, match="--use_8bit_adam needs the bitsandbytes package: pip install -r requirements.txt"):
         train.main(tiny_args(tmp_path / "a", "--use_8bit_adam"))
     monkeypatch.setitem(sys.modules, "xformers", None)
     with pytest.raises(train.TrainingError, match="--enable_xformers_memory_efficient_attention needs the xformers package"):
