@@ -62,10 +62,34 @@ def _read_json(path: Path) -> Any:
         raise RunFileError(f"cannot read {path}: {error}") from error
 
 
+class _JsonRecord:
+    """A record stored as one JSON file in a folder, with a version field."""
+
+    FILENAME = ""
+    LATEST_VERSION = 1
+    REQUIRED: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, payload: dict, path: str | os.PathLike | None = None):
+        return _from_dict(cls, payload, path or cls.FILENAME, cls.REQUIRED)
+
+    @classmethod
+    def read_file(cls, folder: str | os.PathLike):
+        path = Path(folder) / cls.FILENAME
+        return cls.from_dict(_read_json(path), path)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "version": self.LATEST_VERSION}
+
+    def write(self, folder: str | os.PathLike) -> Path:
+        return write_json_atomic(Path(folder) / self.FILENAME, self.to_dict())
+
+
 @dataclass
-class RunRecord:
+class RunRecord(_JsonRecord):
     """What synthesis needs to use a training run (``defectfill_run.json`` next to the LoRA)."""
 
+    FILENAME = RUN_FILENAME
     LATEST_VERSION = RUN_RECORD_VERSION
 
     base_model: str
@@ -95,33 +119,23 @@ class RunRecord:
     REQUIRED = ("base_model", "token", "object_class", "defect_type", "object_prompt", "resolution", "split")
 
     @classmethod
-    def from_dict(cls, payload: dict, path: str | os.PathLike = RUN_FILENAME) -> "RunRecord":
-        payload = dict(payload)
-        payload.setdefault("defect_prompt", None)
-        record = _from_dict(cls, payload, path, cls.REQUIRED)
+    def from_dict(cls, payload: dict, path: str | os.PathLike | None = None) -> "RunRecord":
+        record = super().from_dict({"defect_prompt": None, **payload}, path)
         if "defect_types" not in record.split:
-            raise RunFileError(f"{path}: field 'split' is not a few-shot split (no 'defect_types')")
+            raise RunFileError(f"{path or cls.FILENAME}: field 'split' is not a few-shot split (no 'defect_types')")
         return record
 
     @classmethod
     def read(cls, folder: str | os.PathLike) -> "RunRecord":
-        path = Path(folder) / RUN_FILENAME
-        return cls.from_dict(_read_json(path), path)
-
-    def to_dict(self) -> dict:
-        payload = asdict(self)
-        payload["version"] = RUN_RECORD_VERSION
-        return payload
-
-    def write(self, folder: str | os.PathLike) -> Path:
-        return write_json_atomic(Path(folder) / RUN_FILENAME, self.to_dict())
+        return cls.read_file(folder)
 
 
 @dataclass
-class SynthesisRecord:
+class SynthesisRecord(_JsonRecord):
     """The settings a synthesis folder was made with (``synthesis.json``); evaluation reads its data
     folder and split (the held-out real images are the references)."""
 
+    FILENAME = SYNTHESIS_FILENAME
     LATEST_VERSION = SYNTHESIS_RECORD_VERSION
 
     pretrained_model_name_or_path: str
@@ -146,22 +160,9 @@ class SynthesisRecord:
     REQUIRED = ("pretrained_model_name_or_path", "prompt", "resolution")
 
     @classmethod
-    def from_dict(cls, payload: dict, path: str | os.PathLike = SYNTHESIS_FILENAME) -> "SynthesisRecord":
-        return _from_dict(cls, payload, path, cls.REQUIRED)
-
-    @classmethod
     def read(cls, folder: str | os.PathLike) -> "SynthesisRecord | None":
         """The folder's record, or None when it has none (a folder made by another tool)."""
-        path = Path(folder) / SYNTHESIS_FILENAME
-        return cls.from_dict(_read_json(path), path) if path.is_file() else None
-
-    def to_dict(self) -> dict:
-        payload = asdict(self)
-        payload["version"] = SYNTHESIS_RECORD_VERSION
-        return payload
-
-    def write(self, folder: str | os.PathLike) -> Path:
-        return write_json_atomic(Path(folder) / SYNTHESIS_FILENAME, self.to_dict())
+        return cls.read_file(folder) if (Path(folder) / cls.FILENAME).is_file() else None
 
 
 # ----------------------------------------------------------------------------------------------------
