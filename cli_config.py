@@ -38,11 +38,19 @@ def _coerce(action: argparse.Action, key: str, value, path: Path):
             return value
         if action.nargs in ("+", "*") or isinstance(action.nargs, int):
             values = value if isinstance(value, list) else [value]
-            return [action.type(v) if action.type else v for v in values]
+            return [_check_int(action, v) for v in values]
+        _check_int(action, value)
         # YAML reads 2e-4 as a string (YAML 1.1 wants 2.0e-4); the flag's own type converts it.
         return action.type(value) if action.type and isinstance(value, str) else value
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{path}: bad value for {key!r}: {error}") from error
+
+
+def _check_int(action: argparse.Action, value):
+    """An integer flag takes what the command line would: an int (or its string), not 2.5, 2.0 or true."""
+    if action.type is int and (isinstance(value, (float, bool)) or (isinstance(value, str) and not value.strip().lstrip("-").isdigit())):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return action.type(value) if action.type and isinstance(value, str) else value
 
 
 def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict:
@@ -110,3 +118,12 @@ def add_hub_arguments(parser: argparse.ArgumentParser, repo_flag: str, what: str
     group.add_argument(repo_flag, default=None, help="Hub repo id; default: the output folder's name.")
     group.add_argument("--hub_token", default=None, help="Hub token; prefer `huggingface-cli login` (never logged or saved).")
     return group
+
+
+# Options whose values are secrets: never written to a tracker, a log line, a run file, a model card or an upload.
+SECRET_OPTIONS = ("hub_token",)
+
+
+def public_options(args: argparse.Namespace) -> dict:
+    """The scalar options of a run, secrets left out: what trackers (TensorBoard hparams, wandb config) record."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k not in SECRET_OPTIONS}

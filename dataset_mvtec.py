@@ -119,8 +119,43 @@ def binarize_mask(mask: Image.Image) -> np.ndarray:
     return np.asarray(mask.convert("L")) >= MASK_THRESHOLD
 
 
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """An 8-bit image for any PIL mode: 16-bit grayscale (``I;16*``) is scaled by its type's range (/257);
+    ``I`` (32-bit int) and ``F`` (float) by the range their values use: [0, 1] floats and values up to 255
+    are taken as 8-bit scale, up to 65535 as 16-bit, beyond by their maximum. PIL's own ``convert`` clips
+    instead, so a 16-bit image would turn white. 8-bit modes are returned as they are."""
+    if image.mode not in HIGH_BIT_DEPTH_MODES:
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        scale = 65535.0
+    else:
+        peak = float(values.max()) if values.size else 0.0
+        scale = 1.0 if image.mode == "F" and peak <= 1.0 else 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+    return Image.fromarray(np.clip(np.round(values / scale * 255.0), 0, 255).astype(np.uint8), mode="L")
+
+
+def open_checked(path: Path, what: str) -> Image.Image:
+    """The image at `path`, fully decoded now (a truncated or corrupt file fails here, named, not at the first
+    training step)."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DatasetError(f"{what} {path} cannot be read as an image ({error})") from error
+    return image
+
+
 def validate_pair(image_path: Path, mask_path: Path) -> None:
-    with Image.open(image_path) as image, Image.open(mask_path) as mask:
+    with open_checked(image_path, "image") as image, open_checked(mask_path, "mask") as mask:
+        if image.mode in HIGH_BIT_DEPTH_MODES:
+            raise DatasetError(
+                f"image {image_path} has {image.mode} pixels (more than 8 bits); training reads 8-bit images, and "
+                "a plain conversion would clip it to white: save it as 8-bit (value * 255 / its maximum)"
+            )
         if image.size != mask.size:
             raise DatasetError(
                 f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
@@ -463,4 +498,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DatasetError as error:
+        raise SystemExit(f"error: {error}") from None

@@ -105,10 +105,29 @@ def random_box_mask(
     return union.float().to(device)
 
 
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent pixel along a side: 8 for SD's VAE, 2 for the bundled tiny one."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def cover_latent_blocks(mask: torch.Tensor, scale: int) -> torch.Tensor:
+    """The mask the model sees, at pixel resolution: every `scale` x `scale` block (one latent pixel) that holds
+    any defect pixel, whole. Training (the masked image and the mask channel) and synthesis (the mask handed
+    to the pipeline) both use it, so a defect a few pixels wide is never dropped at latent size, where a
+    nearest-neighbour resize keeps one pixel in every block (ours; the pipeline's own resize is nearest).
+    (B, 1, H, W) in {0, 1} -> same shape; a block-aligned mask is returned unchanged."""
+    height, width = mask.shape[-2:]
+    blocks = F.max_pool2d(mask.float(), kernel_size=scale, stride=scale, ceil_mode=True)
+    covered = blocks.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)[..., :height, :width]
+    return covered.to(mask.dtype)
+
+
 def mask_to_latent(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
-    """The mask at latent size exactly as `StableDiffusionInpaintPipeline.prepare_mask_latents` makes it
-    (F.interpolate, default nearest mode), so training and inference see masks alike."""
-    return F.interpolate(mask, size=tuple(latent_size))
+    """The mask at latent size, a latent pixel masked when any pixel of its block is (max pooling): the
+    masks the losses weigh (L_def, M', the attention target) cover every defect pixel. For a block-aligned
+    mask (`cover_latent_blocks`) this equals the nearest-neighbour resize of the inpainting pipeline's
+    `prepare_mask_latents`, so training and inference see masks alike."""
+    return F.adaptive_max_pool2d(mask.float(), tuple(latent_size)).to(mask.dtype)
 
 
 def object_loss_weight(defect_mask: torch.Tensor, alpha: float = DEFAULT_OBJECT_ALPHA) -> torch.Tensor:

@@ -269,7 +269,10 @@ class DefectFillStep:
         b, _, height, width = images.shape
         draw = RandomDraws(batch.get("sample_seed"), images.device)
         random_masks = draw.box_masks(b, height, width, self.config).to(images.dtype)
-        latents, defect_background, object_background = self.encode(images, masks, random_masks, batch.get("row_index"), draw)
+        # The inputs the UNet sees use the masks grown to whole latent blocks (thin defects survive).
+        scale = method.vae_scale_factor(self.vae)
+        covered, random_covered = method.cover_latent_blocks(masks, scale), method.cover_latent_blocks(random_masks, scale)
+        latents, defect_background, object_background = self.encode(images, covered, random_covered, batch.get("row_index"), draw)
         latent_size = tuple(latents.shape[-2:])
 
         # In logical order (randn_like follows the strides of its input, which depend on how the latents were made).
@@ -304,7 +307,7 @@ class DefectFillStep:
 
     def encode(self, images, masks, random_masks, row_index, draw: RandomDraws):
         """(x0, b_def, b_rand) latents: the image, its defect background (1 - M) I and its random-box
-        background (1 - M_rand) I, drawn from their posteriors in one call."""
+        background (1 - M_rand) I (masks as the model sees them), drawn from their posteriors in one call."""
         if self.latent_cache is not None:
             cached_mean, cached_std = self.latent_cache.posterior(self.vae, images, masks, row_index)
             random_mean, random_std = encode_posterior(self.vae, images * (1 - random_masks))

@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--output_dir", default="defectfill-synthetic", help="Output folder (images, masks, metadata.jsonl, preview.png).")
     p.add_argument("--save_candidates", action="store_true", help="Also keep the rejected candidates (candidates/).")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Delete the outputs of an earlier synthesis with other settings in --output_dir first (without it, "
+                        "a folder made with other settings is an error; one made with the same settings is resumed).")
     add_hub_arguments(p, "--hub_dataset_id", "the output folder as a dataset repo")
     return p
 
@@ -213,10 +217,15 @@ def build_pairs(args, plan: Plan) -> list[Pair]:
     return make_pairs(goods, masks, args.num_images or len(masks), args.pairing, args.seed)
 
 
-def check_mask(mask_path: Path) -> None:
-    with Image.open(mask_path) as mask:
-        if not dm.binarize_mask(mask).any():
-            raise SynthesisError(f"mask {mask_path} is empty (no pixel >= {dm.MASK_THRESHOLD}); nothing to inpaint")
+def check_inputs(pairs: list[Pair]) -> None:
+    """Decode every image and mask before the first one is generated: a corrupt file or an empty mask is
+    named up front, not after part of the output is written."""
+    for image_path in dict.fromkeys(p.image_path for p in pairs):
+        dm.open_checked(image_path, "image").close()
+    for mask_path in dict.fromkeys(p.mask_path for p in pairs):
+        with dm.open_checked(mask_path, "mask") as mask:
+            if not dm.binarize_mask(mask).any():
+                raise SynthesisError(f"mask {mask_path} is empty (no pixel >= {dm.MASK_THRESHOLD}); nothing to inpaint")
 
 
 def prepare_pair(pair: Pair, settings: SynthesisSettings) -> synthesis.Job:
@@ -247,8 +256,6 @@ def synthesize_to_folder(pipeline, pairs: list[Pair], plan: Plan, scorer, output
     todo = [p for p in pairs if rf.output_names(p.index)[0] not in rows]
     if len(todo) < len(pairs):
         logger.info("resuming: %d of %d outputs already exist", len(pairs) - len(todo), len(pairs))
-    for pair in {p.mask_path: p for p in todo}.values():  # every mask checked before the first image is generated
-        check_mask(pair.mask_path)
     for start in tqdm(range(0, len(todo), batch_size), desc="pairs", unit="batch", disable=not todo):
         batch = todo[start : start + batch_size]
         jobs = [prepare_pair(p, plan.synthesis) for p in batch]
@@ -257,6 +264,37 @@ def synthesize_to_folder(pipeline, pairs: list[Pair], plan: Plan, scorer, output
                 for pair, result in zip(batch, synthesis.synthesize(pipeline, jobs, plan.synthesis, scorer))]
         rows = rf.add_metadata_rows(output_dir, done)
     return rows
+
+
+# The settings that decide what an output image is: a folder resumes only when they match.
+FINGERPRINT_FIELDS = ("lora", "pretrained_model_name_or_path", "prompt", "resolution", "num_candidates", "num_inference_steps",
+                      "guidance_scale", "seed", "composite", "crop_to_mask", "crop_context")
+
+
+def differing_settings(old: rf.SynthesisRecord, new: rf.SynthesisRecord) -> list[str]:
+    return [f"{name}: {getattr(old, name)!r} -> {getattr(new, name)!r}" for name in FINGERPRINT_FIELDS
+            if getattr(old, name) != getattr(new, name)]
+
+
+def prepare_output_dir(output_dir: Path, record: rf.SynthesisRecord, overwrite: bool) -> None:
+    """Resume a folder made with the same settings; refuse one made with others (or wipe it with --overwrite);
+    then record the settings before the first image, so a killed run is resumed on the same terms."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SynthesisError(f"--output_dir {output_dir} exists and is not a folder")
+    with rf.folder_lock(output_dir):
+        old = rf.SynthesisRecord.read(output_dir)
+        has_outputs = bool(rf.read_metadata(output_dir)) or any((output_dir / "images").glob("*.png"))
+        changes = differing_settings(old, record) if old else (["(no synthesis.json)"] if has_outputs else [])
+        if changes and not overwrite:
+            raise SynthesisError(f"--output_dir {output_dir} holds images made with other settings ({'; '.join(changes)}); "
+                                 "choose another --output_dir, or --overwrite to delete them")
+        if changes:
+            logger.info("--overwrite: deleting the earlier outputs in %s", output_dir)
+            for name in ("images", "masks", "candidates"):
+                shutil.rmtree(output_dir / name, ignore_errors=True)
+            for name in (rf.METADATA_FILENAME, rf.PREVIEW_FILENAME, rf.SYNTHESIS_FILENAME):
+                (output_dir / name).unlink(missing_ok=True)
+        record.write(output_dir)
 
 
 def synthesis_record(plan: Plan) -> rf.SynthesisRecord:
@@ -287,13 +325,15 @@ def main(args: argparse.Namespace, scorer: synthesis.Scorer | None = None) -> Pa
                 plan.synthesis.crop_context)
     pairs = build_pairs(args, plan)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SynthesisError(f"--output_dir {output_dir} exists and is not a folder")
+    check_inputs(pairs)
     if scorer is None and plan.synthesis.num_candidates > 1:
         scorer = synthesis.LpipsModel(args.lpips_net, plan.device).masked_scores
     pipeline = synthesis.load_pipeline(plan.base_model, plan.lora, run.base_model if run else None, args.revision, args.variant,
                                        synthesis.precision_dtype(args.mixed_precision), plan.device, args.scheduler)
+    prepare_output_dir(output_dir, synthesis_record(plan), args.overwrite)
     rows = synthesize_to_folder(pipeline, pairs, plan, scorer, output_dir, args.batch_size, args.save_candidates)
-    synthesis_record(plan).write(output_dir)
     rf.save_preview(output_dir, rows)
     logger.info("%d images in %s", len(rows), output_dir)
     if args.push_to_hub:

@@ -16,6 +16,7 @@ the evaluation and the tests call these functions and do their own I/O.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -25,6 +26,8 @@ from PIL import Image
 
 import dataset_mvtec as dm
 import defectfill_method as method
+
+logger = logging.getLogger("defectfill")
 
 Scorer = Callable[[Image.Image, list[Image.Image], Image.Image], list[float]]
 
@@ -75,7 +78,10 @@ def round_robin(images: Sequence, masks: Sequence, count: int) -> list[tuple]:
 
 @dataclass
 class Job:
-    """One (clean image, mask) prepared for the pipeline: the region to generate, at model resolution."""
+    """One (clean image, mask) prepared for the pipeline. `image` is the clean image at full resolution (RGB;
+    `mode` is the source's, which the output keeps), `mask` the exact label at full resolution, `box` the
+    region generated, `region` / `region_mask` that region at model resolution (the mask resized so that
+    every region pixel touching the label is masked: a thin defect never vanishes in the resize)."""
 
     index: int
     image: Image.Image
@@ -83,13 +89,18 @@ class Job:
     box: tuple[int, int, int, int]
     region: Image.Image
     region_mask: Image.Image
+    mode: str = "RGB"
 
 
 def mask_at_image_size(mask: Image.Image | np.ndarray, size: tuple[int, int], name: str = "mask") -> np.ndarray:
-    """The boolean mask at the image's size (resized, nearest, when it differs); an empty mask is an error."""
+    """The boolean mask at the image's size (resized, nearest, when it differs; a warning when the aspect
+    ratio differs too, since the mask is then stretched); an empty mask is an error."""
     if isinstance(mask, np.ndarray):
         mask = Image.fromarray(mask.astype(np.uint8) * 255)
     if mask.size != size:
+        if abs(mask.size[0] * size[1] - mask.size[1] * size[0]) > max(size):
+            logger.warning("%s is %dx%d but its image is %dx%d: the mask is stretched to the image's aspect ratio",
+                           name, *mask.size, *size)
         mask = mask.convert("L").resize(size, Image.NEAREST)
     binary = dm.binarize_mask(mask)
     if not binary.any():  # also when resizing emptied a tiny mask
@@ -97,18 +108,34 @@ def mask_at_image_size(mask: Image.Image | np.ndarray, size: tuple[int, int], na
     return binary
 
 
+def coverage_resize(mask: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """A boolean mask resized so that every output pixel that overlaps a masked input pixel is masked (box
+    filter, any coverage): a 3 px scratch stays visible at half the resolution."""
+    coverage = np.asarray(Image.fromarray(mask.astype(np.float32)).resize(size, Image.BOX))
+    return Image.fromarray(((coverage > 1e-6) * 255).astype(np.uint8))
+
+
 def prepare_job(image: Image.Image, mask: Image.Image | np.ndarray, index: int, settings: SynthesisSettings,
                 mask_name: str = "mask") -> Job:
     """Crop (with `crop_to_mask`, when the image is larger than the resolution) and resize to the model."""
-    image = image.convert("RGB")
+    mode = "L" if image.mode in ("L", "LA", "I;16", "I;16B", "I;16L", "I", "F", "1") else "RGB"
+    image = dm.to_8bit(image).convert("RGB")
     binary = mask_at_image_size(mask, image.size, mask_name)
     box = (0, 0, *image.size)
     if settings.crop_to_mask and min(image.size) > settings.resolution:
         box = dm.mask_crop_box(binary, settings.resolution, settings.crop_context) or box
     size = (settings.resolution, settings.resolution)
+    left, top, right, bottom = box
     region = image.crop(box).resize(size, Image.BICUBIC)
-    region_mask = Image.fromarray(binary.astype(np.uint8) * 255).crop(box).resize(size, Image.NEAREST)
-    return Job(index, image, binary, box, region, region_mask)
+    return Job(index, image, binary, box, region, coverage_resize(binary[top:bottom, left:right], size), mode)
+
+
+def model_mask(region_mask: Image.Image, scale: int) -> Image.Image:
+    """The mask handed to the pipeline: the region mask grown to whole latent blocks, the function training
+    uses (`defectfill_method.cover_latent_blocks`), so the pipeline's nearest resize keeps every defect pixel."""
+    tensor = torch.from_numpy(np.asarray(region_mask) > 0).float()[None, None]
+    covered = method.cover_latent_blocks(tensor, scale)[0, 0].numpy()
+    return Image.fromarray((covered * 255).astype(np.uint8))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,7 +155,8 @@ def generate_candidates(pipeline, jobs: list[Job], settings: SynthesisSettings) 
     generators = [g for job in jobs for g in candidate_generators(settings.seed, job.index, n, pipeline.device)]
     result = pipeline(
         prompt=[settings.prompt] * (len(jobs) * n), image=[job.region for job in jobs for _ in range(n)],
-        mask_image=[job.region_mask for job in jobs for _ in range(n)], height=settings.resolution, width=settings.resolution,
+        mask_image=[model_mask(job.region_mask, pipeline.vae_scale_factor) for job in jobs for _ in range(n)],
+        height=settings.resolution, width=settings.resolution,
         num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale, generator=generators,
     ).images
     return [result[i * n : (i + 1) * n] for i in range(len(jobs))]
@@ -142,11 +170,13 @@ def composite(clean: Image.Image, generated: Image.Image, mask: Image.Image | np
 
 
 def paste_back(job: Job, generated_region: Image.Image, use_composite: bool) -> Image.Image:
-    """The generated region back at full resolution, inside the clean image."""
+    """The generated region back at full resolution, inside the clean image, in the source's mode (a grayscale
+    class stays grayscale; outside the label the pixels are the source's exactly)."""
     left, top, right, bottom = job.box
     full = job.image.copy()
     full.paste(generated_region.resize((right - left, bottom - top), Image.BICUBIC), (left, top))
-    return composite(job.image, full, job.mask) if use_composite else full
+    full = composite(job.image, full, job.mask) if use_composite else full
+    return full.convert(job.mode)
 
 
 def select_candidate(scores: Sequence[float]) -> int:

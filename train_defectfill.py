@@ -33,7 +33,7 @@ import dataset_mvtec as dm
 import defectfill_method as method
 import run_files as rf
 import synthesis
-from cli_config import add_hub_arguments, add_model_arguments, parse_args_with_config
+from cli_config import add_hub_arguments, add_model_arguments, parse_args_with_config, public_options
 from defectfill_step import DefectFillStep, LatentCache, Models, StepConfig, add_lora_adapters, compile_models, load_models, set_memory_format
 from fileio import save_image_atomic, write_text_atomic
 
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
     t.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
     t.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
-    t.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (pip install -r requirements-gpu.txt).")
+    t.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit: 8-bit optimizer state for tensors of 4096+ elements (bench/optimizer_state.py measures the saving).")
     t.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
                    help="Mixed precision; default: accelerate config. Trainable LoRA weights stay fp32.")
     t.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
@@ -271,13 +271,13 @@ def enable_optional_features(models: Models, args) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
 
 
-def require_extra(module: str, flag: str):
+def require_extra(module: str, flag: str, requirements: str = "requirements-gpu.txt"):
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise TrainingError(f"{flag} needs the {module} package: pip install -r requirements-gpu.txt ({error})") from error
+        raise TrainingError(f"{flag} needs the {module} package: pip install -r {requirements} ({error})") from error
 
 
 def build_optimizer(models: Models, args):
@@ -286,7 +286,7 @@ def build_optimizer(models: Models, args):
     if args.train_text_encoder:
         groups.append({"params": [p for p in models.text_encoder.parameters() if p.requires_grad], "lr": args.text_encoder_lr})
     if args.use_8bit_adam:
-        optimizer_class = require_extra("bitsandbytes", "--use_8bit_adam").optim.AdamW8bit
+        optimizer_class = require_extra("bitsandbytes", "--use_8bit_adam", "requirements.txt").optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
     return optimizer_class(groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -308,7 +308,7 @@ def register_state_hooks(accelerator, models: Models) -> None:
         if accelerator.is_main_process:
             unet = next(accelerator.unwrap_model(m) for m in to_save if is_unet(m))
             text_encoders = [accelerator.unwrap_model(m) for m in to_save if not is_unet(m)]
-            rf.save_lora(output_dir, unet, text_encoders[0] if text_encoders else None)
+            rf.save_lora(output_dir, unet, text_encoders[0] if text_encoders else None, fold_alpha=False)
         while weights:
             weights.pop()
 
@@ -332,15 +332,21 @@ def augmentation_is_static(args) -> bool:
     return args.max_scale == 1.0 and not args.random_flip and args.defect_crop_probability == 0
 
 
+def resolved_if_local(name_or_path: str) -> str:
+    """An absolute path for a local folder (so the run works from any working directory); a Hub id as it is."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else str(name_or_path)
+
+
 def run_record(args, defect_type: str, split: dict) -> rf.RunRecord:
     """What synthesis needs to use the run (defectfill_run.json next to the LoRA), the training-time scale included."""
     return rf.RunRecord(
-        base_model=args.pretrained_model_name_or_path, revision=args.revision, token=args.token,
+        base_model=resolved_if_local(args.pretrained_model_name_or_path), revision=args.revision, token=args.token,
         object_class=args.object_class, defect_type=defect_type, defect_prompt=method.defect_prompt(args.token),
         object_prompt=method.object_prompt(args.object_class, args.token), resolution=args.resolution, rank=args.rank,
         lora_alpha=args.lora_alpha, train_text_encoder=args.train_text_encoder,
         loss_weights={"defect": args.lambda_defect, "object": args.lambda_object, "attention": args.lambda_attention},
-        max_train_steps=args.max_train_steps, seed=args.seed, data_dir=str(args.data_dir) if args.data_dir else None,
+        max_train_steps=args.max_train_steps, seed=args.seed, data_dir=resolved_if_local(args.data_dir) if args.data_dir else None,
         dataset_name=args.dataset_name, split=split, max_scale=args.max_scale,
         defect_crop_probability=args.defect_crop_probability, crop_context=args.defect_crop_context,
     )
@@ -413,7 +419,7 @@ needs is in `defectfill_run.json`.
     write_text_atomic(output_dir / rf.MODEL_CARD_FILENAME, str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")))
 
 
-def save_final_outputs(accelerator, models: Models, args, output_dir: Path, record: rf.RunRecord, images) -> None:
+def save_final_outputs(accelerator, models: Models, args, output_dir: Path, record: rf.RunRecord, images=None) -> None:
     """LoRA, run JSON, split and model card, each written to a temp name then moved into place."""
     unet = accelerator.unwrap_model(models.unet)
     text_encoder = accelerator.unwrap_model(models.text_encoder) if args.train_text_encoder else None
@@ -435,34 +441,91 @@ def push_to_hub(output_dir: Path, args) -> str:
         raise TrainingError(f"the run is saved in {output_dir}, but pushing it to the Hub failed: {error}") from error
 
 
+def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None) -> Path:
+    """A resumable checkpoint that appears complete or not at all: written under a hidden temporary name
+    and renamed to ``checkpoint-N`` once every process has written its part; older ones are pruned to
+    `limit` only after the new one exists."""
+    final = output_dir / rf.checkpoint_name(step)
+    partial = output_dir / f".{final.name}.partial"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)  # left by a run killed while saving
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        prune_checkpoints(output_dir, limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+CHECKPOINT_FILES = (rf.LORA_FILENAME, "optimizer.bin", "random_states_0.pkl")
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    return all((path / name).is_file() for name in CHECKPOINT_FILES)
+
+
 def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
-    """Keep room for one more checkpoint under `limit` (called before saving a new one)."""
+    """Keep the newest `limit` complete checkpoints (called after a new one is saved)."""
     if limit is None:
         return
-    checkpoints = rf.list_checkpoints(output_dir)
-    for old in checkpoints[: max(0, len(checkpoints) - limit + 1)]:
+    complete = [p for p in rf.list_checkpoints(output_dir) if is_complete_checkpoint(p)]
+    for old in complete[: max(0, len(complete) - limit)]:
         logger.info("removing checkpoint %s (checkpoints_total_limit=%d)", old, limit)
         shutil.rmtree(old)
 
 
 def resolve_resume_path(args, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from: the one named, or with 'latest' the newest complete one in the run
+    folder (incomplete ones, e.g. from a run killed while saving, are skipped and named in the log)."""
     if not args.resume_from_checkpoint:
         return None
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = rf.list_checkpoints(output_dir)
-        if not checkpoints:
-            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting a new run", output_dir)
-            return None
-        return checkpoints[-1]
-    path = Path(args.resume_from_checkpoint)
-    if not path.is_dir() or rf.checkpoint_step(path) is None:
-        raise TrainingError(f"--resume_from_checkpoint {path} is not a checkpoint folder (checkpoint-N)")
-    return path
+    if args.resume_from_checkpoint != "latest":
+        return Path(args.resume_from_checkpoint)
+    checkpoints = rf.list_checkpoints(output_dir)
+    for path in reversed(checkpoints):
+        if is_complete_checkpoint(path):
+            return path
+        logger.warning("--resume_from_checkpoint latest: skipping %s, an incomplete checkpoint (no %s)", path,
+                       ", ".join(name for name in CHECKPOINT_FILES if not (path / name).is_file()))
+    logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s, starting a new run", output_dir)
+    return None
 
 
-# ----------------------------------------------------------------------------------------------------
-# Validation: held-out pairs through the synthesis core, as infer_defectfill.py makes them
-# ----------------------------------------------------------------------------------------------------
+def check_flags_before_loading(args, output_dirs: list[Path]) -> None:
+    """What can be checked without loading a model or a dataset: a bad output folder, a missing checkpoint,
+    a resolution the model cannot divide. Nothing is written before these pass."""
+    for output_dir in output_dirs:
+        for folder in (output_dir, *output_dir.parents):
+            if folder.exists() and not folder.is_dir():
+                raise TrainingError(f"--output_dir {args.output_dir}: {folder} exists and is not a folder")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        path = Path(args.resume_from_checkpoint)
+        if not path.is_dir() or rf.checkpoint_step(path) is None:
+            raise TrainingError(f"--resume_from_checkpoint {path} is not a checkpoint folder (checkpoint-N)")
+        if not is_complete_checkpoint(path):
+            raise TrainingError(f"--resume_from_checkpoint {path} is incomplete (it lacks "
+                                f"{', '.join(n for n in CHECKPOINT_FILES if not (path / n).is_file())})")
+    check_resolution(args)
+
+
+def check_resolution(args) -> None:
+    """--resolution must divide into the VAE's latents (SD2: a multiple of 8; the tiny model: of 2)."""
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision,
+                                        cache_dir=args.cache_dir)
+    except Exception as error:  # OSError, EnvironmentError, HFValidationError: a path or id that cannot be read
+        raise TrainingError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: cannot read the "
+                            f"model's VAE config ({error})") from error
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    if args.resolution % scale:
+        raise TrainingError(f"--resolution {args.resolution} is not a multiple of {scale}, the VAE's scale factor: try "
+                            f"{max(scale, round(args.resolution / scale) * scale)}")
 
 
 def validation_pairs(args, split: dict, defect_type: str) -> list[tuple[Path, Path]]:
@@ -527,6 +590,17 @@ def validation_images(accelerator, models: Models, args, pairs) -> list:
         results = synthesis.synthesize(pipeline, jobs, settings)
     del pipeline
     return [result.region for result in results]
+
+
+def final_validation(accelerator, models: Models, args, pairs, step: int, defectfill_step: DefectFillStep) -> list:
+    """The last validation, after the run is saved: a failure is logged, and the run stays whole."""
+    if not pairs:
+        return []
+    try:
+        return log_validation(accelerator, models, args, pairs, step, defectfill_step)
+    except Exception as error:  # the LoRA and run file are already on disk; validation is a view of them
+        logger.error("the final validation failed (the trained LoRA is saved): %s: %s", type(error).__name__, error)
+        return []
 
 
 def log_images(accelerator, name: str, images: list, step: int) -> None:
@@ -640,8 +714,7 @@ def train_one_defect(args, defect_type: str, output_dir: Path) -> Path:
     record = run_record(args, defect_type, split)
     if accelerator.is_main_process:
         dm.save_split(split, output_dir / rf.SPLIT_FILENAME)
-        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("defectfill", config=tracker_config)
+        accelerator.init_trackers("defectfill", config=public_options(args))  # never the Hub token
     logger.info("training %s/%s on %d images for %d steps", args.object_class, defect_type, len(train_rows), args.max_train_steps)
 
     loop = TrainingLoop(accelerator, models, args, defectfill_step, optimizer, dataloader, lr_scheduler, output_dir)
@@ -653,9 +726,11 @@ def train_one_defect(args, defect_type: str, output_dir: Path) -> Path:
 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            images = log_validation(accelerator, models, args, pairs, loop.global_step, defectfill_step) if pairs else []
             record.training_summary = loop.summary()
-            save_final_outputs(accelerator, models, args, output_dir, record, images)
+            save_final_outputs(accelerator, models, args, output_dir, record)  # first: nothing after it can lose the run
+            images = final_validation(accelerator, models, args, pairs, loop.global_step, defectfill_step)
+            if images:
+                save_model_card(output_dir, record, args.hub_model_id, images)
             if args.push_to_hub:
                 logger.info("pushed to https://huggingface.co/%s", push_to_hub(output_dir, args))
     finally:
@@ -744,10 +819,7 @@ class TrainingLoop:
     def after_optimizer_step(self, pairs) -> None:
         args, accelerator = self.args, self.accelerator
         if args.checkpointing_steps and self.global_step % args.checkpointing_steps == 0:
-            if accelerator.is_main_process:
-                prune_checkpoints(self.output_dir, args.checkpoints_total_limit)
-            accelerator.wait_for_everyone()
-            accelerator.save_state(str(self.output_dir / rf.checkpoint_name(self.global_step)))
+            save_checkpoint(accelerator, self.output_dir, self.global_step, args.checkpoints_total_limit)
         if args.validation_steps and self.global_step % args.validation_steps == 0 and self.global_step < args.max_train_steps:
             if accelerator.is_main_process:
                 log_validation(accelerator, self.models, args, pairs, self.global_step, self.step)
@@ -773,10 +845,11 @@ def main(args: argparse.Namespace) -> list[Path]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     defect_types = defect_types_to_train(args)
     output_root = Path(args.output_dir)
+    # One [V*] run per defect type: with 'all', each gets its own folder and a fresh copy of the args.
+    output_dirs = [output_root / d if len(defect_types) > 1 or args.defect_type == "all" else output_root for d in defect_types]
+    check_flags_before_loading(args, output_dirs)
     runs = []
-    for defect_type in defect_types:
-        # One [V*] run per defect type: with 'all', each gets its own folder and a fresh copy of the args.
-        output_dir = output_root / defect_type if len(defect_types) > 1 or args.defect_type == "all" else output_root
+    for defect_type, output_dir in zip(defect_types, output_dirs):
         run_args = copy.copy(args)
         if len(defect_types) > 1 and args.hub_model_id:
             run_args.hub_model_id = f"{args.hub_model_id}-{defect_type}"
@@ -787,5 +860,5 @@ def main(args: argparse.Namespace) -> list[Path]:
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (TrainingError, dm.DatasetError) as error:
+    except (TrainingError, dm.DatasetError, method.InpaintingModelError, rf.RunFileError) as error:
         raise SystemExit(f"error: {error}") from None

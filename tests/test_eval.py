@@ -38,40 +38,51 @@ def l1_distance(a, b):
 
 def test_kid_of_a_set_against_itself_is_about_zero():
     images = random_images(12, 0)
-    same, _ = ev.kid_score(images, images.clone(), TinyFeatures(), subsets=20)
-    different, _ = ev.kid_score(images, random_images(12, 1, low=100, high=255), TinyFeatures(), subsets=20)
-    assert abs(same) < 0.05 * different and different > 0  # measured: 0.0019 vs 0.082 (unbiased estimator noise)
+    same = ev.kid_score(images, images.clone(), TinyFeatures(), subsets=20)
+    different = ev.kid_score(images, random_images(12, 1, low=100, high=255), TinyFeatures(), subsets=20)
+    assert abs(same["kid"]) < 0.05 * different["kid"] and different["kid"] > 0  # measured: 0.0019 vs 0.082
+    assert (same["kid_subsets"], same["kid_subset_size"]) == (20, 12)  # min(real, generated, 1000)
+    capped = ev.kid_score(images, images.clone(), TinyFeatures(), subsets=3, max_subset_size=5)
+    assert capped["kid_subset_size"] == 5
 
 
 def test_kid_needs_two_images():
-    with pytest.raises(ev.EvaluationError, match="at least 2"):
+    with pytest.raises(ev.EvaluationError, match="at least 2 real and 2 generated images.*1 real and 5 generated"):
         ev.kid_score(random_images(1, 0), random_images(5, 1), TinyFeatures())
 
 
 def test_ic_lpips_of_identical_images_is_zero():
     image = random_images(1, 0).float() / 127.5 - 1
     generated = image.repeat(4, 1, 1, 1)
-    assert ev.ic_lpips(generated, image.repeat(2, 1, 1, 1), l1_distance) == 0
+    result = ev.ic_lpips(generated, image.repeat(2, 1, 1, 1), l1_distance)
+    assert result["ic_lpips"] == 0 and np.isnan(result["ic_lpips_nonzero"])
 
 
-def test_ic_lpips_of_a_known_pair_is_its_distance():
-    real = torch.stack([torch.full((3, 8, 8), -1.0), torch.full((3, 8, 8), 1.0)])
-    # Two generated images near the first real one, one near the second (a cluster of one: skipped).
-    generated = torch.stack([torch.full((3, 8, 8), -0.9), torch.full((3, 8, 8), -0.5), torch.full((3, 8, 8), 0.9)])
-    assert ev.ic_lpips(generated, real, l1_distance) == pytest.approx(0.4)
-    # And with the real LPIPS network (random backbone, offline): one real image, so both generated
-    # images share its cluster and IC-LPIPS is the pair's own LPIPS.
+def test_ic_lpips_as_dfmgan_defines_it_by_hand():
+    """Three centres (the few-shot training images); generated: two near the first (L1 0.4 apart), one near
+    the second (a singleton: 0), none near the third (empty: 0). DFMGAN's two figures: (0.4 + 0 + 0) / 3 over
+    all centres, and 0.4 over the non-zero clusters."""
+    centres = torch.stack([torch.full((3, 8, 8), v) for v in (-1.0, 1.0, 0.0)])
+    generated = torch.stack([torch.full((3, 8, 8), v) for v in (-0.9, -0.5, 0.9)])
+    result = ev.ic_lpips(generated, centres, l1_distance)
+    assert result["cluster_sizes"] == [2, 1, 0]
+    assert result["ic_lpips"] == pytest.approx(0.4 / 3) and result["ic_lpips_nonzero"] == pytest.approx(0.4)
+    # A cluster keeps its first members only (DFMGAN caps at 200).
+    assert ev.ic_lpips(generated, centres, l1_distance, max_cluster_size=1)["cluster_sizes"] == [1, 1, 0]
+
+
+def test_ic_lpips_with_the_real_lpips_network():
+    """With the real LPIPS network (random backbone, offline) and one centre, IC-LPIPS is the pair's own LPIPS."""
     lpips_distance = LpipsModel("alex", pretrained_backbone=False).distance
     a, b = random_images(2, 3, size=32).float() / 127.5 - 1
     expected = lpips_distance(a[None], b[None]).item()
     assert expected > 0
-    assert ev.ic_lpips(torch.stack([a, b]), a[None] * 0.5, lpips_distance) == pytest.approx(expected, rel=1e-5)
+    assert ev.ic_lpips(torch.stack([a, b]), a[None] * 0.5, lpips_distance)["ic_lpips"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_ic_lpips_without_a_cluster_of_two_is_nan():
-    real = torch.stack([torch.full((3, 4, 4), -1.0), torch.full((3, 4, 4), 1.0)])
-    generated = torch.stack([torch.full((3, 4, 4), -0.9), torch.full((3, 4, 4), 0.9)])
-    assert np.isnan(ev.ic_lpips(generated, real, l1_distance))
+def test_too_few_images_are_flagged():
+    assert len(ev.stability_warnings(4, 4, 2)) == 2
+    assert ev.stability_warnings(1000, 120, 20) == []
 
 
 def test_evaluation_of_an_inference_folder(tiny_run, tmp_path, capsys):
@@ -80,8 +91,10 @@ def test_evaluation_of_an_inference_folder(tiny_run, tmp_path, capsys):
     results = ev.main(ev.parse_args(["--generated", str(out), "--image_size", "64", "--kid_subsets", "5",
                                      "--output_json", str(tmp_path / "eval.json")]), feature=TinyFeatures(), distance=l1_distance)
     assert results[0]["defect_type"] == "color" and results[0]["num_generated"] == 4 and results[0]["num_real"] == 4
-    table = capsys.readouterr().out
-    assert "| defect type | generated | real | KID x1000 | IC-LPIPS |" in table and "| **mean** |" in table
+    assert results[0]["num_clusters"] == 2 and sum(results[0]["cluster_sizes"]) == 4  # the run's 2 training images
+    printed = capsys.readouterr()
+    assert "| defect type | generated | real | clusters | KID x1000 | IC-LPIPS |" in printed.out and "| **mean** |" in printed.out
+    assert "KID: 5 subsets of 4 images" in printed.out and "warning: color: KID from 4 generated" in printed.err
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["kid_scale"] == 1000 and saved["results"][0]["kid_x1000"] == pytest.approx(results[0]["kid"] * 1000)
 

@@ -17,7 +17,7 @@ import infer_defectfill as infer
 import run_files as rf
 import synthesis
 from synthesis import SynthesisError
-from tests.conftest import SYNTHETIC_DATA
+from tests.conftest import SYNTHETIC_DATA, TINY_MODEL
 
 FAST = ("--num_inference_steps", "2", "--num_candidates", "3")
 
@@ -254,3 +254,48 @@ def test_lpips_without_backbone_weights_says_how_to_provide_them(monkeypatch):
     monkeypatch.setattr(torchvision.models, "alexnet", offline)
     with pytest.raises(SynthesisError, match=r"backbone weights.*\$TORCH_HOME/hub/checkpoints.*--num_candidates 1"):
         synthesis.LpipsModel("alex")
+
+
+# ------------------------------------------------------------------------------------ training scale
+
+
+def test_synthesis_follows_the_scale_the_run_trained_at(tiny_run, tmp_path):
+    record = rf.RunRecord.read(tiny_run)
+    assert (record.defect_crop_probability, record.crop_context, record.max_scale) == (0.5, 0.5, 1.125)  # configs/tiny.yaml
+    out = run(tiny_run, tmp_path / "out", "--num_images", "1")
+    synthesis_record = rf.SynthesisRecord.read(out)
+    assert synthesis_record.crop_to_mask and synthesis_record.crop_context == 0.5
+    assert synthesis_record.scale_source == "the run's training scale"
+    row = json.loads((out / rf.METADATA_FILENAME).read_text())
+    assert row["crop_box"] != [0, 0, 128, 128]  # a crop around the mask, as the run trained half its samples
+
+    flagged = run(tiny_run, tmp_path / "flags", "--num_images", "1", "--no-crop_to_mask")
+    assert rf.SynthesisRecord.read(flagged).scale_source == "flags"
+    assert not rf.SynthesisRecord.read(flagged).crop_to_mask
+
+
+def test_a_run_trained_on_whole_images_is_applied_to_whole_images(tiny_run, tmp_path):
+    """The paper's setting (no defect crops) and a run file written before the scale was recorded both
+    give whole-image synthesis."""
+    for name, change in (("paper", {"defect_crop_probability": 0.0}),
+                         ("old", {"defect_crop_probability": None, "crop_context": None, "max_scale": None, "version": 1})):
+        other = tmp_path / name
+        shutil.copytree(tiny_run, other, ignore=shutil.ignore_patterns("checkpoint-*"))
+        payload = json.loads((other / rf.RUN_FILENAME).read_text())
+        payload.update(change)
+        payload = {k: v for k, v in payload.items() if v is not None}
+        (other / rf.RUN_FILENAME).write_text(json.dumps(payload))
+        out = run(other, tmp_path / f"out-{name}", "--num_images", "1")
+        assert not rf.SynthesisRecord.read(out).crop_to_mask, name
+        assert json.loads((out / rf.METADATA_FILENAME).read_text())["crop_box"] == [0, 0, 128, 128], name
+
+
+def test_prompt_without_a_run_file_names_the_missing_flag(tiny_run, tmp_path):
+    """A LoRA trained elsewhere (no defectfill_run.json): --prompt alone cannot find the good images."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tiny_run / rf.LORA_FILENAME, bare / rf.LORA_FILENAME)
+    args = infer.parse_args(["--lora", str(bare), "--pretrained_model_name_or_path", str(TINY_MODEL), "--prompt", "A metal nut with sks",
+                             "--data_dir", str(SYNTHETIC_DATA), "--output_dir", str(tmp_path / "o"), *FAST])
+    with pytest.raises(SynthesisError, match="--object_class is needed"):
+        infer.main(args, scorer=FixedScorer([0.1, 0.9, 0.3]))

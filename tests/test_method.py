@@ -103,10 +103,48 @@ def test_random_box_mask_rejects_bad_fractions():
         m.random_box_mask(1, 8, 8, min_fraction=0.5, max_fraction=0.1)
 
 
-def test_mask_to_latent_matches_inpaint_pipeline():
-    """Same resize as StableDiffusionInpaintPipeline.prepare_mask_latents: F.interpolate, nearest."""
-    mask = torch.zeros(1, 1, 16, 16)
-    mask[..., 4:8, 4:12] = 1
-    latent = m.mask_to_latent(mask, (8, 8))
-    assert torch.equal(latent, torch.nn.functional.interpolate(mask, size=(8, 8)))
-    assert latent.sum() == 2 * 4
+def thin_masks(size: int = 512) -> dict[str, torch.Tensor]:
+    """The cases the issue measured at 512 px: a 3 px vertical scratch at an odd column, a 3 px diagonal
+    scratch and a 5x5 spot placed off the 8 px grid."""
+    vertical = torch.zeros(1, 1, size, size)
+    vertical[..., 100:400, 201:204] = 1
+    diagonal = torch.zeros(1, 1, size, size)
+    for i in range(100, 400):
+        diagonal[..., i, i + 1 : i + 4] = 1
+    spot = torch.zeros(1, 1, size, size)
+    spot[..., 301:306, 201:206] = 1
+    return {"vertical": vertical, "diagonal": diagonal, "spot": spot}
+
+
+def test_nearest_resize_loses_thin_defects_and_ours_keeps_them():
+    """The failure the fix is for: the pipeline's nearest resize keeps one pixel per 8x8 block."""
+    for name, mask in thin_masks().items():
+        nearest = torch.nn.functional.interpolate(mask, size=(64, 64))
+        ours = m.mask_to_latent(mask, (64, 64))
+        covered_blocks = torch.nn.functional.max_pool2d(mask, 8).sum()
+        assert ours.sum() == covered_blocks > 0, name  # every block holding a defect pixel
+        assert nearest.sum() < ours.sum(), name
+    assert torch.nn.functional.interpolate(thin_masks()["vertical"], size=(64, 64)).sum() == 0  # the scratch vanished
+
+
+def test_cover_latent_blocks_keeps_every_pixel_and_matches_the_pipeline_resize():
+    """The model's mask: whole blocks, a superset of the defect; the pipeline's nearest resize of it is exactly
+    the max-pooled mask the losses weigh (training and inference see the same mask)."""
+    for name, mask in thin_masks().items():
+        covered = m.cover_latent_blocks(mask, 8)
+        assert torch.all(covered >= mask), name
+        assert torch.equal(torch.nn.functional.interpolate(covered, size=(64, 64)), m.mask_to_latent(mask, (64, 64))), name
+        assert torch.equal(m.cover_latent_blocks(covered, 8), covered)  # block-aligned masks are unchanged
+    odd = torch.zeros(1, 1, 5, 7)
+    odd[..., 4, 6] = 1
+    assert m.cover_latent_blocks(odd, 2)[0, 0, 4, 6] == 1 and m.cover_latent_blocks(odd, 2).shape == odd.shape
+
+
+def test_thin_defects_give_a_defect_loss_and_an_attention_target():
+    """L_def and the attention target of a 3 px scratch and a 5x5 spot at 512 px are non-zero."""
+    prediction, target = torch.zeros(1, 4, 64, 64), torch.ones(1, 4, 64, 64)
+    for name, mask in thin_masks().items():
+        latent_mask = m.mask_to_latent(mask, (64, 64))
+        assert m.defect_loss(prediction, target, latent_mask) > 0, name
+        assert latent_mask.sum() > 0, name
+        assert m.attention_loss(torch.zeros_like(latent_mask), latent_mask) > 0, name

@@ -1,0 +1,222 @@
+"""The image sets of the downstream protocol (`downstream_defectfill.py`), built from the project's own
+loaders (`dataset_mvtec`): the real test set (held-out defects of the saved few-shot split plus every
+``test/good`` image), the real training defects and good images, synthesis folders, and the copy-paste
+baseline (real training defects cut out with their masks and pasted onto good images).
+
+Every set is held in memory at one square resolution: images as uint8 (N, 3, R, R), masks as bool (N, R, R).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+import dataset_mvtec as dm
+
+
+@dataclass
+class ImageSet:
+    """Images (N, 3, R, R) uint8, masks (N, R, R) bool, a defect type per image ("good" for none) and a name."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    defect_types: list[str]
+    names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.defect_types)
+
+    def select(self, indices: Sequence[int]) -> "ImageSet":
+        indices = list(indices)
+        return ImageSet(self.images[indices], self.masks[indices], [self.defect_types[i] for i in indices],
+                        [self.names[i] for i in indices] if self.names else [])
+
+    @property
+    def is_defective(self) -> torch.Tensor:
+        return self.masks.flatten(1).any(dim=1)
+
+
+def concat_sets(sets: Iterable[ImageSet]) -> ImageSet:
+    sets = list(sets)
+    return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]),
+                    [d for s in sets for d in s.defect_types], [n for s in sets for n in s.names])
+
+
+def resize_pair(image: Image.Image, mask: Image.Image | None, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """An image (bicubic) and its mask (nearest, then binarized at dm.MASK_THRESHOLD) as (R, R, 3) uint8
+    and (R, R) bool arrays; no mask gives an empty one."""
+    image_array = np.asarray(image.convert("RGB").resize((resolution, resolution), Image.BICUBIC))
+    if mask is None:
+        return image_array, np.zeros((resolution, resolution), dtype=bool)
+    return image_array, dm.binarize_mask(mask.convert("L").resize((resolution, resolution), Image.NEAREST))
+
+
+def stack_set(pairs: list[tuple[np.ndarray, np.ndarray]], defect_types: list[str], names: list[str]) -> ImageSet:
+    if not pairs:
+        return ImageSet(torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, 1, 1, dtype=torch.bool), [], [])
+    images = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).contiguous()
+    masks = torch.from_numpy(np.stack([p[1] for p in pairs]))
+    return ImageSet(images, masks, list(defect_types), list(names))
+
+
+def dataset_to_set(dataset, resolution: int) -> ImageSet:
+    """A `dataset_mvtec` Dataset (image, mask, defect_type, image_path) as an ImageSet."""
+    pairs, types, names = [], [], []
+    for row in dataset:
+        pairs.append(resize_pair(row["image"], row["mask"], resolution))
+        types.append(row["defect_type"])
+        names.append(row["image_path"])
+    return stack_set(pairs, types, names)
+
+
+def good_set(paths: Sequence[Path], resolution: int, data_dir: str | os.PathLike | None = None) -> ImageSet:
+    """Defect-free images with empty masks."""
+    pairs, names = [], []
+    for path in paths:
+        with Image.open(path) as image:
+            pairs.append(resize_pair(image, None, resolution))
+        names.append(Path(path).relative_to(data_dir).as_posix() if data_dir else str(path))
+    return stack_set(pairs, [dm.GOOD] * len(pairs), names)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The saved split
+# ----------------------------------------------------------------------------------------------------
+
+
+def merge_splits(splits: Sequence[tuple[str, dict]]) -> dict:
+    """One split from several saved ones (each run saves the entry of its own defect type). `splits` is a
+    list of (where it came from, split). The same defect type in two with different lists is an error."""
+    merged: dict[str, dict] = {}
+    origin: dict[str, str] = {}
+    for where, split in splits:
+        for defect, entry in split["defect_types"].items():
+            entry = {"train": sorted(entry["train"]), "heldout": sorted(entry["heldout"])}
+            if defect in merged and merged[defect] != entry:
+                raise dm.DatasetError(f"the splits in {origin[defect]} and {where} differ for defect type {defect!r}; "
+                                      "every set compared must come from the same few-shot split")
+            merged[defect], origin[defect] = entry, where
+    return {"defect_types": dict(sorted(merged.items())), "sources": sorted(set(origin.values()))}
+
+
+def real_defects(data_dir: str | os.PathLike, object_class: str, split: dict, part: str, resolution: int) -> ImageSet:
+    """The real defect images of the split's `part` ("train" or "heldout") of every defect type it holds."""
+    rows = dm.load_mvtec_defects(data_dir, object_class, sorted(split["defect_types"]))
+    chosen = dm.select_split(rows, split, part)
+    wanted = sum(len(entry[part]) for entry in split["defect_types"].values())
+    if len(chosen) != wanted:
+        raise dm.DatasetError(f"the split names {wanted} {part} images of {object_class} but {len(chosen)} are in "
+                              f"{data_dir}: is --data_dir the folder the split was made from?")
+    return dataset_to_set(chosen, resolution)
+
+
+def real_test_set(data_dir: str | os.PathLike, object_class: str, split: dict, resolution: int) -> ImageSet:
+    """The protocol's test set: the held-out real defects of the split plus every ``test/good`` image."""
+    heldout = real_defects(data_dir, object_class, split, "heldout", resolution)
+    goods = good_set(dm.list_good_images(data_dir, object_class, splits=("test",)), resolution, data_dir)
+    if len(goods) == 0:
+        raise dm.DatasetError(f"no test/good images of {object_class} under {data_dir}: image AUROC needs them")
+    return concat_sets([heldout, goods])
+
+
+def train_good_set(data_dir: str | os.PathLike, object_class: str, resolution: int) -> ImageSet:
+    paths = dm.list_good_images(data_dir, object_class, splits=("train",))
+    if not paths:
+        raise dm.DatasetError(f"no train/good images of {object_class} under {data_dir}")
+    return good_set(paths, resolution, data_dir)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Copy-paste baseline
+# ----------------------------------------------------------------------------------------------------
+
+
+def mask_center(mask: np.ndarray) -> tuple[int, int]:
+    """(row, column) of the centre of the mask's bounding box."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        raise ValueError("the mask is empty")
+    return (int(rows.min()) + int(rows.max())) // 2, (int(cols.min()) + int(cols.max())) // 2
+
+
+def copy_paste(good: np.ndarray, defect: np.ndarray, defect_mask: np.ndarray,
+               target_center: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cut the masked pixels of `defect` (H, W, 3) out and paste them onto `good` (H, W, 3), the mask's
+    bounding-box centre moved to `target_center` (row, column; None keeps it where it was) and the shift
+    clipped so the whole defect stays inside the image. Returns (image, mask): every pixel outside the
+    moved mask is exactly `good`'s."""
+    if good.shape != defect.shape or defect.shape[:2] != defect_mask.shape:
+        raise ValueError(f"good {good.shape}, defect {defect.shape} and mask {defect_mask.shape} must be the same size")
+    rows, cols = np.nonzero(defect_mask)
+    if rows.size == 0:
+        raise ValueError("the defect mask is empty")
+    height, width = defect_mask.shape
+    source_center = mask_center(defect_mask)
+    target_center = target_center or source_center
+    shift_y = int(np.clip(target_center[0] - source_center[0], -rows.min(), height - 1 - rows.max()))
+    shift_x = int(np.clip(target_center[1] - source_center[1], -cols.min(), width - 1 - cols.max()))
+    image, mask = good.copy(), np.zeros_like(defect_mask, dtype=bool)
+    image[rows + shift_y, cols + shift_x] = defect[rows, cols]
+    mask[rows + shift_y, cols + shift_x] = True
+    return image, mask
+
+
+def copy_paste_set(real: ImageSet, goods: ImageSet, targets: ImageSet | None, count: int, seed: int) -> ImageSet:
+    """The copy-paste baseline: `count` images, each a real training defect pasted onto a good image.
+    With `targets` (a synthetic set), image i takes the defect type and mask position of target i (cycled),
+    so both sets put defects at the same places; without, each defect keeps its own position. Which real
+    defect (of that type) and which good image are drawn with `seed`."""
+    rng = np.random.default_rng(seed)
+    by_type: dict[str, list[int]] = {}
+    for index, defect in enumerate(real.defect_types):
+        by_type.setdefault(defect, []).append(index)
+    if not by_type:
+        raise dm.DatasetError("copy-paste needs at least one real training defect")
+    pairs, types, names = [], [], []
+    for i in range(count):
+        if targets is not None and len(targets):
+            target = i % len(targets)
+            defect_type = targets.defect_types[target]
+            if defect_type not in by_type:
+                raise dm.DatasetError(f"the synthetic set has defect type {defect_type!r} but the split has no real "
+                                      f"training defect of it (types: {', '.join(sorted(by_type))})")
+            center = mask_center(targets.masks[target].numpy()) if targets.masks[target].any() else None
+        else:
+            defect_type, center = sorted(by_type)[i % len(by_type)], None
+        source = int(rng.choice(by_type[defect_type]))
+        good = int(rng.integers(len(goods)))
+        image, mask = copy_paste(goods.images[good].permute(1, 2, 0).numpy(), real.images[source].permute(1, 2, 0).numpy(),
+                                 real.masks[source].numpy(), center)
+        pairs.append((image, mask))
+        types.append(defect_type)
+        names.append(f"copy_paste/{i:05d} ({real.names[source]} on {goods.names[good]})")
+    return stack_set(pairs, types, names)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Augmentation of the real-only baseline
+# ----------------------------------------------------------------------------------------------------
+
+
+def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random flip / 90-degree rotation for each image and its mask, and a brightness and contrast
+    jitter of +-10 % on the image; images float (B, 3, R, R) in [0, 1], masks (B, R, R)."""
+    out_images, out_masks = [], []
+    for image, mask in zip(images, masks):
+        flips, turns = torch.randint(0, 2, (2,), generator=generator), int(torch.randint(0, 4, (1,), generator=generator))
+        dims = [d for d, flip in zip((1, 2), flips.tolist()) if flip]
+        if dims:
+            image, mask = image.flip([d for d in dims]), mask.flip([d - 1 for d in dims])
+        image, mask = torch.rot90(image, turns, (1, 2)), torch.rot90(mask, turns, (0, 1))
+        brightness, contrast = 1 + (torch.rand(2, generator=generator) - 0.5) * 0.2
+        mean = image.mean()
+        image = ((image - mean) * contrast + mean * brightness).clamp(0, 1)
+        out_images.append(image)
+        out_masks.append(mask)
+    return torch.stack(out_images), torch.stack(out_masks)

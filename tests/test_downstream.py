@@ -1,0 +1,292 @@
+"""downstream_defectfill.py (issue #14): metrics against hand-computed cases, the copy-paste baseline,
+and end-to-end runs on the bundled data with a synthetic set built by hand (no diffusion model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset_mvtec as dm
+import downstream_data as dd
+import downstream_metrics as metrics
+from run_files import METADATA_FILENAME, SynthesisRecord, output_names
+from tests.conftest import REPO_ROOT
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------
+
+
+def two_image_masks() -> np.ndarray:
+    masks = np.zeros((2, 8, 8), dtype=bool)
+    masks[0, 2:4, 2:4] = True
+    masks[0, 6:8, 6:8] = True
+    return masks  # image 1 is defect-free
+
+
+def test_a_perfect_map_scores_one_everywhere():
+    masks = two_image_masks()
+    figures = metrics.localization_metrics(torch.tensor(masks, dtype=torch.float32), torch.tensor(masks))
+    assert figures == pytest.approx({k: 1.0 for k in figures})
+
+
+def test_a_constant_map_scores_chance():
+    masks = two_image_masks()
+    constant = np.full(masks.shape, 0.3)
+    prevalence = masks.mean()  # 8 / 128
+    assert metrics.auroc(constant, masks) == pytest.approx(0.5)
+    assert metrics.average_precision(constant, masks) == pytest.approx(prevalence)
+    assert metrics.f1_max(constant, masks) == pytest.approx(2 * prevalence / (1 + prevalence), rel=1e-6)
+    # PRO curve (0, 0) -> (1, 1): area up to 0.3 is 0.3^2 / 2, divided by 0.3.
+    assert metrics.au_pro(constant, masks) == pytest.approx(0.15)
+
+
+def test_au_pro_of_a_hand_computed_map():
+    # One row: defect, defect, good, good. Scores 0.9, 0.2, 0.5, 0.1. Thresholds, highest first:
+    # 0.9 -> FPR 0, PRO 1/2; 0.5 -> FPR 1/2, PRO 1/2; 0.2 -> FPR 1/2, PRO 1; 0.1 -> FPR 1, PRO 1.
+    masks = np.array([[[True, True, False, False]]])
+    scores = np.array([[[0.9, 0.2, 0.5, 0.1]]])
+    fpr, pro = metrics.pro_curve(scores, masks)
+    assert fpr.tolist() == [0, 0, 0.5, 0.5, 1] and pro.tolist() == [0, 0.5, 0.5, 1, 1]
+    assert metrics.au_pro(scores, masks, fpr_limit=0.3) == pytest.approx(0.5)  # 0.3 * 0.5 / 0.3
+    assert metrics.au_pro(scores, masks, fpr_limit=0.6) == pytest.approx((0.5 * 0.5 + 0.1 * 1) / 0.6)
+
+
+def test_au_pro_averages_regions_not_pixels():
+    # Regions {0} (1 px) and {2, 3, 4} (3 px); good pixels 1 and 5. At threshold 0.8 the small region is
+    # found and a third of the large one: PRO (1 + 1/3) / 2 = 2/3 with no false positive; a per-pixel
+    # overlap would say 2/4.
+    masks = np.array([[[True, False, True, True, True, False]]])
+    scores = np.array([[[0.9, 0.3, 0.8, 0.1, 0.1, 0.2]]])
+    assert metrics.au_pro(scores, masks) == pytest.approx(2 / 3)
+
+
+def brute_force_au_pro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> float:
+    """AU-PRO the slow way: every distinct score as a threshold, regions labelled image by image."""
+    from scipy import ndimage
+
+    regions = [ndimage.label(m, structure=np.ones((3, 3)))[0] for m in masks]
+    region_masks = [labels == k for labels in regions for k in range(1, labels.max() + 1)]
+    region_maps = [maps[i] for i, labels in enumerate(regions) for _ in range(labels.max())]
+    points = [(0.0, 0.0)]
+    for threshold in sorted(set(maps.ravel()), reverse=True):
+        flagged = maps >= threshold
+        fpr = (flagged & ~masks).sum() / (~masks).sum()
+        pro = np.mean([(m[r] >= threshold).mean() for m, r in zip(region_maps, region_masks)])
+        points.append((fpr, pro))
+    fpr, pro = np.array(points).T
+    grid = np.linspace(0, fpr_limit, 30001)
+    # the curve is a polyline through the points in threshold order (vertical steps where FPR repeats)
+    return float(np.trapezoid(np.interp(grid, fpr, pro, right=pro[-1]), grid) / fpr_limit)
+
+
+def test_au_pro_matches_a_brute_force_count_on_random_maps():
+    rng = np.random.default_rng(3)
+    masks = np.zeros((3, 12, 12), dtype=bool)
+    masks[0, 1:4, 1:4] = masks[0, 8:11, 6:9] = True  # two regions in one image
+    masks[1, 5:7, :] = True
+    maps = rng.random(masks.shape).round(2) + masks * 0.3  # ties, and defects score higher on average
+    for limit in (0.3, 1.0):
+        assert metrics.au_pro(maps, masks, limit) == pytest.approx(brute_force_au_pro(maps, masks, limit), abs=2e-3)
+
+
+def test_image_score_is_the_max_of_the_pooled_map():
+    maps = torch.zeros(2, 5, 5)
+    maps[0, 2, 2] = 1.0
+    maps[1] = 0.5
+    # 3x3 mean around the single hot pixel: 1/9; a constant map stays constant (away from the zero padding).
+    assert metrics.image_scores_from_maps(maps, pool_size=3).tolist() == pytest.approx([1 / 9, 0.5])
+
+
+def test_metrics_refuse_a_single_class():
+    with pytest.raises(ValueError, match="one class"):
+        metrics.auroc([0.1, 0.2], [1, 1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Copy-paste baseline
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_copy_paste_keeps_the_background_exact_and_moves_the_defect():
+    rng = np.random.default_rng(0)
+    good, defect = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    mask = np.zeros((16, 16), dtype=bool)
+    mask[2:5, 3:6] = True  # centre (3, 4)
+    image, moved = dd.copy_paste(good, defect, mask, target_center=(10, 8))
+    assert moved.sum() == mask.sum() and dd.mask_center(moved) == (10, 8)
+    assert np.array_equal(image[~moved], good[~moved])
+    assert np.array_equal(image[moved], defect[mask])
+    # A target near the border: the shift is clipped so the whole defect stays in the image.
+    _, clipped = dd.copy_paste(good, defect, mask, target_center=(15, 15))
+    assert clipped.sum() == mask.sum() and clipped[13:16, 13:16].all()
+
+
+def test_copy_paste_set_follows_the_targets_types_and_positions(synthetic_data_dir):
+    split = dm.few_shot_split(dm.load_mvtec_defects(synthetic_data_dir, "metal_nut"))
+    real = dd.real_defects(synthetic_data_dir, "metal_nut", split, "train", 64)
+    goods = dd.train_good_set(synthetic_data_dir, "metal_nut", 64)
+    targets = dd.real_defects(synthetic_data_dir, "metal_nut", split, "heldout", 64)
+    pasted = dd.copy_paste_set(real, goods, targets, count=len(targets), seed=0)
+    assert pasted.defect_types == targets.defect_types
+    for index in range(len(pasted)):
+        assert pasted.masks[index].any()
+        row, col = dd.mask_center(pasted.masks[index].numpy())
+        target_row, target_col = dd.mask_center(targets.masks[index].numpy())
+        # at the target's centre unless clipping at the border moved it
+        assert (row, col) == (target_row, target_col) or not pasted.masks[index][1:-1, 1:-1].all()
+    assert dd.copy_paste_set(real, goods, targets, len(targets), seed=0).images.equal(pasted.images)
+
+
+def test_merge_splits_refuses_two_different_splits_of_one_defect_type():
+    a = {"defect_types": {"color": {"train": ["x/1.png"], "heldout": ["x/2.png"]}}}
+    b = {"defect_types": {"color": {"train": ["x/2.png"], "heldout": ["x/1.png"]}}}
+    scratch = {"defect_types": {"scratch": {"train": ["y/1.png"], "heldout": ["y/2.png"]}}}
+    assert sorted(dd.merge_splits([("a", a), ("s", scratch)])["defect_types"]) == ["color", "scratch"]
+    with pytest.raises(dm.DatasetError, match="differ for defect type 'color'"):
+        dd.merge_splits([("a", a), ("b", b)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end, on the bundled data with a hand-made synthetic set
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic_folder(tmp_path_factory, synthetic_data_dir):
+    """A synthesis folder in infer_defectfill.py's layout, made without the diffusion model: each real
+    training defect of metal_nut (both types) pasted onto train/good images at the held-out masks'
+    positions, at full resolution, with synthesis.json carrying the ordered split."""
+    folder = tmp_path_factory.mktemp("synthetic") / "handmade-metal_nut"
+    split = dm.few_shot_split(dm.load_mvtec_defects(synthetic_data_dir, "metal_nut"))
+    real = dd.real_defects(synthetic_data_dir, "metal_nut", split, "train", 128)
+    goods = dd.train_good_set(synthetic_data_dir, "metal_nut", 128)
+    targets = dd.real_defects(synthetic_data_dir, "metal_nut", split, "heldout", 128)
+    pasted = dd.copy_paste_set(real, goods, targets, count=2 * len(targets), seed=1)
+    rows = []
+    for index in range(len(pasted)):
+        image_name, mask_name = output_names(index)
+        for name, array in ((image_name, pasted.images[index].permute(1, 2, 0).numpy()),
+                            (mask_name, pasted.masks[index].numpy().astype(np.uint8) * 255)):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(folder / name)
+        rows.append({"file_name": image_name, "mask_file_name": mask_name, "object_class": "metal_nut",
+                     "defect_type": pasted.defect_types[index]})
+    (folder / METADATA_FILENAME).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    SynthesisRecord(pretrained_model_name_or_path="none (hand-made)", prompt="", resolution=128, object_class="metal_nut",
+                    data_dir=str(synthetic_data_dir), split=split).write(folder)
+    return folder
+
+
+def tiny_flags(synthetic_folder, output_dir, *extra: str) -> list[str]:
+    return [*extra, "--synthetic", f"handmade={synthetic_folder}", "--output_dir", str(output_dir), "--resolution", "64",
+            "--encoder", "resnet18", "--encoder_depth", "3", "--decoder_channels", "64", "32", "16",
+            "--classifier", "resnet18", "--epochs", "4", "--samples_per_epoch", "24", "--batch_size", "8",
+            "--learning_rate", "1e-3", "--classifier_epochs", "1", "--classifier_repeats", "1", "--seeds", "0",
+            "--no-progress"]
+
+
+@pytest.mark.slow
+def test_end_to_end_writes_the_table_and_json_and_beats_random_init(tmp_path, synthetic_folder, capsys):
+    """main() as the CLI calls it: table on stdout, JSON and figures written; a localizer trained on copy-paste
+    defects beats the untrained one on pixel AP; the same seed again gives the same figures. (In-process: a
+    subprocess would pay torch's and the libraries' imports again.)"""
+    import downstream_defectfill as downstream
+
+    results = downstream.main(downstream.parse_args(tiny_flags(synthetic_folder, tmp_path / "run")))
+    printed = capsys.readouterr().out
+    for row in ("| untrained |", "| real_only |", "| copy_paste |", "| handmade |", "| SeaS (reported) |"):
+        assert row in printed
+    assert "random init" in printed
+    assert json.loads((tmp_path / "run" / downstream.RESULTS_FILENAME).read_text()) == json.loads(json.dumps(results))
+    assert (tmp_path / "run" / downstream.CURVES_FILENAME).is_file() and (tmp_path / "run" / downstream.MAPS_FILENAME).is_file()
+    assert results["test_set"] == {"color": 4, "good": 4, "scratch": 4} and results["classes"] == ["color", "scratch"]
+    summary = results["summary"]
+    assert summary["copy_paste"]["pixel_ap"]["mean"] > summary["untrained"]["pixel_ap"]["mean"] + 0.02
+    assert summary["untrained"]["classification_accuracy"]["mean"] is None
+    assert 0 <= summary["handmade"]["classification_accuracy"]["mean"] <= 1
+
+    # The same seed again, without the baselines: the same figures.
+    again = downstream.main(downstream.parse_args(tiny_flags(synthetic_folder, tmp_path / "again", "--baselines")))
+    assert list(again["per_seed"]) == ["handmade"] and again["per_seed"]["handmade"] == results["per_seed"]["handmade"]
+
+
+def test_bad_inputs_name_the_flag(tmp_path, synthetic_data_dir):
+    import downstream_defectfill as downstream
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(downstream.DownstreamError, match="no metadata.jsonl"):
+        downstream.main(downstream.parse_args(["--synthetic", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o")]))
+    with pytest.raises(downstream.DownstreamError, match="--split_file"):
+        downstream.main(downstream.parse_args(["--data_dir", str(synthetic_data_dir), "--object_class", "metal_nut",
+                                               "--output_dir", str(tmp_path / "o")]))
+
+
+def test_synthetic_rows_made_from_the_test_set_are_counted(tmp_path):
+    import downstream_defectfill as downstream
+
+    split = {"defect_types": {"color": {"train": ["metal_nut/test/color/000.png"], "heldout": ["metal_nut/test/color/003.png"]}}}
+    rows = [
+        {"source_mask": "data/metal_nut/ground_truth/color/003_mask.png", "source_image": "data/metal_nut/train/good/001.png"},
+        {"source_mask": "data/metal_nut/ground_truth/color/000_mask.png", "source_image": "data/metal_nut/test/good/002.png"},
+        {"source_mask": "masks/own.png", "source_image": "data/metal_nut/train/good/004.png"},
+    ]
+    (tmp_path / METADATA_FILENAME).write_text("".join(
+        json.dumps({"file_name": f"images/{i}.png", "mask_file_name": f"masks/{i}.png", **row}) + "\n" for i, row in enumerate(rows)))
+    source = downstream.SyntheticSource("s", [tmp_path], [None])
+    assert downstream.count_test_set_reuse(source, split) == {"masks": 1, "images": 1, "rows": 3}
+
+
+def test_augmentation_moves_image_and_mask_together():
+    masks = torch.zeros(6, 8, 8)
+    masks[:, 1:3, 2:7] = 1  # not symmetric under flips or turns
+    images = masks[:, None].repeat(1, 3, 1, 1) * 0.8 + 0.1
+    out_images, out_masks = dd.augment_batch(images, masks, torch.Generator().manual_seed(0))
+    assert not torch.equal(out_masks, masks)  # six draws: some flip or turn happened
+    for image, mask in zip(out_images, out_masks):
+        assert torch.equal(image[0] > image[0].mean(), mask.bool())
+
+
+def test_small_helpers_of_the_report():
+    import downstream_defectfill as downstream
+
+    assert downstream.parse_synthetic_entry("ours=a/x,a/y") == ("ours", [Path("a/x"), Path("a/y")])
+    assert downstream.parse_synthetic_entry("a/x") == ("x", [Path("a/x")])
+    assert downstream.summarize([0.5, 0.7, None]) == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1414213), "n": 2}
+    assert downstream.format_cell(downstream.summarize([0.5, 0.7])) == "60.0 ± 14.1"
+    x = np.linspace(0, 1, 10001)
+    thin_x, thin_y = downstream.thin_curve(x, x ** 2, points=101)
+    assert len(thin_x) == 101 and thin_x[0] == 0 and thin_x[-1] == 1 and np.allclose(thin_y, thin_x ** 2)
+
+
+def test_early_stopping_chooses_on_a_validation_set_carved_from_training(synthetic_data_dir):
+    import downstream_defectfill as downstream
+
+    split = dm.few_shot_split(dm.load_mvtec_defects(synthetic_data_dir, "metal_nut"))
+    goods = dd.train_good_set(synthetic_data_dir, "metal_nut", 32)
+    real = dd.real_defects(synthetic_data_dir, "metal_nut", split, "train", 32)
+    defects = dd.copy_paste_set(real, goods, None, count=8, seed=0)
+    args = downstream.parse_args(["--resolution", "32", "--encoder", "resnet18", "--encoder_depth", "3",
+                                  "--decoder_channels", "16", "16", "16", "--epochs", "3", "--samples_per_epoch", "8",
+                                  "--validation_fraction", "0.25", "--patience", "1", "--no-progress"])
+    _, history = downstream.train_localizer(args, defects, goods, seed=0, device="cpu", augment=False, label="test")
+    assert 1 <= len(history["validation_pixel_ap"]) <= 3 and len(history["loss"]) == len(history["validation_pixel_ap"])
+    best = int(np.argmax(history["validation_pixel_ap"])) + 1
+    assert history["epoch_kept"] == best
+    train_part, validation_part = downstream.split_validation(defects, 0.25, seed=0)
+    assert len(validation_part) == 2 and not set(train_part.names) & set(validation_part.names)
+
+
+def test_the_readme_demo_config_parses_to_the_documented_settings():
+    import downstream_defectfill as downstream
+
+    args = downstream.parse_args(["--config", str(REPO_ROOT / "configs" / "tiny_downstream.yaml")])
+    assert args.synthetic == ["defectfill=outputs/tiny-synthetic-metal_nut-color"] and args.seeds == [0, 1, 2]
+    assert (args.resolution, args.encoder, args.encoder_depth, args.decoder_channels) == (64, "resnet18", 3, [64, 32, 16])
+    assert (args.epochs, args.samples_per_epoch, args.encoder_weights, args.validation_fraction) == (8, 48, "none", 0.0)
+    assert "python downstream_defectfill.py --config configs/tiny_downstream.yaml" in (REPO_ROOT / "README.md").read_text()
