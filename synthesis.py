@@ -279,3 +279,55 @@ def load_pipeline(base_model: str, lora: str | None = None, trained_on: str | No
         pipeline.load_lora_weights(lora)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(default_device(device))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Several LoRAs in one pipeline, and redraws with the next seeds (the dataset builder)
+# ----------------------------------------------------------------------------------------------------
+
+MAX_CANDIDATE_SEEDS = 1_009  # candidate numbers 0..1008 of a pair never collide with the next pair's seeds
+
+
+def load_named_adapters(pipeline, loras: dict[str, str], trained_on: str | None = None, base: str = "the base model") -> None:
+    """Load each LoRA once as a named adapter (`load_lora_weights(path, adapter_name=name)`); `use_adapter`
+    switches between them without reloading anything."""
+    for name, lora in loras.items():
+        check_lora_fits(pipeline, lora, trained_on, base)
+        pipeline.load_lora_weights(lora, adapter_name=name)
+
+
+def use_adapter(pipeline, name: str) -> None:
+    """Make the named adapter the only active one (UNet and text encoder)."""
+    pipeline.set_adapters([name])
+
+
+def candidate_generators_from(seed: int, pair_index: int, first: int, count: int, device) -> list[torch.Generator]:
+    """Generators of candidates `first` .. `first + count - 1` of a pair, in `candidate_generators`' scheme
+    (first=0 gives exactly its generators): a redraw takes the next seeds."""
+    if first + count > MAX_CANDIDATE_SEEDS:
+        raise SynthesisError(f"candidate {first + count - 1} of a pair would reuse the next pair's seeds (at most {MAX_CANDIDATE_SEEDS})")
+    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + pair_index * 1_009 + c) for c in range(first, first + count)]
+
+
+def synthesize_from(pipeline, jobs: list[Job], settings: SynthesisSettings, scorer: Scorer | None = None,
+                    first_candidate: int = 0, score_single: bool = False) -> list[SynthesisResult]:
+    """`synthesize` with candidates `first_candidate` .. `+ num_candidates - 1` of each job (first_candidate=0:
+    the same images as `synthesize`). With `score_single`, a lone candidate is scored too (the builder's
+    `--min_lpips` needs its score)."""
+    n = settings.num_candidates
+    generators = [g for job in jobs for g in candidate_generators_from(settings.seed, job.index, first_candidate, n, pipeline.device)]
+    images = pipeline(
+        prompt=[settings.prompt] * (len(jobs) * n), image=[job.region for job in jobs for _ in range(n)],
+        mask_image=[job.region_mask for job in jobs for _ in range(n)], height=settings.resolution, width=settings.resolution,
+        num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale, generator=generators,
+    ).images
+    results = []
+    for i, job in enumerate(jobs):
+        candidates = images[i * n : (i + 1) * n]
+        if settings.composite:
+            candidates = [composite(job.region, c, job.region_mask) for c in candidates]
+        scored = scorer is not None and (len(candidates) > 1 or score_single)
+        scores = scorer(job.region, candidates, job.region_mask) if scored else [0.0] * len(candidates)
+        chosen = select_candidate(scores)
+        results.append(SynthesisResult(job, paste_back(job, candidates[chosen], settings.composite), candidates, scores, chosen))
+    return results
