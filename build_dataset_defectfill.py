@@ -504,8 +504,9 @@ def add_skipped(output_dir: Path, entries: dict[str, dict]) -> dict[str, dict]:
 
 
 def item_of_file(name: str) -> int | None:
-    """The item number of an output file name (its first 5 digits), None for other files."""
-    head = name.lstrip(".")[:5]
+    """The item number of an output file (`images/00012.png`, `.00012_mask.png.tmp`: its first 5 digits), None
+    for other files."""
+    head = Path(name).name.lstrip(".")[:5]
     return int(head) if head.isdigit() else None
 
 
