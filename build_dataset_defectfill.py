@@ -12,7 +12,8 @@ adapter active, a second defect on the first one's result. The generation is `sy
 come from `mask_augment.py`; the output folder is what `infer_defectfill.py` writes (images/, masks/,
 metadata.jsonl, synthesis.json, preview.png; `dataset_mvtec.load_synthetic` reads it) plus one mask per
 defect (defect_masks/), a semantic mask (semantic/, pixel value = the defect type's index in synthesis.json),
-build.json (what was built, to resume) and build_summary.json; `--export mvtec` adds the MVTec AD layout.
+build.json (what was built, to resume) and build_summary.json; `--export mvtec` adds the MVTec AD layout
+(in `<output_dir>-mvtec` by default).
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--save_candidates", action="store_true", help="Also keep every candidate (candidates/).")
     out.add_argument("--export", default="none", choices=("none", "mvtec"),
                      help="mvtec: also write the MVTec AD layout (<class>/test/<defect>/NNN.png, ground_truth/...).")
-    out.add_argument("--export_dir", default=None, help="Where --export writes; default: <output_dir>/mvtec.")
+    out.add_argument("--export_dir", default=None, help="Where --export writes; default: <output_dir>-mvtec beside the output folder (inside it, "
+                          "imagefolder would read test/ as a split).")
     out.add_argument("--export_good", default="copy", choices=("copy", "symlink", "none"),
                      help="How --export brings the good images (train/good, test/good).")
     out.add_argument("--preview_rows", type=int, default=8, help="Rows of preview.png (clean | mask | generated).")
@@ -682,6 +684,10 @@ def preview_rows(rows: dict[str, dict], count: int) -> dict[str, dict]:
     return {name: rows[name] for name in chosen}
 
 
+def default_export_dir(output_dir: Path) -> Path:
+    return output_dir.with_name(f"{output_dir.name}-mvtec")
+
+
 def export_mvtec(output_dir: Path, rows: dict[str, dict], export_dir: Path, object_class: str, data_dir: str | None,
                  image_dir: str | None, good: str) -> Path:
     """The MVTec AD layout: <class>/test/<label>/NNN.png, <class>/ground_truth/<label>/NNN_mask.png (the union
@@ -833,7 +839,7 @@ def main(args: argparse.Namespace, scorer: synthesis.Scorer | None = None) -> Pa
     summary = summarize(rows, skipped, context, time.perf_counter() - started, made_now)
     write_json_atomic(output_dir / SUMMARY_FILENAME, summary)
     if args.export == "mvtec":
-        export_dir = Path(args.export_dir) if args.export_dir else output_dir / "mvtec"
+        export_dir = Path(args.export_dir) if args.export_dir else default_export_dir(output_dir)
         class_dir = export_mvtec(output_dir, rows, export_dir, context.object_class, context.data_dir, args.image_dir, args.export_good)
         logger.info("MVTec AD layout in %s", class_dir)
     print(format_summary(summary))
