@@ -631,8 +631,15 @@ def build_batch(pipeline, items: list[Item], context: BuildContext, scorer, outp
 # ----------------------------------------------------------------------------------------------------
 
 
-def summarize(rows: dict[str, dict], skipped: dict[str, dict], context: BuildContext, seconds: float, made: int) -> dict:
-    """Images per defect type, masks augmented/rejected and why, candidates rejected, time per kept image."""
+def summarize(rows: dict[str, dict], skipped: dict[str, dict], context: BuildContext, seconds: float, made: int,
+              generation_wall: float | None = None, done_before: set | None = None) -> dict:
+    """Images per defect type, masks augmented/rejected and why, candidates rejected, time per kept image:
+    wall-clock (whole run, and the generation alone, all processes together) and process time (the sum of
+    every process's batch time over the images it kept)."""
+    new_rows = [r for name, r in rows.items() if item_of_file(name) not in (done_before or set())]
+    process_seconds = sum(r.get("seconds", 0.0) for r in new_rows)
+    drawn = sum(sum(r["num_candidates"] for r in row.get("rejected_candidates", [])) + context.args.num_candidates * row["num_defects"]
+                for row in new_rows)
     per_type, per_label, reasons = Counter(), Counter(), Counter()
     rejected_candidates = 0
     augmented = 0
@@ -655,6 +662,10 @@ def summarize(rows: dict[str, dict], skipped: dict[str, dict], context: BuildCon
         "candidates_rejected": rejected_candidates, "items_skipped": dict(sorted(skip_reasons.items())),
         "images_made_this_run": made, "seconds_this_run": round(seconds, 3),
         "seconds_per_kept_image": round(seconds / made, 4) if made else None,
+        "generation_seconds_wall": round(generation_wall, 3) if generation_wall is not None else None,
+        "generation_seconds_per_kept_image": round(generation_wall / made, 4) if made and generation_wall is not None else None,
+        "process_seconds_per_kept_image": round(process_seconds / made, 4) if made else None,
+        "candidates_drawn_per_kept_image": round(drawn / made, 3) if made else None,
     }
 
 
@@ -665,8 +676,10 @@ def format_summary(summary: dict) -> str:
     lines.append(f"masks augmented: {summary['masks_augmented']}, rejected: {summary['masks_rejected']} {summary['masks_rejected_by_reason']}")
     lines.append(f"candidates rejected (below --min_lpips): {summary['candidates_rejected']}; items skipped: {summary['items_skipped']}")
     if summary["seconds_per_kept_image"] is not None:
-        lines.append(f"{summary['images_made_this_run']} images made in {summary['seconds_this_run']:.1f} s: "
-                     f"{summary['seconds_per_kept_image']:.3f} s per kept image")
+        lines.append(f"{summary['images_made_this_run']} images made in {summary['seconds_this_run']:.1f} s "
+                     f"({summary['seconds_per_kept_image']:.3f} s per kept image; generation alone "
+                     f"{summary['generation_seconds_per_kept_image']:.3f} s wall, {summary['process_seconds_per_kept_image']:.3f} s "
+                     f"per process; {summary['candidates_drawn_per_kept_image']:g} candidates drawn per kept image)")
     return "\n".join(lines)
 
 
@@ -819,13 +832,18 @@ def main(args: argparse.Namespace, scorer: synthesis.Scorer | None = None) -> Pa
     context.vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
 
     progress = tqdm(total=len(items), initial=len(done), desc="images", unit="img", disable=not state.is_main_process)
+    generation_started = time.perf_counter()
     for batch in mine:
+        batch_started = time.perf_counter()
         new_rows, new_skipped = build_batch(pipeline, batch, context, scorer, output_dir)
+        for row in new_rows:  # this process's time for the batch, shared by its kept images
+            row["seconds"] = round((time.perf_counter() - batch_started) / len(new_rows), 4)
         all_rows = rf.add_metadata_rows(output_dir, new_rows) if new_rows else rf.read_metadata(output_dir)
         all_skipped = add_skipped(output_dir, new_skipped) if new_skipped else read_skipped(output_dir)
         progress.n = len(all_rows) + len(all_skipped)  # every process's items, as the shared files say
         progress.refresh()
     state.wait_for_everyone()
+    generation_wall = time.perf_counter() - generation_started
     if not state.is_main_process:
         progress.close()
         return output_dir
@@ -836,7 +854,7 @@ def main(args: argparse.Namespace, scorer: synthesis.Scorer | None = None) -> Pa
     write_synthesis_record(output_dir, context)
     rf.save_preview(output_dir, preview_rows(rows, args.preview_rows), max_rows=args.preview_rows)
     made_now = sum(1 for name in rows if item_of_file(name) not in done)  # by every process, this run
-    summary = summarize(rows, skipped, context, time.perf_counter() - started, made_now)
+    summary = summarize(rows, skipped, context, time.perf_counter() - started, made_now, generation_wall, done)
     write_json_atomic(output_dir / SUMMARY_FILENAME, summary)
     if args.export == "mvtec":
         export_dir = Path(args.export_dir) if args.export_dir else default_export_dir(output_dir)
