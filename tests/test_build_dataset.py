@@ -304,11 +304,11 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_a_killed_build_resumes_without_duplicates_or_orphans(class_runs, tmp_path, monkeypatch):
-    flags = ("--mask_source", "heldout", "--num_candidates", "1", "--batch_size", "1", "--defects_per_image", "2")
+    flags = ("--mask_source", "heldout", "--num_candidates", "1", "--batch_size", "1", "--num_images", "1")
     whole = run_build(class_runs, tmp_path / "whole", *flags)
     real, calls = rf.save_synthesis_result, []
 
-    def killed_on_second(*a, **k):  # the second item has written its defect and semantic masks, then dies
+    def killed_on_second(*a, **k):  # the second item has written its defect and semantic masks, then dies (the kill)
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
