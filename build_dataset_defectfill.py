@@ -27,7 +27,7 @@ import shutil
 import time
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -390,7 +390,9 @@ def draw_item_masks(item: Item, image: Image.Image, context: "BuildContext") -> 
     """The masks of an item's defects, in painting order, never overlapping: (defects, mask rejections by
     reason, defect types dropped because no mask fitted). Deterministic per item."""
     rng = item_rng(context.args.seed, item.index, 2)
-    foreground = foreground_of(context.args, image, item.image_path, context.texture, context.data_dir, context.object_class)
+    augment = context.args.mask_source == "augment"
+    foreground = foreground_of(context.args, image, item.image_path, context.texture, context.data_dir,
+                               context.object_class) if augment else None
     taken = np.zeros(image.size[::-1], dtype=bool)
     defects, rejected, dropped = [], Counter(), []
     for slot, defect_type in enumerate(item.defect_types):
@@ -398,7 +400,7 @@ def draw_item_masks(item: Item, image: Image.Image, context: "BuildContext") -> 
         settings = context.settings[defect_type]
         checks = dict(visible_at_latent=lambda m, s=settings: visible_at_latent_size(m, s, context.vae_scale_factor),
                       avoid=taken if taken.any() else None)
-        if context.args.mask_source == "augment":
+        if augment:
             checks.update(foreground=foreground, min_on_object=context.args.min_on_object)
             mask, source, why = ma.draw_mask(sources, rng, context.augment, context.args.mask_attempts, **checks)
         else:
@@ -433,8 +435,7 @@ class BuildContext:
     data_dir: str | None
     object_class: str
     base_model: str
-    vae_scale_factor: int = 8
-    stats: Counter = field(default_factory=Counter)
+    vae_scale_factor: int = 8  # read from the pipeline's VAE once it is loaded
 
 
 def lora_digest(lora: str) -> str:
@@ -805,8 +806,9 @@ def main(args: argparse.Namespace, scorer: synthesis.Scorer | None = None) -> Pa
                        parse_defects_per_image(args.defects_per_image), args.seed)
     output_dir = Path(args.output_dir)
     fingerprint = build_fingerprint(context, items)
+    check_output_folder(output_dir, fingerprint)  # on every process (read only): an error stops them all
+    state.wait_for_everyone()
     if state.is_main_process:
-        check_output_folder(output_dir, fingerprint)
         output_dir.mkdir(parents=True, exist_ok=True)
         done = {item_of_file(name) for name in rf.read_metadata(output_dir)} | {int(k) for k in read_skipped(output_dir)}
         removed = remove_orphans(output_dir, done)
