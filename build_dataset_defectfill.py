@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import time
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -831,10 +830,8 @@ def main(args: argparse.Namespace, scorer: synthesis.Scorer | None = None) -> Pa
         scorer = synthesis.LpipsModel(args.lpips_net, device, pretrained_backbone=not args.lpips_random_backbone).masked_scores
     pipeline = synthesis.load_pipeline(context.base_model, None, None, args.revision, args.variant,
                                        synthesis.precision_dtype(args.mixed_precision), device, args.scheduler)
-    with warnings.catch_warnings():  # several adapters in one model is the point here
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        synthesis.load_named_adapters(pipeline, {r.defect_type: r.lora for r in context.runs}, context.runs[0].record.base_model,
-                                      context.base_model)
+    synthesis.load_named_adapters(pipeline, {r.defect_type: r.lora for r in context.runs}, context.runs[0].record.base_model,
+                                  context.base_model)
     context.vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
 
     progress = tqdm(total=len(items), initial=len(done), desc="images", unit="img", disable=not state.is_main_process)

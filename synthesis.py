@@ -291,9 +291,13 @@ MAX_CANDIDATE_SEEDS = 1_009  # candidate numbers 0..1008 of a pair never collide
 def load_named_adapters(pipeline, loras: dict[str, str], trained_on: str | None = None, base: str = "the base model") -> None:
     """Load each LoRA once as a named adapter (`load_lora_weights(path, adapter_name=name)`); `use_adapter`
     switches between them without reloading anything."""
+    import warnings
+
     for name, lora in loras.items():
         check_lora_fits(pipeline, lora, trained_on, base)
-        pipeline.load_lora_weights(lora, adapter_name=name)
+        with warnings.catch_warnings():  # peft warns at the second adapter of a model: several are the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            pipeline.load_lora_weights(lora, adapter_name=name)
 
 
 def use_adapter(pipeline, name: str) -> None:
