@@ -794,11 +794,13 @@ def main(args: argparse.Namespace, scorer: synthesis.Scorer | None = None) -> Pa
     """Build the dataset (on this process's share of the items under `accelerate launch`); `scorer` replaces
     the LPIPS scorer (tests)."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
     from tqdm.auto import tqdm
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     started = time.perf_counter()
-    state = PartialState()
+    # PartialState reads the process group from the launcher's environment; on CPUs (gloo) it must be told.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     context = make_context(args)
     goods = good_images(args, context.data_dir, context.object_class)
     items = make_items([r.defect_type for r in context.runs], goods, args.num_images,
@@ -839,7 +841,8 @@ def main(args: argparse.Namespace, scorer: synthesis.Scorer | None = None) -> Pa
     for batch in mine:
         batch_started = time.perf_counter()
         new_rows, new_skipped = build_batch(pipeline, batch, context, scorer, output_dir)
-        for row in new_rows:  # this process's time for the batch, shared by its kept images
+        for row in new_rows:  # which process made it, and its time for the batch shared by the kept images
+            row["process"] = state.process_index
             row["seconds"] = round((time.perf_counter() - batch_started) / len(new_rows), 4)
         all_rows = rf.add_metadata_rows(output_dir, new_rows) if new_rows else rf.read_metadata(output_dir)
         all_skipped = add_skipped(output_dir, new_skipped) if new_skipped else read_skipped(output_dir)

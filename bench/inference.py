@@ -54,12 +54,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--builder_images", type=int, default=4, help="Builder: images per defect type.")
     parser.add_argument("--builder_batch_size", type=int, default=2, help="Builder: images per pipeline call.")
     parser.add_argument("--builder_processes", type=int, default=2, help="Builder: also time this many processes (1 = skip).")
+    parser.add_argument("--only_builder", action="store_true", help="Time the builder alone (skip the synthesis-core rounds).")
     args = parser.parse_args(argv)
 
     from diffusers import StableDiffusionInpaintPipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if args.only_builder:
+        return {"builder": bench_builder(args, device, dtype)}
     pipeline = StableDiffusionInpaintPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
                                                               requires_safety_checker=False).to(device)
     pipeline.set_progress_bar_config(disable=True)

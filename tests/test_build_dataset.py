@@ -58,7 +58,7 @@ def run_build(class_runs, output_dir, *extra, scorer=None):
 
 def rows_of(folder, timing=True):
     rows = [json.loads(line) for line in (Path(folder) / rf.METADATA_FILENAME).read_text().splitlines()]
-    return rows if timing else [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    return rows if timing else [{k: v for k, v in row.items() if k not in ("seconds", "process")} for row in rows]
 
 
 def as_array(path, mode=None):
@@ -344,4 +344,6 @@ def test_accelerate_launch_two_cpu_processes_write_what_one_writes(class_runs, t
     assert a.keys() == b.keys() and len([k for k in a if k.startswith("images/")]) == 4
     assert [k for k in a if a[k] != b[k]] == []
     assert rows_of(tmp_path / "two", timing=False) == rows_of(tmp_path / "one", timing=False)
+    # the processes split the work: batches of one image dealt in turn
+    assert [r["process"] for r in rows_of(tmp_path / "two")] == [0, 1, 0, 1]
     assert "4 images" in result.stdout
