@@ -238,15 +238,6 @@ def prepare_pair(pair: Pair, settings: SynthesisSettings) -> synthesis.Job:
 # ----------------------------------------------------------------------------------------------------
 
 
-def metadata_row(pair: Pair, result: synthesis.SynthesisResult, plan: Plan) -> dict:
-    return {
-        "source_image": str(pair.image_path), "source_mask": str(pair.mask_path), "seed": plan.synthesis.seed,
-        "candidate": result.chosen, "lpips": result.scores[result.chosen], "candidate_scores": result.scores,
-        "prompt": plan.synthesis.prompt, "object_class": plan.object_class, "defect_type": plan.defect_type,
-        "crop_box": list(result.job.box),
-    }
-
-
 def synthesize_to_folder(pipeline, pairs: list[Pair], plan: Plan, scorer, output_dir: Path, batch_size: int,
                          save_candidates: bool = False) -> dict[str, dict]:
     """Generate, select and save every pair not already done; returns all metadata rows."""
@@ -259,7 +250,9 @@ def synthesize_to_folder(pipeline, pairs: list[Pair], plan: Plan, scorer, output
     for start in tqdm(range(0, len(todo), batch_size), desc="pairs", unit="batch", disable=not todo):
         batch = todo[start : start + batch_size]
         jobs = [prepare_pair(p, plan.synthesis) for p in batch]
-        done = [rf.save_synthesis_result(output_dir, pair.index, result.image, result.job.mask, metadata_row(pair, result, plan),
+        done = [rf.save_synthesis_result(output_dir, pair.index, result.image, result.job.mask,
+                                         synthesis.output_metadata_row(result, pair.image_path, pair.mask_path, plan.synthesis,
+                                                                       plan.object_class, plan.defect_type),
                                          result.candidates if save_candidates else None)
                 for pair, result in zip(batch, synthesis.synthesize(pipeline, jobs, plan.synthesis, scorer))]
         rows = rf.add_metadata_rows(output_dir, done)

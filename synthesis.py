@@ -143,16 +143,22 @@ def model_mask(region_mask: Image.Image, scale: int) -> Image.Image:
 # ----------------------------------------------------------------------------------------------------
 
 
-def candidate_generators(seed: int, pair_index: int, count: int, device) -> list[torch.Generator]:
+MAX_CANDIDATE_SEEDS = 1_009  # candidate numbers 0..1008 of a pair never collide with the next pair's seeds
+
+
+def candidate_generators(seed: int, pair_index: int, count: int, device, first: int = 0) -> list[torch.Generator]:
     """One generator per candidate, seeded by (seed, pair, candidate): the same pair gives the same
-    candidates whatever the batch size or the pairs around it."""
-    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + pair_index * 1_009 + c) for c in range(count)]
+    candidates whatever the batch size or the pairs around it. Candidates `first` .. `first + count - 1`:
+    a redraw (the dataset builder's `--min_lpips`) takes the next seeds of the same scheme."""
+    if first + count > MAX_CANDIDATE_SEEDS:
+        raise SynthesisError(f"candidate {first + count - 1} of a pair would reuse the next pair's seeds (at most {MAX_CANDIDATE_SEEDS})")
+    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + pair_index * 1_009 + c) for c in range(first, first + count)]
 
 
-def generate_candidates(pipeline, jobs: list[Job], settings: SynthesisSettings) -> list[list[Image.Image]]:
+def generate_candidates(pipeline, jobs: list[Job], settings: SynthesisSettings, first_candidate: int = 0) -> list[list[Image.Image]]:
     """All candidates of all jobs in one pipeline call; returns them per job."""
     n = settings.num_candidates
-    generators = [g for job in jobs for g in candidate_generators(settings.seed, job.index, n, pipeline.device)]
+    generators = [g for job in jobs for g in candidate_generators(settings.seed, job.index, n, pipeline.device, first_candidate)]
     result = pipeline(
         prompt=[settings.prompt] * (len(jobs) * n), image=[job.region for job in jobs for _ in range(n)],
         mask_image=[model_mask(job.region_mask, pipeline.vae_scale_factor) for job in jobs for _ in range(n)],
@@ -200,14 +206,17 @@ class SynthesisResult:
         return self.candidates[self.chosen]
 
 
-def synthesize(pipeline, jobs: list[Job], settings: SynthesisSettings, scorer: Scorer | None = None) -> list[SynthesisResult]:
-    """Generate, composite, select and paste back every job (one pipeline call for all of them).
-    Without a scorer, or with one candidate, the first candidate is kept (scores all 0)."""
+def synthesize(pipeline, jobs: list[Job], settings: SynthesisSettings, scorer: Scorer | None = None, first_candidate: int = 0,
+               score_single: bool = False) -> list[SynthesisResult]:
+    """Generate, composite, select and paste back every job (one pipeline call for all of them), with
+    candidates `first_candidate` onwards. Without a scorer, or with one candidate (unless `score_single`:
+    the builder's `--min_lpips` needs a lone candidate's score), the first is kept (scores all 0)."""
     results = []
-    for job, candidates in zip(jobs, generate_candidates(pipeline, jobs, settings)):
+    for job, candidates in zip(jobs, generate_candidates(pipeline, jobs, settings, first_candidate)):
         if settings.composite:
             candidates = [composite(job.region, c, job.region_mask) for c in candidates]
-        scores = scorer(job.region, candidates, job.region_mask) if scorer and len(candidates) > 1 else [0.0] * len(candidates)
+        scored = scorer is not None and (len(candidates) > 1 or score_single)
+        scores = scorer(job.region, candidates, job.region_mask) if scored else [0.0] * len(candidates)
         chosen = select_candidate(scores)
         results.append(SynthesisResult(job, paste_back(job, candidates[chosen], settings.composite), candidates, scores, chosen))
     return results
@@ -426,3 +435,22 @@ def output_metadata_row(result: SynthesisResult, source_image: str, source_mask:
         "candidate": result.chosen, "lpips": result.scores[result.chosen], "candidate_scores": list(result.scores),
         "prompt": settings.prompt, "object_class": object_class, "defect_type": defect_type, "crop_box": list(result.job.box),
     }
+
+# Several LoRAs in one pipeline, and redraws with the next seeds (the dataset builder)
+# ----------------------------------------------------------------------------------------------------
+
+def load_named_adapters(pipeline, loras: dict[str, str], trained_on: str | None = None, base: str = "the base model") -> None:
+    """Load each LoRA once as a named adapter (`load_lora_weights(path, adapter_name=name)`); `use_adapter`
+    switches between them without reloading anything."""
+    import warnings
+
+    for name, lora in loras.items():
+        check_lora_fits(pipeline, lora, trained_on, base)
+        with warnings.catch_warnings():  # peft warns at the second adapter of a model: several are the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            pipeline.load_lora_weights(lora, adapter_name=name)
+
+
+def use_adapter(pipeline, name: str) -> None:
+    """Make the named adapter the only active one (UNet and text encoder)."""
+    pipeline.set_adapters([name])

@@ -9,14 +9,25 @@ atomic saves), per generated and per kept image.
 Both sides run the same model, resolution, steps, guidance and number of images per call; timed
 interleaved, median over rounds. LPIPS runs with its real code; offline its AlexNet backbone is random
 (`--lpips_random_backbone`), which costs the same.
+
+Then the dataset builder (`build_dataset_defectfill.py`, in a subprocess, on the runs of `--builder_lora`):
+its time per kept image (every process's batch time over the images kept) against the plain pipeline's
+time per image with the same model + LoRA, steps and images per call, times the candidates it drew per
+kept image; and its generation wall time on 2 processes (accelerate launch, one thread each) against 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -38,12 +49,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=1, help="Untimed rounds first.")
     parser.add_argument("--lpips_random_backbone", action=argparse.BooleanOptionalAction, default=True,
                         help="LPIPS with a random AlexNet (offline); same cost as the pretrained one.")
+    parser.add_argument("--builder_lora", default=str(REPO_ROOT / "outputs" / "tiny-metal_nut"),
+                        help="Runs of the builder timing (train_defectfill.py --defect_type all); skipped when absent.")
+    parser.add_argument("--builder_images", type=int, default=4, help="Builder: images per defect type.")
+    parser.add_argument("--builder_batch_size", type=int, default=2, help="Builder: images per pipeline call.")
+    parser.add_argument("--builder_processes", type=int, default=2, help="Builder: also time this many processes (1 = skip).")
+    parser.add_argument("--only_builder", action="store_true", help="Time the builder alone (skip the synthesis-core rounds).")
     args = parser.parse_args(argv)
 
     from diffusers import StableDiffusionInpaintPipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if args.only_builder:
+        return {"builder": bench_builder(args, device, dtype)}
     pipeline = StableDiffusionInpaintPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
                                                               requires_safety_checker=False).to(device)
     pipeline.set_progress_bar_config(disable=True)
@@ -87,6 +106,83 @@ def main(argv=None) -> dict:
     print(f"| ours, per generated candidate | {result['ours_generated_per_s']:.2f} |")
     print(f"| ours, per kept image (1 of {n}) | {result['ours_kept_per_s']:.2f} |")
     print(f"time per generated image, ours / plain: {result['per_generated_ratio']:.2f}x   (target <= 1.05)")
+    if args.builder_lora and Path(args.builder_lora).exists():
+        result["builder"] = bench_builder(args, device, dtype)
+    else:
+        print(f"(builder not timed: --builder_lora {args.builder_lora} does not exist; train it with "
+              f"python train_defectfill.py --config configs/tiny.yaml --defect_type all --output_dir outputs/tiny-metal_nut)")
+    return result
+
+
+def run_builder(args, output_dir: Path, processes: int, threads: int | None) -> dict:
+    """build_dataset_defectfill.py in a subprocess (under accelerate launch for several processes); its summary."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    script = [str(REPO_ROOT / "build_dataset_defectfill.py"), "--lora", args.builder_lora, "--output_dir", str(output_dir),
+              "--num_images", str(args.builder_images), "--num_candidates", str(args.num_candidates),
+              "--num_inference_steps", str(args.num_inference_steps), "--resolution", str(args.resolution),
+              "--batch_size", str(args.builder_batch_size), "--mask_source", "augment", "--defects_per_image", "1",
+              "--lpips_random_backbone"]
+    if processes > 1:
+        env["ACCELERATE_USE_CPU"] = "true" if not torch.cuda.is_available() else env.get("ACCELERATE_USE_CPU", "false")
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script]
+    else:
+        command = [sys.executable, *script]
+    completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise SystemExit(f"the builder failed:\n{completed.stderr[-3000:]}")
+    return json.loads((output_dir / "build_summary.json").read_text())
+
+
+def bench_builder(args, device, dtype) -> dict:
+    """The builder's time per kept image against the plain pipeline's time per image (same model with the LoRA,
+    steps, resolution, images per call) times the candidates it drew per kept image; and 2 processes vs 1."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    lora_dir = Path(args.builder_lora)
+    runs = [lora_dir] if (lora_dir / "pytorch_lora_weights.safetensors").is_file() else sorted(
+        p for p in lora_dir.iterdir() if (p / "pytorch_lora_weights.safetensors").is_file())
+    base = json.loads((runs[0] / "defectfill_run.json").read_text())["base_model"]
+    pipeline = StableDiffusionInpaintPipeline.from_pretrained(base, torch_dtype=dtype, safety_checker=None,
+                                                              requires_safety_checker=False).to(device)
+    pipeline.load_lora_weights(str(runs[0]))
+    pipeline.set_progress_bar_config(disable=True)
+    image = Image.open(DATA / "test" / "good" / "000.png").convert("RGB").resize((args.resolution, args.resolution))
+    mask = Image.open(DATA / "ground_truth" / "color" / "003_mask.png").convert("L").resize((args.resolution, args.resolution), Image.NEAREST)
+    per_call = args.builder_batch_size * args.num_candidates
+    plain_times = []
+    for round_index in range(args.warmup + args.repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        pipeline(["A metal nut with sks"] * per_call, image=[image] * per_call, mask_image=[mask] * per_call,
+                 height=args.resolution, width=args.resolution, num_inference_steps=args.num_inference_steps,
+                 generator=[torch.Generator(device).manual_seed(i) for i in range(per_call)])
+        synchronize(device)
+        if round_index >= args.warmup:
+            plain_times.append(time.perf_counter() - start)
+    plain_per_image = statistics.median(plain_times) / per_call
+    with tempfile.TemporaryDirectory() as tmp:
+        one = run_builder(args, Path(tmp) / "one", 1, None)
+        two = run_builder(args, Path(tmp) / "two", 2, 1) if args.builder_processes > 1 else None
+    drawn = one["candidates_drawn_per_kept_image"]
+    result = {"plain_seconds_per_image": plain_per_image, "builder_seconds_per_kept_image": one["process_seconds_per_kept_image"],
+              "candidates_drawn_per_kept_image": drawn,
+              "builder_ratio": one["process_seconds_per_kept_image"] / (plain_per_image * drawn),
+              "one_process_wall_per_kept_image": one["generation_seconds_per_kept_image"],
+              "two_process_wall_per_kept_image": two["generation_seconds_per_kept_image"] if two else None}
+    print(f"\n## builder (build_dataset_defectfill.py, {one['images']} images, {args.builder_batch_size} images per call, "
+          f"{args.num_candidates} candidates, {args.num_inference_steps} steps, {args.resolution} px)")
+    print("| | s per image |")
+    print("|---|---|")
+    print(f"| plain pipeline with the LoRA, per generated image ({per_call} per call, median of {args.repeats}) | {plain_per_image:.4f} |")
+    print(f"| builder, per kept image ({drawn:g} candidates drawn each) | {result['builder_seconds_per_kept_image']:.4f} |")
+    print(f"builder time per kept image / (plain per image x candidates drawn): {result['builder_ratio']:.2f}x   (target <= 1.05)")
+    if two:
+        print(f"generation wall time per kept image: 1 process {result['one_process_wall_per_kept_image']:.3f} s, "
+              f"2 processes (1 thread each) {result['two_process_wall_per_kept_image']:.3f} s "
+              f"({result['one_process_wall_per_kept_image'] / result['two_process_wall_per_kept_image']:.2f}x)")
     return result
 
 

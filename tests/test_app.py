@@ -244,10 +244,12 @@ def test_generate_then_add_to_dataset_writes_what_infer_writes(state, demo_run, 
 
     rows = rf.read_metadata(folder)
     assert sorted(rows) == ["images/00000.png", "images/00001.png"]
-    # the row infer_defectfill.py writes for the same pair and result
+    # the row infer_defectfill.py writes for the same pair and result (its settings resolved from the same run)
     plan = infer.resolve_plan(infer.parse_args(["--lora", str(DEMO), "--num_inference_steps", "2"]), rf.read_run(str(DEMO)))
     pair = infer.Pair(0, demo_run.good_images[0], demo_run.heldout_masks[0])
-    expected = {"file_name": "images/00000.png", "mask_file_name": "masks/00000_mask.png", **infer.metadata_row(pair, result, plan)}
+    row_fields = synthesis.output_metadata_row(result, pair.image_path, pair.mask_path, plan.synthesis, plan.object_class,
+                                               plan.defect_type)
+    expected = {"file_name": "images/00000.png", "mask_file_name": "masks/00000_mask.png", **row_fields}
     assert rows["images/00000.png"] == json.loads(json.dumps(expected))
     assert Path(row["source_image"]) == folder / "sources" / "00001.png" and Path(row["source_image"]).is_file()
     assert row["source_mask"] == str(folder / "masks" / "00001_mask.png") and row["seed"] == 3

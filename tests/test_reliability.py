@@ -5,7 +5,6 @@ and a synthesis folder never mixes two settings."""
 from __future__ import annotations
 
 import ast
-import json
 import multiprocessing
 import os
 import random
@@ -27,7 +26,7 @@ import infer_defectfill as infer
 import run_files as rf
 import train_defectfill as train
 from synthesis import SynthesisError
-from tests.conftest import REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL
+from tests.conftest import REPO_ROOT, SYNTHETIC_DATA
 from tests.test_train import tiny_args
 
 FAKE_TOKEN = "hf_FAKEsecretTOKEN0123456789"

@@ -88,7 +88,8 @@ def test_pretraining_script_writes_a_loadable_pipeline(tmp_path):
     assert "python scripts/pretrain_tiny_model.py" in (out / "README.md").read_text()
 
 
-ENTRY_SCRIPTS = ("train_defectfill", "infer_defectfill", "eval_defectfill", "downstream_defectfill", "app_defectfill")
+ENTRY_SCRIPTS = ("train_defectfill", "infer_defectfill", "eval_defectfill", "downstream_defectfill", "app_defectfill",
+                  "build_dataset_defectfill")
 
 
 def imported_modules(path) -> set[str]:
