@@ -105,7 +105,7 @@ def test_rerun_skips_existing_outputs(tiny_run, tmp_path, monkeypatch):
     before = {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
     calls = []
     real = synthesis.generate_candidates
-    monkeypatch.setattr(synthesis, "generate_candidates", lambda pipe, jobs, s: calls.append(len(jobs)) or real(pipe, jobs, s))
+    monkeypatch.setattr(synthesis, "generate_candidates", lambda pipe, jobs, s, *rest: calls.append(len(jobs)) or real(pipe, jobs, s, *rest))
     run(tiny_run, out, "--num_images", "3")
     assert calls == [] and {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == before
     (out / "images" / "00001.png").unlink()
@@ -116,11 +116,11 @@ def test_rerun_skips_existing_outputs(tiny_run, tmp_path, monkeypatch):
 def test_interrupted_run_leaves_no_partial_files(tiny_run, tmp_path, monkeypatch):
     real, calls = synthesis.generate_candidates, []
 
-    def fail_on_second(pipe, jobs, settings):
+    def fail_on_second(pipe, jobs, settings, *rest):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(pipe, jobs, settings)
+        return real(pipe, jobs, settings, *rest)
 
     monkeypatch.setattr(synthesis, "generate_candidates", fail_on_second)
     out = tmp_path / "out"

@@ -299,7 +299,7 @@ def test_resume_latest_picks_the_newest_checkpoint(tmp_path, caplog):
     args = tiny_args(out, "--max_train_steps", "2", "--train_batch_size", "1", "--resume_from_checkpoint", "latest")
     assert train.resolve_resume_path(args, out).name == "checkpoint-2"
     with pytest.raises(train.TrainingError, match="is not a checkpoint folder"):
-        train.resolve_resume_path(tiny_args(out, "--resume_from_checkpoint", str(tmp_path / "nope")), out)
+        train.main(tiny_args(out, "--resume_from_checkpoint", str(tmp_path / "nope")))
 
 
 # ------------------------------------------------------------------------------------- robustness
