@@ -42,12 +42,12 @@ def test_base_inpainting_continues_the_surroundings(measured):
 
 @pytest.mark.slow  # the measurement trains the demo run in a subprocess
 def test_demo_run_paints_the_defect_colour(measured):
-    distance = measured["stain_distance"]  # measured 156 -> 96
+    distance = measured["stain_distance"]  # measured 156 -> 105 (models/tiny-sd2-inpainting/README.md)
     assert distance["trained"] < 0.75 * distance["base"], distance
 
 
 @pytest.mark.slow  # the measurement trains the demo run in a subprocess
 def test_demo_run_focuses_the_vstar_attention_on_the_mask(measured):
-    overlap = measured["vstar_overlap"]  # measured 0.068 -> 0.104, the mask covering 0.072 of the image
+    overlap = measured["vstar_overlap"]  # measured 0.068 -> 0.109, the mask covering 0.072 of the image
     assert overlap["trained"] > 1.3 * overlap["base"], overlap
     assert overlap["trained"] > 1.3 * measured["mask_share"], overlap
