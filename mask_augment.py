@@ -154,13 +154,16 @@ def touches_border(mask: np.ndarray, margin: int = 1) -> bool:
 
 
 def latent_mask(region_mask: Image.Image | np.ndarray, vae_scale_factor: int) -> np.ndarray:
-    """The mask the inpainting pipeline gives the UNet: binarized at 0.5 and resized (nearest) to the latent
-    size, as `StableDiffusionInpaintPipeline.prepare_mask_latents` does."""
+    """The mask the UNet gets at latent size for a region mask: synthesis hands the pipeline the mask grown to
+    whole latent blocks (`synthesis.model_mask`, the function training uses), whose nearest resize in the
+    pipeline is the max-pooled mask (`defectfill_method.mask_to_latent`): every block touching the mask."""
+    import defectfill_method as method
+
     array = np.asarray(region_mask, dtype=np.float32)
     array = array / 255.0 if array.max() > 1 else array
     tensor = torch.from_numpy((array >= 0.5).astype(np.float32))[None, None]
     size = (tensor.shape[2] // vae_scale_factor, tensor.shape[3] // vae_scale_factor)
-    return F.interpolate(tensor, size=size)[0, 0].numpy() > 0
+    return method.mask_to_latent(tensor, size)[0, 0].numpy() > 0
 
 
 def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:

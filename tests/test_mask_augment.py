@@ -74,10 +74,10 @@ def test_checks_name_the_reason():
     edge[0, 3] = True
     assert ma.check_mask(edge) == ma.TOUCHES_BORDER
     dot = np.zeros((16, 16), bool)
-    dot[5, 5] = True  # a single pixel vanishes at latent size 8 (nearest takes even pixels)
-    assert ma.check_mask(dot, visible_at_latent=lambda m: ma.latent_mask(m.astype(np.uint8) * 255, 2).any()) == ma.EMPTY_AT_LATENT_SIZE
-    dot[4, 4] = True
+    dot[5, 5] = True  # a single pixel at an odd position: a nearest resize to latent size 8 would drop it
     assert ma.check_mask(dot, visible_at_latent=lambda m: ma.latent_mask(m.astype(np.uint8) * 255, 2).any()) is None
+    assert ma.check_mask(dot, visible_at_latent=lambda m: False) == ma.EMPTY_AT_LATENT_SIZE
+    dot[4, 4] = True
     foreground = np.zeros((16, 16), bool)
     foreground[:, :5] = True  # the mask's (4,4) pixel on the object, (5,5) not: 50 %
     assert ma.check_mask(dot, foreground=foreground, min_on_object=0.9) == ma.OFF_OBJECT
@@ -89,13 +89,17 @@ def test_checks_name_the_reason():
 
 
 def test_latent_mask_matches_the_pipeline(tiny_pipeline):
-    """The same latent mask as diffusers' own mask preprocessing + interpolation (tiny VAE: factor 2)."""
+    """The same latent mask as diffusers' own mask preprocessing + interpolation of the mask synthesis hands
+    the pipeline (grown to whole latent blocks; tiny VAE: factor 2)."""
     import torch
+
+    import synthesis
 
     rng = np.random.default_rng(0)
     mask = (rng.random((64, 64)) > 0.7).astype(np.uint8) * 255
     factor = 2 ** (len(tiny_pipeline.vae.config.block_out_channels) - 1)
-    processed = tiny_pipeline.mask_processor.preprocess(Image.fromarray(mask), height=64, width=64)
+    handed = synthesis.model_mask(Image.fromarray(mask), factor)
+    processed = tiny_pipeline.mask_processor.preprocess(handed, height=64, width=64)
     theirs = torch.nn.functional.interpolate(processed, size=(64 // factor, 64 // factor))[0, 0].numpy() > 0
     assert np.array_equal(ma.latent_mask(mask, factor), theirs)
 
