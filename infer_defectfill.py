@@ -269,11 +269,14 @@ def differing_settings(old: rf.SynthesisRecord, new: rf.SynthesisRecord) -> list
             if getattr(old, name) != getattr(new, name)]
 
 
-def prepare_output_dir(output_dir: Path, record: rf.SynthesisRecord, overwrite: bool) -> None:
+def prepare_output_dir(output_dir: Path, record: rf.SynthesisRecord, overwrite: bool, check_only: bool = False) -> None:
     """Resume a folder made with the same settings; refuse one made with others (or wipe it with --overwrite);
-    then record the settings before the first image, so a killed run is resumed on the same terms."""
+    then record the settings before the first image, so a killed run is resumed on the same terms. With
+    `check_only`, only the refusal (before anything is loaded)."""
     if output_dir.exists() and not output_dir.is_dir():
         raise SynthesisError(f"--output_dir {output_dir} exists and is not a folder")
+    if check_only and not output_dir.exists():
+        return
     with rf.folder_lock(output_dir):
         old = rf.SynthesisRecord.read(output_dir)
         has_outputs = bool(rf.read_metadata(output_dir)) or any((output_dir / "images").glob("*.png"))
@@ -281,6 +284,8 @@ def prepare_output_dir(output_dir: Path, record: rf.SynthesisRecord, overwrite: 
         if changes and not overwrite:
             raise SynthesisError(f"--output_dir {output_dir} holds images made with other settings ({'; '.join(changes)}); "
                                  "choose another --output_dir, or --overwrite to delete them")
+        if check_only:
+            return
         if changes:
             logger.info("--overwrite: deleting the earlier outputs in %s", output_dir)
             for name in ("images", "masks", "candidates"):
@@ -318,14 +323,14 @@ def main(args: argparse.Namespace, scorer: synthesis.Scorer | None = None) -> Pa
                 plan.synthesis.crop_context)
     pairs = build_pairs(args, plan)
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise SynthesisError(f"--output_dir {output_dir} exists and is not a folder")
+    record = synthesis_record(plan)
+    prepare_output_dir(output_dir, record, args.overwrite, check_only=True)  # before any model loads
     check_inputs(pairs)
     if scorer is None and plan.synthesis.num_candidates > 1:
         scorer = synthesis.LpipsModel(args.lpips_net, plan.device).masked_scores
     pipeline = synthesis.load_pipeline(plan.base_model, plan.lora, run.base_model if run else None, args.revision, args.variant,
                                        synthesis.precision_dtype(args.mixed_precision), plan.device, args.scheduler)
-    prepare_output_dir(output_dir, synthesis_record(plan), args.overwrite)
+    prepare_output_dir(output_dir, record, args.overwrite)
     rows = synthesize_to_folder(pipeline, pairs, plan, scorer, output_dir, args.batch_size, args.save_candidates)
     rf.save_preview(output_dir, rows)
     logger.info("%d images in %s", len(rows), output_dir)
