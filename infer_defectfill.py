@@ -224,8 +224,7 @@ def check_inputs(pairs: list[Pair]) -> None:
         dm.open_checked(image_path, "image").close()
     for mask_path in dict.fromkeys(p.mask_path for p in pairs):
         with dm.open_checked(mask_path, "mask") as mask:
-            if not dm.binarize_mask(mask).any():
-                raise SynthesisError(f"mask {mask_path} is empty (no pixel >= {dm.MASK_THRESHOLD}); nothing to inpaint")
+            synthesis.mask_at_image_size(mask, mask.size, f"mask {mask_path}")  # the core's own empty-mask check
 
 
 def prepare_pair(pair: Pair, settings: SynthesisSettings) -> synthesis.Job:
