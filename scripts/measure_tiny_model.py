@@ -99,19 +99,19 @@ def inpainting_error(pipe, side: int = 24, ring: int = 6) -> float:
     return float(np.mean(errors))
 
 
-def train_demo_run(model_path, output_dir: Path, *extra: str) -> Path:
+def train_demo_run(model_path, output_dir: Path, *extra: str, data_dir: Path = SYNTHETIC_DATA) -> Path:
     """The README demo's training command (configs/tiny.yaml), without validation and checkpoints, run as
-    users run it."""
+    users run it (`extra` flags override the config's)."""
     import subprocess
 
     command = [
         sys.executable, str(REPO_ROOT / "train_defectfill.py"), "--config", str(DEMO_CONFIG),
-        "--pretrained_model_name_or_path", str(model_path), "--data_dir", str(SYNTHETIC_DATA), "--output_dir", str(output_dir),
+        "--pretrained_model_name_or_path", str(model_path), "--data_dir", str(data_dir), "--output_dir", str(output_dir),
         "--validation_steps", "0", "--checkpointing_steps", "100000", "--report_to", "none", *extra,
     ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"training the demo run failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"training {output_dir.name} failed:\n{result.stderr[-3000:]}")
     return output_dir
 
 

@@ -1,0 +1,241 @@
+"""Does a tiny base model learn defects it was never tuned on? (issue #17)
+
+    python scripts/check_generalisation.py                    # prints the table
+    python scripts/check_generalisation.py --update_readme    # also writes it into the model's README.md
+
+For every procedural family of `scripts/defect_families.py` (a thin mint crack, a chartreuse blob, a
+cross-hatched texture patch: colours, textures and shapes that the pre-training and the tiny config never
+saw), the script trains a DefectFill LoRA with the project's CLI and the demo config (`configs/tiny.yaml`,
+only the data, class and defect changed) and paints every held-out mask onto a held-out clean image with
+the synthesis core (`synthesis.synthesize`: the run's scale, composite, paste back; one candidate, 20 PNDM
+steps, guidance 7.5), once with the base model and once with base + LoRA, same prompt and seeds.
+
+Measured in pixel space at the image's full resolution, inside the mask, against the real held-out defects
+of the family:
+- colour: distance between the mean RGB (0-255) of each painted defect and the real defects' mean;
+- texture: difference of the local contrast (mean |luminance - its 3x3 mean|, 0-255) from the real defects';
+- and, as the ceiling the VAE sets, its round-trip error inside the real defects' masks at the scale of
+  generation (mean abs. RGB error, 0-255): a VAE that cannot reproduce a colour can never paint it.
+The "clean surface" column is the image before painting: what doing nothing scores.
+
+Any other flag goes to train_defectfill.py (`--max_train_steps 300`), to try a config before changing it.
+`tests/test_generalisation.py` runs the same check and guards the margins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import dataset_mvtec as dm  # noqa: E402
+import synthesis  # noqa: E402
+from run_files import RunRecord  # noqa: E402
+from scripts.defect_families import FAMILIES, Family, write_families  # noqa: E402
+from scripts.measure_tiny_model import TINY_MODEL, train_demo_run  # noqa: E402
+
+STEPS = 20
+SECTION = "generalisation"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics of a defect region
+# ----------------------------------------------------------------------------------------------------
+
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    return rgb[..., :3] @ np.array([0.299, 0.587, 0.114])
+
+
+def local_contrast(rgb: np.ndarray) -> np.ndarray:
+    """|luminance - its 3x3 mean| per pixel (edges replicated), 0-255 units: zero on a flat or linearly shaded
+    surface, high on a fine texture."""
+    grey = luminance(rgb.astype(np.float64))
+    padded = np.pad(grey, 1, mode="edge")
+    rows, cols = grey.shape
+    box = sum(padded[dy : dy + rows, dx : dx + cols] for dy in range(3) for dx in range(3)) / 9
+    return np.abs(grey - box)
+
+
+@dataclass(frozen=True)
+class RegionStatistics:
+    colour: np.ndarray  # mean RGB inside the mask, 0-255
+    texture: float  # mean local contrast inside the mask, 0-255
+
+    @classmethod
+    def of(cls, image: Image.Image, mask: np.ndarray) -> "RegionStatistics":
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+        return cls(rgb[mask].mean(0), float(local_contrast(rgb)[mask].mean()))
+
+    @classmethod
+    def mean(cls, statistics: list["RegionStatistics"]) -> "RegionStatistics":
+        return cls(np.mean([s.colour for s in statistics], axis=0), float(np.mean([s.texture for s in statistics])))
+
+
+def distances(statistics: list[RegionStatistics], reference: RegionStatistics) -> dict[str, float]:
+    """Mean over the regions of their colour and texture distance to the reference."""
+    return {
+        "colour": float(np.mean([np.linalg.norm(s.colour - reference.colour) for s in statistics])),
+        "texture": float(np.mean([abs(s.texture - reference.texture) for s in statistics])),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# One family
+# ----------------------------------------------------------------------------------------------------
+
+
+def heldout_defects(data_dir: Path, record: RunRecord) -> list[tuple[Path, Path]]:
+    """(real held-out defect image, its mask) of the run's split."""
+    images = [data_dir / p for p in record.split["defect_types"][record.defect_type]["heldout"]]
+    return list(zip(images, dm.list_heldout_masks(data_dir, record.split, record.defect_type)))
+
+
+def synthesis_settings(record: RunRecord) -> synthesis.SynthesisSettings:
+    crop_to_mask, context = synthesis.crop_at_training_scale(record.defect_crop_probability, record.crop_context)
+    return synthesis.SynthesisSettings(record.object_prompt, record.resolution, num_candidates=1, num_inference_steps=STEPS,
+                                       crop_to_mask=crop_to_mask, crop_context=context)
+
+
+@torch.no_grad()
+def vae_error_in_masks(vae, jobs: list[synthesis.Job]) -> float:
+    """Mean abs. RGB error (0-255) of the VAE round trip inside the job's region masks."""
+    errors = []
+    for job in jobs:
+        pixels = torch.from_numpy(np.asarray(job.region, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample.clamp(-1, 1)
+        error = (decoded - pixels).abs()[0].permute(1, 2, 0).numpy() * 127.5
+        errors.append(float(error[np.asarray(job.region_mask) > 127].mean()))
+    return float(np.mean(errors))
+
+
+def measure_family(model_path, data_dir: Path, run_dir: Path) -> dict:
+    record = RunRecord.read(run_dir)
+    settings = synthesis_settings(record)
+    defects = heldout_defects(data_dir, record)
+    real = [RegionStatistics.of(Image.open(image), dm.binarize_mask(Image.open(mask))) for image, mask in defects]
+    reference = RegionStatistics.mean(real)
+    goods = dm.list_good_images(data_dir, record.object_class, splits=("test",))
+    pairs = synthesis.round_robin(goods, [mask for _, mask in defects], len(defects))
+    jobs = [synthesis.prepare_job(Image.open(image), Image.open(mask), i, settings) for i, (image, mask) in enumerate(pairs)]
+    real_jobs = [synthesis.prepare_job(Image.open(image), Image.open(mask), i, settings) for i, (image, mask) in enumerate(defects)]
+
+    def painted_statistics(pipeline) -> list[RegionStatistics]:
+        return [RegionStatistics.of(result.image, result.job.mask) for result in synthesis.synthesize(pipeline, jobs, settings)]
+
+    base = synthesis.load_pipeline(str(model_path), device="cpu")
+    trained = synthesis.load_pipeline(str(model_path), lora=str(run_dir), device="cpu")
+    return {
+        "prompt": record.object_prompt,
+        "real": {"colour": [round(float(v), 1) for v in reference.colour], "texture": reference.texture},
+        "distance": {
+            "clean": distances([RegionStatistics.of(job.image, job.mask) for job in jobs], reference),
+            "base": distances(painted_statistics(base), reference),
+            "trained": distances(painted_statistics(trained), reference),
+        },
+        "vae_error_in_mask": vae_error_in_masks(base.vae, real_jobs),
+        "images": len(jobs),
+    }
+
+
+def check(model_path=TINY_MODEL, work_dir: Path | None = None, families: tuple[Family, ...] = FAMILIES,
+          train_flags: tuple[str, ...] = ()) -> dict:
+    """Write the families' data, train one LoRA per family with configs/tiny.yaml, measure each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(work_dir or tmp)
+        data_dir = write_families(work / "data")
+        results = {}
+        for family in families:
+            run_dir = train_demo_run(model_path, work / "runs" / family.name, "--object_class", family.object_class,
+                                     "--defect_type", family.defect_type, *train_flags, data_dir=data_dir)
+            results[family.name] = {"object_class": family.object_class, "defect_type": family.defect_type,
+                                    "headline": family.headline, "description": family.description,
+                                    **measure_family(model_path, data_dir, run_dir)}
+    return {"model": str(model_path), "train_flags": list(train_flags), "families": results}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------------
+
+
+def change(base: float, trained: float) -> str:
+    return f"{100 * (trained - base) / base:+.0f} %" if base > 0 else "n/a"
+
+
+def as_markdown(results: dict) -> str:
+    lines = [
+        "| family | defect (object): what is new | measure, distance to the real defects | clean surface | base model | base + LoRA | LoRA vs base |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, family in results["families"].items():
+        distance = family["distance"]
+        for index, measure in enumerate(("colour", "texture")):
+            label = f"{measure} (mean RGB)" if measure == "colour" else f"{measure} (local contrast)"
+            if measure == family["headline"]:
+                label = f"**{label}**"
+            head = f"| {name} | {family['defect_type']} ({family['object_class']}): {family['description']} |" if index == 0 else "| | |"
+            lines.append(f"{head} {label} | {distance['clean'][measure]:.1f} | {distance['base'][measure]:.1f} | "
+                         f"{distance['trained'][measure]:.1f} | {change(distance['base'][measure], distance['trained'][measure])} |")
+    lines += [
+        "",
+        "| family | real defects: mean RGB, local contrast | VAE round trip inside their masks, mean abs. RGB error (0-255) |",
+        "|---|---|---|",
+    ]
+    for name, family in results["families"].items():
+        rgb = ", ".join(f"{v:.0f}" for v in family["real"]["colour"])
+        lines.append(f"| {name} | ({rgb}), {family['real']['texture']:.1f} | {family['vae_error_in_mask']:.1f} |")
+    return "\n".join(lines)
+
+
+def readme_markdown(results: dict) -> str:
+    flags = " ".join(results["train_flags"])
+    return "\n".join([
+        f"`python scripts/check_generalisation.py --update_readme`{(' (training flags: `' + flags + '`)') if flags else ''}: "
+        "one LoRA per procedural family (`scripts/defect_families.py`), trained with `configs/tiny.yaml` on 3 images; "
+        f"held-out masks painted on held-out clean images, {STEPS} PNDM steps, guidance 7.5, one candidate, the same "
+        "seeds for base and LoRA. Distances are to the mean of the real held-out defects (lower is better); bold is the "
+        "statistic the family is about.",
+        "",
+        as_markdown(results),
+    ])
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(TINY_MODEL), help="The tiny model folder to check.")
+    parser.add_argument("--work_dir", default=None, help="Keep the families' data and runs here (default: a temp folder).")
+    parser.add_argument("--families", default=",".join(f.name for f in FAMILIES), help="Comma-separated family names.")
+    parser.add_argument("--update_readme", action="store_true", help="Write the table into the model folder's README.md.")
+    parser.add_argument("--output_json", default=None, help="Also write the results here as JSON.")
+    args, train_flags = parser.parse_known_args(argv)
+    wanted = args.families.split(",")
+    unknown = set(wanted) - {f.name for f in FAMILIES}
+    if unknown:
+        parser.error(f"--families: unknown {sorted(unknown)}; known: {[f.name for f in FAMILIES]}")
+    torch.manual_seed(0)
+    results = check(args.model, Path(args.work_dir) if args.work_dir else None,
+                    tuple(f for f in FAMILIES if f.name in wanted), tuple(train_flags))
+    print(json.dumps(results, indent=2))
+    print(as_markdown(results))
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.update_readme:
+        from scripts.pretrain_tiny_model import update_readme_section
+
+        update_readme_section(Path(args.model), SECTION, readme_markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
