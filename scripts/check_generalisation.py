@@ -28,7 +28,6 @@ import argparse
 import json
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import dataset_mvtec as dm  # noqa: E402
 import synthesis  # noqa: E402
 from run_files import RunRecord  # noqa: E402
-from scripts.defect_families import FAMILIES, Family, write_families  # noqa: E402
+from scripts.defect_families import FAMILIES, Family, RegionStatistics, write_families  # noqa: E402
 from scripts.measure_tiny_model import TINY_MODEL, train_demo_run  # noqa: E402
 
 STEPS = 20
@@ -49,37 +48,8 @@ SECTION = "generalisation"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Statistics of a defect region
+# Distances to the real defects
 # ----------------------------------------------------------------------------------------------------
-
-
-def luminance(rgb: np.ndarray) -> np.ndarray:
-    return rgb[..., :3] @ np.array([0.299, 0.587, 0.114])
-
-
-def local_contrast(rgb: np.ndarray) -> np.ndarray:
-    """|luminance - its 3x3 mean| per pixel (edges replicated), 0-255 units: zero on a flat or linearly shaded
-    surface, high on a fine texture."""
-    grey = luminance(rgb.astype(np.float64))
-    padded = np.pad(grey, 1, mode="edge")
-    rows, cols = grey.shape
-    box = sum(padded[dy : dy + rows, dx : dx + cols] for dy in range(3) for dx in range(3)) / 9
-    return np.abs(grey - box)
-
-
-@dataclass(frozen=True)
-class RegionStatistics:
-    colour: np.ndarray  # mean RGB inside the mask, 0-255
-    texture: float  # mean local contrast inside the mask, 0-255
-
-    @classmethod
-    def of(cls, image: Image.Image, mask: np.ndarray) -> "RegionStatistics":
-        rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
-        return cls(rgb[mask].mean(0), float(local_contrast(rgb)[mask].mean()))
-
-    @classmethod
-    def mean(cls, statistics: list["RegionStatistics"]) -> "RegionStatistics":
-        return cls(np.mean([s.colour for s in statistics], axis=0), float(np.mean([s.texture for s in statistics])))
 
 
 def distances(statistics: list[RegionStatistics], reference: RegionStatistics) -> dict[str, float]:
@@ -148,9 +118,36 @@ def measure_family(model_path, data_dir: Path, run_dir: Path) -> dict:
     }
 
 
+DOWNSTREAM_CONFIG = REPO_ROOT / "configs" / "tiny_downstream.yaml"
+DOWNSTREAM_SETS = ("defectfill", "copy_paste", "real_only")
+DOWNSTREAM_KEYS = ("image_auroc", "pixel_ap")
+
+
+def run_script(*command: str) -> None:
+    import subprocess
+
+    result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:1])} failed:\n{result.stderr[-3000:]}")
+
+
+def downstream_figures(run_dir: Path, work: Path, seeds: int) -> dict:
+    """The downstream check of issue #14 on one family: `infer_defectfill.py` paints 12 images with the run's
+    LoRA (defaults: train/good images, the held-out masks), `downstream_defectfill.py` trains the tiny config's
+    localizer on them and on the baselines, tested on the real held-out defects. Mean over `seeds` seeds."""
+    synthetic, output = work / "synthetic", work / "downstream"
+    run_script("infer_defectfill.py", "--lora", str(run_dir), "--output_dir", str(synthetic), "--num_images", "12",
+               "--num_candidates", "1", "--num_inference_steps", str(STEPS), "--overwrite")
+    run_script("downstream_defectfill.py", "--config", str(DOWNSTREAM_CONFIG), "--synthetic", f"defectfill={synthetic}",
+               "--output_dir", str(output), "--seeds", *(str(seed) for seed in range(seeds)))
+    summary = json.loads((output / "downstream_results.json").read_text())["summary"]
+    return {name: {key: summary[name][key]["mean"] for key in DOWNSTREAM_KEYS} for name in DOWNSTREAM_SETS}
+
+
 def check(model_path=TINY_MODEL, work_dir: Path | None = None, families: tuple[Family, ...] = FAMILIES,
-          train_flags: tuple[str, ...] = ()) -> dict:
-    """Write the families' data, train one LoRA per family with configs/tiny.yaml, measure each."""
+          train_flags: tuple[str, ...] = (), downstream_seeds: int = 0) -> dict:
+    """Write the families' data, train one LoRA per family with configs/tiny.yaml, measure each (and, with
+    `downstream_seeds`, run the downstream check on each)."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir or tmp)
         data_dir = write_families(work / "data")
@@ -161,7 +158,9 @@ def check(model_path=TINY_MODEL, work_dir: Path | None = None, families: tuple[F
             results[family.name] = {"object_class": family.object_class, "defect_type": family.defect_type,
                                     "headline": family.headline, "description": family.description,
                                     **measure_family(model_path, data_dir, run_dir)}
-    return {"model": str(model_path), "train_flags": list(train_flags), "families": results}
+            if downstream_seeds:
+                results[family.name]["downstream"] = downstream_figures(run_dir, work / "downstream" / family.name, downstream_seeds)
+    return {"model": str(model_path), "train_flags": list(train_flags), "downstream_seeds": downstream_seeds, "families": results}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,6 +194,19 @@ def as_markdown(results: dict) -> str:
     for name, family in results["families"].items():
         rgb = ", ".join(f"{v:.0f}" for v in family["real"]["colour"])
         lines.append(f"| {name} | ({rgb}), {family['real']['texture']:.1f} | {family['vae_error_in_mask']:.1f} |")
+    if results.get("downstream_seeds"):
+        lines += [
+            "",
+            f"Downstream (`downstream_defectfill.py --config configs/tiny_downstream.yaml`, {results['downstream_seeds']} "
+            "seed(s)): a localizer trained on 12 images painted by the family's LoRA, or on the baselines, tested on "
+            "the real held-out defects (image AUROC / pixel AP, %):",
+            "",
+            "| family | " + " | ".join(DOWNSTREAM_SETS) + " |",
+            "|---|" + "---|" * len(DOWNSTREAM_SETS),
+        ]
+        for name, family in results["families"].items():
+            cells = [" / ".join(f"{100 * family['downstream'][s][k]:.1f}" for k in DOWNSTREAM_KEYS) for s in DOWNSTREAM_SETS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -218,6 +230,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--families", default=",".join(f.name for f in FAMILIES), help="Comma-separated family names.")
     parser.add_argument("--update_readme", action="store_true", help="Write the table into the model folder's README.md.")
     parser.add_argument("--output_json", default=None, help="Also write the results here as JSON.")
+    parser.add_argument("--downstream_seeds", type=int, default=0,
+                        help="Also run the downstream check (issue #14) on each family with this many seeds (0: skip; "
+                             "about a minute per family and seed on 2 CPU cores).")
     args, train_flags = parser.parse_known_args(argv)
     wanted = args.families.split(",")
     unknown = set(wanted) - {f.name for f in FAMILIES}
@@ -225,7 +240,7 @@ def main(argv=None) -> dict:
         parser.error(f"--families: unknown {sorted(unknown)}; known: {[f.name for f in FAMILIES]}")
     torch.manual_seed(0)
     results = check(args.model, Path(args.work_dir) if args.work_dir else None,
-                    tuple(f for f in FAMILIES if f.name in wanted), tuple(train_flags))
+                    tuple(f for f in FAMILIES if f.name in wanted), tuple(train_flags), args.downstream_seeds)
     print(json.dumps(results, indent=2))
     print(as_markdown(results))
     if args.output_json:

@@ -22,16 +22,16 @@ import argparse
 import colorsys
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.make_synthetic_mvtec import _grid, _save  # noqa: E402
+from scripts.make_synthetic_mvtec import _grid, replace_atomically, write_mvtec_category  # noqa: E402
 
 SIZE = 128
 
@@ -91,7 +91,7 @@ def _centre_on(rng: np.random.Generator, support: np.ndarray, size: int) -> tupl
 
 
 def crack(rng: np.random.Generator, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A mint polyline of 2-4 segments, 2-3 px wide, on the nut."""
+    """(defective image, mask): a mint polyline of 2-4 segments, 2-3 px wide, on the nut."""
     size = image.shape[0]
     x, y = _grid(size)
     support = image[..., 0] > 60
@@ -107,7 +107,7 @@ def crack(rng: np.random.Generator, image: np.ndarray) -> tuple[np.ndarray, np.n
         px, py, angle = qx, qy, angle + rng.uniform(-0.8, 0.8)
     mask &= support
     shade = rng.normal(1.0, 0.05, (size, size, 1))
-    return mask, np.where(mask[..., None], CRACK_RGB[None, None] * shade, image)
+    return np.where(mask[..., None], CRACK_RGB[None, None] * shade, image), mask
 
 
 def _blob_mask(rng: np.random.Generator, size: int, radius_range: tuple[float, float]) -> np.ndarray:
@@ -123,7 +123,7 @@ def stain(rng: np.random.Generator, image: np.ndarray) -> tuple[np.ndarray, np.n
     size = image.shape[0]
     mask = _blob_mask(rng, size, (0.05, 0.09))
     mottle = np.kron(rng.normal(1.0, 0.1, (size // 4, size // 4)), np.ones((4, 4)))[..., None]
-    return mask, np.where(mask[..., None], STAIN_RGB[None, None] * mottle, image)
+    return np.where(mask[..., None], STAIN_RGB[None, None] * mottle, image), mask
 
 
 HATCH_PERIOD = 6  # pixels at 128 px: 3 px at the tiny model's 64 px, still resolved
@@ -137,7 +137,41 @@ def rough(rng: np.random.Generator, image: np.ndarray) -> tuple[np.ndarray, np.n
     offset = rng.integers(0, HATCH_PERIOD)
     lines = (((rows + cols + offset) % HATCH_PERIOD) < 2) | (((rows - cols + offset) % HATCH_PERIOD) < 2)
     hatch = image * np.where(lines, 0.35, 1.35)[..., None]
-    return mask, np.where(mask[..., None], hatch, image)
+    return np.where(mask[..., None], hatch, image), mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics of a defect region (scripts/check_generalisation.py, scripts/measure_tiny_model.py)
+# ----------------------------------------------------------------------------------------------------
+
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    return rgb[..., :3] @ np.array([0.299, 0.587, 0.114])
+
+
+def local_contrast(rgb: np.ndarray) -> np.ndarray:
+    """|luminance - its 3x3 mean| per pixel (edges replicated), 0-255 units: zero on a flat or linearly shaded
+    surface, high on a fine texture."""
+    grey = luminance(rgb.astype(np.float64))
+    padded = np.pad(grey, 1, mode="edge")
+    rows, cols = grey.shape
+    box = sum(padded[dy : dy + rows, dx : dx + cols] for dy in range(3) for dx in range(3)) / 9
+    return np.abs(grey - box)
+
+
+@dataclass(frozen=True)
+class RegionStatistics:
+    colour: np.ndarray  # mean RGB inside the mask, 0-255
+    texture: float  # mean local contrast inside the mask, 0-255
+
+    @classmethod
+    def of(cls, image: Image.Image, mask: np.ndarray) -> "RegionStatistics":
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+        return cls(rgb[mask].mean(0), float(local_contrast(rgb)[mask].mean()))
+
+    @classmethod
+    def mean(cls, statistics: list["RegionStatistics"]) -> "RegionStatistics":
+        return cls(np.mean([s.colour for s in statistics], axis=0), float(np.mean([s.texture for s in statistics])))
 
 
 @dataclass(frozen=True)
@@ -146,7 +180,7 @@ class Family:
     object_class: str
     defect_type: str
     render: Callable[[np.random.Generator, int], np.ndarray]
-    add_defect: Callable[[np.random.Generator, np.ndarray], tuple[np.ndarray, np.ndarray]]
+    add_defect: Callable[[np.random.Generator, np.ndarray], tuple[np.ndarray, np.ndarray]]  # -> (defective, mask)
     headline: str  # the statistic the family is about: "colour" or "texture"
     description: str
 
@@ -158,32 +192,18 @@ FAMILIES = (
 )
 
 
-def write_family(root: Path, family: Family, rng: np.random.Generator, counts: dict[str, int]) -> None:
-    folder = root / family.object_class
-    for split in ("train", "test"):
-        for index in range(counts[f"{split}_good"]):
-            _save(np.clip(family.render(rng, SIZE), 0, 255), folder / split / "good" / f"{index:03d}.png")
-    for index in range(counts["defect"]):
-        mask, defective = family.add_defect(rng, np.clip(family.render(rng, SIZE), 0, 255))
-        _save(np.clip(defective, 0, 255), folder / "test" / family.defect_type / f"{index:03d}.png")
-        _save(mask.astype(np.float32) * 255, folder / "ground_truth" / family.defect_type / f"{index:03d}_mask.png")
-
-
 def write_families(output_dir: str | os.PathLike, seed: int = 0, train_good: int = 6, test_good: int = 6,
                    defects: int = 9) -> Path:
     """Every family under `output_dir` (replaced atomically); the few-shot split trains on the first third
     of each defect type's images (3 of 9) and holds out the rest."""
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
     counts = {"train_good": train_good, "test_good": test_good, "defect": defects}
-    with tempfile.TemporaryDirectory(dir=output_dir.parent) as tmp:
-        staging = Path(tmp) / "data"
+
+    def write(staging: Path) -> None:
         for offset, family in enumerate(FAMILIES):
-            write_family(staging, family, np.random.default_rng(seed + 100 + offset), counts)
-        if output_dir.exists():
-            os.replace(output_dir, Path(tmp) / "old")
-        os.replace(staging, output_dir)
-    return output_dir
+            write_mvtec_category(staging / family.object_class, np.random.default_rng(seed + 100 + offset), counts,
+                                 lambda rng, f=family: f.render(rng, SIZE), {family.defect_type: family.add_defect})
+
+    return replace_atomically(output_dir, write)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -106,15 +106,31 @@ def _save(array: np.ndarray, path: Path) -> None:
     Image.fromarray(np.round(array).astype(np.uint8), mode=mode).save(path, optimize=True)
 
 
-def write_category(root: Path, category: str, rng: np.random.Generator, size: int, counts: dict[str, int]) -> None:
+def write_mvtec_category(folder: Path, rng: np.random.Generator, counts: dict[str, int], render, defects: dict) -> None:
+    """One category in the MVTec layout: `render(rng)` draws a clean image; `defects[name](rng, image)` paints a
+    defect on one and returns (defective image, mask)."""
     for split in ("train", "test"):
         for index in range(counts[f"{split}_good"]):
-            _save(render_clean(rng, category, size), root / category / split / "good" / f"{index:03d}.png")
-    for defect in DEFECT_TYPES:
+            _save(np.clip(render(rng), 0, 255), folder / split / "good" / f"{index:03d}.png")
+    for defect, add in defects.items():
         for index in range(counts["defect"]):
-            defective, mask = add_defect(rng, category, defect, render_clean(rng, category, size))
-            _save(defective, root / category / "test" / defect / f"{index:03d}.png")
-            _save(mask.astype(np.float32) * 255, root / category / "ground_truth" / defect / f"{index:03d}_mask.png")
+            defective, mask = add(rng, render(rng))
+            _save(np.clip(defective, 0, 255), folder / "test" / defect / f"{index:03d}.png")
+            _save(mask.astype(np.float32) * 255, folder / "ground_truth" / defect / f"{index:03d}_mask.png")
+
+
+def replace_atomically(output_dir: str | os.PathLike, write) -> Path:
+    """`write(staging)` fills a temp folder next to `output_dir`, which then replaces it in one rename."""
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir.parent) as tmp:
+        staging = Path(tmp) / "data"
+        staging.mkdir()
+        write(staging)
+        if output_dir.exists():
+            os.replace(output_dir, Path(tmp) / "old")
+        os.replace(staging, output_dir)
+    return output_dir
 
 
 def generate_dataset(
@@ -126,17 +142,15 @@ def generate_dataset(
     defects_per_type: int = 6,
 ) -> Path:
     """Write the dataset to `output_dir` (replaced atomically if it exists) and return its path."""
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
     counts = {"train_good": train_good, "test_good": test_good, "defect": defects_per_type}
-    with tempfile.TemporaryDirectory(dir=output_dir.parent) as tmp:
-        staging = Path(tmp) / "data"
+
+    def write(staging: Path) -> None:
         for offset, category in enumerate(CATEGORIES):
-            write_category(staging, category, np.random.default_rng(seed + offset), size, counts)
-        if output_dir.exists():
-            os.replace(output_dir, Path(tmp) / "old")
-        os.replace(staging, output_dir)
-    return output_dir
+            defects = {d: (lambda rng, image, d=d, c=category: add_defect(rng, c, d, image)) for d in DEFECT_TYPES}
+            write_mvtec_category(staging / category, np.random.default_rng(seed + offset), counts,
+                                 lambda rng, c=category: render_clean(rng, c, size), defects)
+
+    return replace_atomically(output_dir, write)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,10 +3,12 @@
     python scripts/measure_tiny_model.py                       # prints the table
     python scripts/measure_tiny_model.py --update_readme       # also writes it into the model's README.md
 
-Three figures, each for the pre-trained model and for a freshly built random one (`make_tiny_model.py`):
+Figures for the pre-trained model, against a freshly built random one (`make_tiny_model.py`), the same
+prompt without the word, or the base model without the LoRA:
 - VAE round trip: mean absolute error (pixels in [0, 1]) on held-out synthetic clean images;
 - base inpainting: empty prompt, a 24 px box in the middle of held-out clean images, distance of the mean
   generated colour in the box to the mean colour of the 6 px around it (does it continue the surroundings);
+- following words: a colour or texture word of the pre-training captions changes what fills a box;
 - learning a defect: after `configs/tiny.yaml` (a 40-step DefectFill run on metal_nut / color, a blue-green
   stain no clean class has), with the object prompt, inside held-out masks: the distance of the mean
   generated colour to the stain colour (base model vs. base + LoRA, loaded with diffusers'
@@ -99,6 +101,47 @@ def inpainting_error(pipe, side: int = 24, ring: int = 6) -> float:
     return float(np.mean(errors))
 
 
+PROMPT_COLOURS = ("red", "yellow", "green", "blue")
+CLASS_WORDS = {"wood": "wood", "metal_nut": "metal nut"}
+
+
+def named_colour_rgb(colour: str) -> np.ndarray:
+    """The centre of a pre-training colour name's HSV range, as RGB (0-255)."""
+    import colorsys
+
+    from scripts.pretrain_tiny_model import NAMED_COLOURS
+
+    hue, saturation, value = NAMED_COLOURS[colour]
+    return np.asarray(colorsys.hsv_to_rgb(hue / 360, np.mean(saturation), np.mean(value))) * 255
+
+
+def prompt_following(pipe, side: int = 20) -> dict[str, float]:
+    """Does the base UNet follow colour and texture words? On the held-out clean images, a centred `side` px
+    box inpainted with guidance 7.5 (the same seed for every prompt of an image): the distance (0-255) of its
+    mean RGB to a named colour's, prompted "a wood with a red spot" vs. the class alone ("a wood"), over
+    `PROMPT_COLOURS`; and the local contrast inside the box (`defect_families.local_contrast`) prompted
+    "a wood with a striped patch" vs. the class alone."""
+    from scripts.defect_families import RegionStatistics
+
+    mask = centre_box_mask(side)
+    inside = np.asarray(mask) > 0
+    named, plain, striped, unstriped = [], [], [], []
+    for index, path in enumerate(HELD_OUT_CLEAN):
+        image, word = load_rgb(path), CLASS_WORDS[path.parents[2].name]
+        prompts = [f"a {word}", f"a {word} with a striped patch", *(f"a {word} with a {c} spot" for c in PROMPT_COLOURS)]
+        outputs = pipe(prompts, image=[image] * len(prompts), mask_image=[mask] * len(prompts), height=RESOLUTION,
+                       width=RESOLUTION, num_inference_steps=STEPS,
+                       generator=[torch.Generator().manual_seed(index) for _ in prompts]).images
+        class_only, stripes, *coloured = [RegionStatistics.of(out, inside) for out in outputs]
+        for colour, statistics in zip(PROMPT_COLOURS, coloured):
+            named.append(np.linalg.norm(statistics.colour - named_colour_rgb(colour)))
+            plain.append(np.linalg.norm(class_only.colour - named_colour_rgb(colour)))
+        striped.append(stripes.texture)
+        unstriped.append(class_only.texture)
+    return {"colour_named": float(np.mean(named)), "colour_class_only": float(np.mean(plain)),
+            "contrast_striped": float(np.mean(striped)), "contrast_class_only": float(np.mean(unstriped))}
+
+
 def train_demo_run(model_path, output_dir: Path, *extra: str, data_dir: Path = SYNTHETIC_DATA) -> Path:
     """The README demo's training command (configs/tiny.yaml), without validation and checkpoints, run as
     users run it (`extra` flags override the config's)."""
@@ -181,6 +224,7 @@ def measure(model_path=TINY_MODEL, work_dir: Path | None = None) -> dict:
         results = {
             "vae_error": {"pretrained": vae_round_trip_error(model_path), "random": vae_round_trip_error(random_model)},
             "inpainting_error": {"pretrained": inpainting_error(pipe), "random": inpainting_error(load_pipeline(random_model))},
+            "prompt_following": prompt_following(pipe),
             "stain_distance": {"base": distance_to_stain(pipe, heldout, prompt)},
             "vstar_overlap": vstar_mask_overlaps(model_path, run_dir, heldout),
             "mask_share": float(np.mean([(np.asarray(mask) > 127).mean() for _, mask in heldout])),
@@ -191,12 +235,19 @@ def measure(model_path=TINY_MODEL, work_dir: Path | None = None) -> dict:
 
 
 def as_markdown(results: dict) -> str:
-    r = results
+    r, f = results, results["prompt_following"]
     return "\n".join([
         "| measure | pre-trained | random init |",
         "|---|---|---|",
         f"| VAE round trip, mean abs. error (pixels in [0, 1]), 8 held-out clean images | {r['vae_error']['pretrained']:.4f} | {r['vae_error']['random']:.4f} |",
         f"| inpainting a centred 24 px box, empty prompt: distance of its mean RGB (0-255) to the 6 px ring around it | {r['inpainting_error']['pretrained']:.1f} | {r['inpainting_error']['random']:.1f} |",
+        "",
+        f"The base model follows words (a centred 20 px box on the same images, guidance 7.5, {STEPS} PNDM steps):",
+        "",
+        "| measure | prompt names it | prompt names the class only |",
+        "|---|---|---|",
+        f"| distance of the mean RGB in the box to a named colour ({', '.join(PROMPT_COLOURS)}): \"a wood with a red spot\" | {f['colour_named']:.1f} | {f['colour_class_only']:.1f} |",
+        f"| local contrast in the box (0-255): \"a wood with a striped patch\" | {f['contrast_striped']:.1f} | {f['contrast_class_only']:.1f} |",
         "",
         "After `python train_defectfill.py --config configs/tiny.yaml` (40 steps, metal_nut / color), held-out masks,",
         f"prompt \"A metal nut with sks\", {STEPS} PNDM steps, guidance 7.5:",
@@ -209,9 +260,9 @@ def as_markdown(results: dict) -> str:
 
 
 def update_readme(model_dir: Path, markdown: str) -> None:
-    from scripts.pretrain_tiny_model import write_model_readme
+    from scripts.pretrain_tiny_model import update_readme_section
 
-    write_model_readme(model_dir, f"`python scripts/measure_tiny_model.py --update_readme`:\n\n{markdown}")
+    update_readme_section(model_dir, "measured", f"`python scripts/measure_tiny_model.py --update_readme`:\n\n{markdown}")
 
 
 def main(argv=None) -> dict:
