@@ -215,6 +215,7 @@ def _stroke(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, segments: in
     px, py = rng.uniform(0.15, 0.85, size=2)
     angle, width = rng.uniform(0, 2 * np.pi), rng.uniform(0.35, 0.8) / size
     mask = np.zeros(x.shape, dtype=bool)
+    mask[int(py * size), int(px * size)] = True  # the start pixel: never empty, however thin
     for _ in range(segments):
         length = rng.uniform(0.12, 0.35)
         qx, qy = px + length * np.cos(angle), py + length * np.sin(angle)
@@ -583,8 +584,8 @@ def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="models/tiny-sd2-inpainting", help="Where to write the trained pipeline.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the weights, the data and the noise.")
-    parser.add_argument("--vae_steps", type=int, default=2000, help="VAE training steps.")
-    parser.add_argument("--unet_steps", type=int, default=1800, help="UNet + text-encoder inpainting steps.")
+    parser.add_argument("--vae_steps", type=int, default=1600, help="VAE training steps.")
+    parser.add_argument("--unet_steps", type=int, default=1500, help="UNet + text-encoder inpainting steps.")
     parser.add_argument("--batch_size", type=int, default=16, help="Images per step.")
     parser.add_argument("--vae_lr", type=float, default=8e-4, help="VAE learning rate (cosine, 5 % warmup).")
     parser.add_argument("--unet_lr", type=float, default=5e-4, help="UNet and text-encoder learning rate (cosine, 5 % warmup).")
