@@ -230,6 +230,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--families", default=",".join(f.name for f in FAMILIES), help="Comma-separated family names.")
     parser.add_argument("--update_readme", action="store_true", help="Write the table into the model folder's README.md.")
     parser.add_argument("--output_json", default=None, help="Also write the results here as JSON.")
+    parser.add_argument("--from_json", default=None,
+                        help="Print (and with --update_readme write) the table of a saved --output_json instead of running the check.")
     parser.add_argument("--downstream_seeds", type=int, default=0,
                         help="Also run the downstream check (issue #14) on each family with this many seeds (0: skip; "
                              "about a minute per family and seed on 2 CPU cores).")
@@ -239,8 +241,13 @@ def main(argv=None) -> dict:
     if unknown:
         parser.error(f"--families: unknown {sorted(unknown)}; known: {[f.name for f in FAMILIES]}")
     torch.manual_seed(0)
-    results = check(args.model, Path(args.work_dir) if args.work_dir else None,
-                    tuple(f for f in FAMILIES if f.name in wanted), tuple(train_flags), args.downstream_seeds)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        if Path(results["model"]).resolve() != Path(args.model).resolve():
+            parser.error(f"--from_json {args.from_json} checked {results['model']}, not --model {args.model}")
+    else:
+        results = check(args.model, Path(args.work_dir) if args.work_dir else None,
+                        tuple(f for f in FAMILIES if f.name in wanted), tuple(train_flags), args.downstream_seeds)
     print(json.dumps(results, indent=2))
     print(as_markdown(results))
     if args.output_json:

@@ -32,11 +32,10 @@ from defectfill_method import DEFAULT_TOKEN  # noqa: E402
 # Words the tiny tokenizer keeps whole. Anything else still tokenizes, letter by letter.
 PROMPT_WORDS = ("a", "an", "photo", "of", "with", "and", "the", "defect", DEFAULT_TOKEN)
 SYNTHETIC_WORDS = ("scratch", "stain", "color", "good", "texture", "object", "surface")
-# Colour, shade, shape and texture words of the pre-training captions ("a tile with a dark red spot"): they teach the tiny UNet that text
+# Colour words of the pre-training captions ("a tile with a red spot"): they teach the tiny UNet that text
 # decides what fills a mask, which a DefectFill run then binds to the [V*] token. No cyan/teal word: that
 # is the synthetic `color` defect, which the model must learn from the defect images alone.
-COLOUR_WORDS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "white", "black", "brown", "spot",
-                "magenta", "grey", "dark", "light", "line", "patch", "striped", "dotted", "speckled")
+COLOUR_WORDS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "white", "black", "brown", "spot")
 
 
 def vocabulary_words() -> list[str]:

@@ -8,7 +8,7 @@ prompt without the word, or the base model without the LoRA:
 - VAE round trip: mean absolute error (pixels in [0, 1]) on held-out synthetic clean images;
 - base inpainting: empty prompt, a 24 px box in the middle of held-out clean images, distance of the mean
   generated colour in the box to the mean colour of the 6 px around it (does it continue the surroundings);
-- following words: a colour or texture word of the pre-training captions changes what fills a box;
+- following words (`--prompt_following`): does a colour or texture word change what fills a box;
 - learning a defect: after `configs/tiny.yaml` (a 40-step DefectFill run on metal_nut / color, a blue-green
   stain no clean class has), with the object prompt, inside held-out masks: the distance of the mean
   generated colour to the stain colour (base model vs. base + LoRA, loaded with diffusers'
@@ -212,7 +212,7 @@ def vstar_mask_overlaps(model_path, run_dir: Path, regions) -> dict[str, float]:
     return {"base": base, "trained": mean_overlap()}
 
 
-def measure(model_path=TINY_MODEL, work_dir: Path | None = None) -> dict:
+def measure(model_path=TINY_MODEL, work_dir: Path | None = None, with_prompt_following: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir or tmp)
         random_model = build_random_model(work / "random")
@@ -224,31 +224,41 @@ def measure(model_path=TINY_MODEL, work_dir: Path | None = None) -> dict:
         results = {
             "vae_error": {"pretrained": vae_round_trip_error(model_path), "random": vae_round_trip_error(random_model)},
             "inpainting_error": {"pretrained": inpainting_error(pipe), "random": inpainting_error(load_pipeline(random_model))},
-            "prompt_following": prompt_following(pipe),
             "stain_distance": {"base": distance_to_stain(pipe, heldout, prompt)},
             "vstar_overlap": vstar_mask_overlaps(model_path, run_dir, heldout),
             "mask_share": float(np.mean([(np.asarray(mask) > 127).mean() for _, mask in heldout])),
         }
+        if with_prompt_following:
+            results["prompt_following"] = prompt_following(pipe)
         pipe.load_lora_weights(str(run_dir))
         results["stain_distance"]["trained"] = distance_to_stain(pipe, heldout, prompt)
     return results
 
 
-def as_markdown(results: dict) -> str:
-    r, f = results, results["prompt_following"]
-    return "\n".join([
-        "| measure | pre-trained | random init |",
-        "|---|---|---|",
-        f"| VAE round trip, mean abs. error (pixels in [0, 1]), 8 held-out clean images | {r['vae_error']['pretrained']:.4f} | {r['vae_error']['random']:.4f} |",
-        f"| inpainting a centred 24 px box, empty prompt: distance of its mean RGB (0-255) to the 6 px ring around it | {r['inpainting_error']['pretrained']:.1f} | {r['inpainting_error']['random']:.1f} |",
-        "",
-        f"The base model follows words (a centred 20 px box on the same images, guidance 7.5, {STEPS} PNDM steps):",
+def prompt_following_rows(results: dict) -> list[str]:
+    f = results.get("prompt_following")
+    if f is None:
+        return []
+    return [
+        f"Does the base model follow words? (`--prompt_following`: a centred 20 px box on the same images, guidance 7.5, {STEPS} PNDM steps)",
         "",
         "| measure | prompt names it | prompt names the class only |",
         "|---|---|---|",
         f"| distance of the mean RGB in the box to a named colour ({', '.join(PROMPT_COLOURS)}): \"a wood with a red spot\" | {f['colour_named']:.1f} | {f['colour_class_only']:.1f} |",
         f"| local contrast in the box (0-255): \"a wood with a striped patch\" | {f['contrast_striped']:.1f} | {f['contrast_class_only']:.1f} |",
         "",
+    ]
+
+
+def as_markdown(results: dict) -> str:
+    r = results
+    return "\n".join([
+        "| measure | pre-trained | random init |",
+        "|---|---|---|",
+        f"| VAE round trip, mean abs. error (pixels in [0, 1]), 8 held-out clean images | {r['vae_error']['pretrained']:.4f} | {r['vae_error']['random']:.4f} |",
+        f"| inpainting a centred 24 px box, empty prompt: distance of its mean RGB (0-255) to the 6 px ring around it | {r['inpainting_error']['pretrained']:.1f} | {r['inpainting_error']['random']:.1f} |",
+        "",
+        *prompt_following_rows(r),
         "After `python train_defectfill.py --config configs/tiny.yaml` (40 steps, metal_nut / color), held-out masks,",
         f"prompt \"A metal nut with sks\", {STEPS} PNDM steps, guidance 7.5:",
         "",
@@ -269,9 +279,11 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(TINY_MODEL), help="The pre-trained tiny model folder.")
     parser.add_argument("--update_readme", action="store_true", help="Write the table into the model folder's README.md.")
+    parser.add_argument("--prompt_following", action="store_true",
+                        help="Also measure whether colour and texture words change what the base model paints (a minute more).")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    results = measure(args.model)
+    results = measure(args.model, with_prompt_following=args.prompt_following)
     markdown = as_markdown(results)
     print(json.dumps(results, indent=2))
     print(markdown)

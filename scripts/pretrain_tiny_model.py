@@ -3,25 +3,19 @@
 Starting from the architecture of `make_tiny_model.py` (random weights), on procedurally generated
 defect-free objects and textures of several classes (those of `make_synthetic_mvtec.py` and more), at 64 px:
 
-1. the VAE as an autoencoder on 32 px crops, three quarters of them with shapes (blobs, boxes, strokes a
-   pixel wide) of random colours and textures painted over, so it reproduces any colour and fine pattern a
-   defect may have (L1 + MSE reconstruction, a small KL term, cosine learning rate); its latent scaling
-   factor is set so the latents have unit variance, as SD's 0.18215 does for SD's VAE;
+1. the VAE as an autoencoder on 32 px crops, half of them with blobs of random colour so it can represent any
+   colour (L1 + MSE reconstruction, a small KL term); its latent scaling factor is set
+   so the latents have unit variance, as SD's 0.18215 does for SD's VAE;
 2. the 9-channel UNet and the text encoder together for text-conditioned inpainting with random masks
-   (boxes, blobs, thin strokes, sometimes the whole image, grown to whole latent blocks as DefectFill's
-   masks are), captions naming the class and 10 % empty captions for classifier-free guidance — the way
-   SD-inpainting was trained, at the tiny model's resolution. On 45 % of the captioned samples a named
-   region is painted and becomes the mask: "a tile with a dark red spot", "a wood with a blue line",
-   "a carpet with a striped patch", so the UNet learns that words decide the colour, shape and texture of
-   what fills a mask — what a DefectFill LoRA binds to its token. The masked region weighs 3x in the loss.
+   (boxes, blobs, sometimes the whole image), captions naming the class and 10 % empty captions for
+   classifier-free guidance — the way SD-inpainting was trained, at the tiny model's resolution.
 
-Held out on purpose, so a DefectFill run that paints them has learned them (`scripts/check_generalisation.py`):
-the UNet never sees the hues of `defect_families.UNSEEN_HUE_BANDS` (chartreuse, mint to azure: the families'
-defects and the synthetic `color` stain), a cross-hatch or checks; no caption names them. Only the VAE does.
+Nothing the clean classes contain is saturated blue-green, the colour of the synthetic `color` defect,
+so a DefectFill run that paints that colour has learned it.
 
     python scripts/pretrain_tiny_model.py --output_dir models/tiny-sd2-inpainting
 
-Deterministic for a seed (on the same machine and thread count); about 50 minutes on 2 CPU cores.
+Deterministic for a seed (on the same machine and thread count); about 40 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -42,11 +36,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts import make_synthetic_mvtec as synthetic  # noqa: E402
-from fileio import write_text_atomic  # noqa: E402
-from scripts.defect_families import UNSEEN_HUE_BANDS  # noqa: E402
 from scripts.make_tiny_model import build_pipeline  # noqa: E402
-import defectfill_method as method  # noqa: E402
 from defectfill_step import tokenize  # noqa: E402
+from fileio import write_text_atomic  # noqa: E402
 
 RESOLUTION = 64
 
@@ -145,61 +137,14 @@ def image_batch(rng: np.random.Generator, batch: int) -> tuple[torch.Tensor, lis
     return torch.from_numpy(images).permute(0, 3, 1, 2).float(), names
 
 
-# ----------------------------------------------------------------------------------------------------
-# Patterns: what a region is filled with. "ink" maps in [0, 1] of shape (size, size)
-# ----------------------------------------------------------------------------------------------------
-
-
-def _rotated(size: int, angle: float) -> np.ndarray:
-    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
-    return cols * np.cos(angle) + rows * np.sin(angle)
-
-
-def stripes(rng, size):
-    period = rng.uniform(3, 9)
-    return ((_rotated(size, rng.uniform(0, np.pi)) % period) < period * rng.uniform(0.3, 0.6)).astype(np.float32)
-
-
-def dots(rng, size):
-    period = rng.uniform(4, 9)
-    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
-    return (np.hypot((rows % period) - period / 2, (cols % period) - period / 2) < period * rng.uniform(0.2, 0.35)).astype(np.float32)
-
-
-def speckle(rng, size):
-    return (rng.random((size, size)) < rng.uniform(0.15, 0.4)).astype(np.float32)
-
-
-def hatch(rng, size):
-    period, angle = rng.uniform(4, 9), rng.uniform(0, np.pi / 2)
-    first, second = _rotated(size, angle) % period, _rotated(size, angle + np.pi / 2) % period
-    return ((first < period * 0.35) | (second < period * 0.35)).astype(np.float32)
-
-
-def checker(rng, size):
-    period = rng.uniform(3, 10)
-    rotated_x, rotated_y = _rotated(size, rng.uniform(0, np.pi / 2)), _rotated(size, rng.uniform(0, np.pi / 2) + np.pi / 2)
-    return (((rotated_x // period) + (rotated_y // period)) % 2).astype(np.float32)
-
-
-def flat(rng, size):
-    return np.ones((size, size), dtype=np.float32)
-
-
-# Textures a caption may name. Cross-hatch and checks are never named, and never painted into the UNet's images:
-# the VAE learns them, the inpainting stage does not (the `texture` family of scripts/defect_families.py is one).
-NAMED_TEXTURES = {"striped": stripes, "dotted": dots, "speckled": speckle}
-VAE_ONLY_TEXTURES = (hatch, checker)
-
-
-def random_rgb(rng: np.random.Generator, avoid_hues: tuple[tuple[float, float], ...] = ()) -> np.ndarray:
-    """A colour uniform in hue (outside the `avoid_hues` bands, in degrees), in [0, 1]."""
-    import colorsys
-
-    hue = rng.uniform(0, 360)
-    while any(low <= hue <= high for low, high in avoid_hues):
-        hue = rng.uniform(0, 360)
-    return np.asarray(colorsys.hsv_to_rgb(hue / 360, rng.random() ** 0.5, rng.uniform(0.08, 1.0)))
+def colour_patches(rng: np.random.Generator, images: torch.Tensor) -> torch.Tensor:
+    """Random blobs of any colour painted over half the images: the VAE must represent every colour (a
+    defect's colour included), even though the inpainting stage only ever sees the clean classes. A VAE
+    trained on the clean classes alone reconstructs the synthetic blue-green stain as grey."""
+    masks = inpainting_masks(rng, len(images))
+    colours = torch.from_numpy(rng.uniform(-1, 1, size=(len(images), 3, 1, 1))).float()
+    keep = torch.from_numpy(rng.random(len(images)) < 0.5).float().view(-1, 1, 1, 1) * (masks.amin(dim=(1, 2, 3), keepdim=True) < 1)
+    return images * (1 - masks * keep) + colours * masks * keep
 
 
 def _blob(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, radius_range=(0.05, 0.22)) -> np.ndarray:
@@ -209,59 +154,8 @@ def _blob(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, radius_range=(
     return np.hypot(x - cx, y - cy) < radius
 
 
-def _stroke(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, segments: int = 1) -> np.ndarray:
-    """A straight line (or a polyline of `segments` pieces) 0.7-1.6 px wide at 64 px."""
-    size = x.shape[0]
-    px, py = rng.uniform(0.15, 0.85, size=2)
-    angle, width = rng.uniform(0, 2 * np.pi), rng.uniform(0.35, 0.8) / size
-    mask = np.zeros(x.shape, dtype=bool)
-    mask[int(py * size), int(px * size)] = True  # the start pixel: never empty, however thin
-    for _ in range(segments):
-        length = rng.uniform(0.12, 0.35)
-        qx, qy = px + length * np.cos(angle), py + length * np.sin(angle)
-        t = np.clip(((x - px) * (qx - px) + (y - py) * (qy - py)) / length**2, 0, 1)
-        mask |= np.hypot(x - (px + t * (qx - px)), y - (py + t * (qy - py))) < width
-        px, py, angle = qx, qy, angle + rng.uniform(-1.0, 1.0)
-    return mask
-
-
-def _box(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    cx, cy = rng.random(2)
-    w, h = rng.uniform(0.08, 0.45, size=2)
-    return (np.abs(x - cx) < w / 2) & (np.abs(y - cy) < h / 2)
-
-
-def random_shape(rng: np.random.Generator, size: int) -> np.ndarray:
-    x, y = _grid(size)
-    kind = rng.random()
-    if kind < 0.4:
-        return _blob(rng, x, y)
-    if kind < 0.7:
-        return _box(rng, x, y)
-    return _stroke(rng, x, y, int(rng.integers(1, 4)))
-
-
-def paint_random_patterns(rng: np.random.Generator, images: torch.Tensor, probability: float,
-                          textures=(flat, flat, stripes, dots, speckle), avoid_hues=UNSEEN_HUE_BANDS) -> torch.Tensor:
-    """On `probability` of the images, 1-3 shapes (blobs, boxes, thin strokes) of random colours, filled flat
-    or with a texture in two colours: the clean classes have few colours and patterns. No caption names them.
-    The VAE gets every colour and texture (it must reproduce any defect); the UNet never gets the hues of
-    `UNSEEN_HUE_BANDS`, a cross-hatch or checks, which the generalisation check's defects are made of."""
-    images = images.clone()
-    size = images.shape[-1]
-    for i in range(len(images)):
-        if rng.random() >= probability:
-            continue
-        for _ in range(int(rng.integers(1, 4))):
-            shape = torch.from_numpy(random_shape(rng, size))
-            ink = textures[rng.integers(len(textures))](rng, size)
-            fill = ink[None] * random_rgb(rng, avoid_hues)[:, None, None] + (1 - ink[None]) * random_rgb(rng, avoid_hues)[:, None, None]
-            images[i] = torch.where(shape, torch.from_numpy(fill * 2 - 1).float(), images[i])
-    return images
-
-
 def inpainting_masks(rng: np.random.Generator, batch: int) -> torch.Tensor:
-    """Random boxes, blobs, thin strokes or (10 %) the whole image, (B, 1, 64, 64) in {0, 1}."""
+    """Random boxes, blobs or (10 %) the whole image, (B, 1, 64, 64) in {0, 1}."""
     x, y = _grid(RESOLUTION)
     masks = np.zeros((batch, RESOLUTION, RESOLUTION), dtype=np.float32)
     for i in range(batch):
@@ -270,100 +164,63 @@ def inpainting_masks(rng: np.random.Generator, batch: int) -> torch.Tensor:
             masks[i] = 1
             continue
         for _ in range(int(rng.integers(1, 5))):
-            if kind < 0.45:
-                masks[i] = np.maximum(masks[i], _box(rng, x, y))
-            elif kind < 0.8:
-                masks[i] = np.maximum(masks[i], _blob(rng, x, y))
+            if kind < 0.55:
+                cx, cy = rng.random(2)
+                w, h = rng.uniform(0.08, 0.45, size=2)
+                masks[i] = np.maximum(masks[i], (np.abs(x - cx) < w / 2) & (np.abs(y - cy) < h / 2))
             else:
-                masks[i] = np.maximum(masks[i], _stroke(rng, x, y, int(rng.integers(1, 4))))
+                masks[i] = np.maximum(masks[i], _blob(rng, x, y))
     return torch.from_numpy(masks)[:, None]
 
 
-# HSV of the named colours: hue in degrees, saturation and value ranges. No name covers the hues of
-# scripts/defect_families.py's UNSEEN_HUE_BANDS (chartreuse 65-105, mint to azure 150-215; the synthetic
-# `color` stain is hue 188): a DefectFill run must learn those from the defect images alone.
+# HSV of the named spot colours: hue in degrees, saturation and value ranges. Hues 150-215 (cyan, teal:
+# the synthetic `color` defect is (40, 170, 190), hue 188) are left out on purpose.
 NAMED_COLOURS = {
     "red": (0, (0.7, 0.95), (0.6, 0.95)),
     "orange": (28, (0.75, 0.95), (0.8, 1.0)),
-    "yellow": (52, (0.7, 0.95), (0.8, 1.0)),
-    "green": (122, (0.6, 0.9), (0.4, 0.8)),
+    "yellow": (55, (0.7, 0.95), (0.8, 1.0)),
+    "green": (115, (0.6, 0.9), (0.4, 0.8)),
     "blue": (235, (0.6, 0.9), (0.5, 0.9)),
-    "purple": (272, (0.5, 0.8), (0.4, 0.75)),
-    "magenta": (302, (0.7, 0.95), (0.7, 1.0)),
-    "pink": (332, (0.3, 0.55), (0.85, 1.0)),
+    "purple": (275, (0.5, 0.8), (0.4, 0.75)),
+    "pink": (325, (0.3, 0.55), (0.85, 1.0)),
     "white": (0, (0.0, 0.06), (0.92, 1.0)),
-    "grey": (0, (0.0, 0.06), (0.4, 0.65)),
     "black": (0, (0.0, 0.2), (0.03, 0.15)),
     "brown": (25, (0.55, 0.8), (0.28, 0.45)),
 }
-HUE_JITTER = 8.0
-# "dark" and "light" scale a named colour's value / saturation: words that move a colour continuously.
-SHADES = {"dark": (1.0, 0.5), "light": (0.45, 1.15)}
-SPOT_PROBABILITY = 0.45
+SPOT_CAPTIONS = ("a {} with a {} spot", "a photo of a {} with a {} spot", "a {} with {}")
+SPOT_PROBABILITY = 0.3
 
 
-def named_rgb(rng: np.random.Generator, colour: str, shade: str | None) -> np.ndarray:
+def add_named_spots(rng: np.random.Generator, images: torch.Tensor, masks: torch.Tensor, captions: list[str],
+                    names: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """On 30 % of the captioned samples, paint one or two spots of a named colour and make them the mask to inpaint,
+    captioned "a tile with a red spot". The clean classes alone never teach the UNet that text decides what
+    fills a mask (the context always does), and DefectFill relies on exactly that: the [V*] token has to
+    override the surroundings. Uncaptioned samples never get spots: with an empty prompt the model must
+    continue the surroundings."""
     import colorsys
 
-    hue, saturation, value = NAMED_COLOURS[colour]
-    saturation, value = rng.uniform(*saturation), rng.uniform(*value)
-    if shade is not None:
-        saturation, value = saturation * SHADES[shade][0], min(1.0, value * SHADES[shade][1])
-    return np.asarray(colorsys.hsv_to_rgb(((hue + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 360) / 360, saturation, value))
-
-
-def named_defect(rng: np.random.Generator, image: torch.Tensor, name: str) -> tuple[torch.Tensor, np.ndarray, str]:
-    """One captioned region painted on `image`: a spot or a line of a named colour, or a patch of a named
-    texture (in a named colour, or in the surface's own colour made darker and lighter). Returns the image,
-    the region and the caption."""
     x, y = _grid(RESOLUTION)
-    colour = list(NAMED_COLOURS)[rng.integers(len(NAMED_COLOURS))]
-    shade = list(SHADES)[rng.integers(len(SHADES))] if rng.random() < 0.3 and colour not in ("white", "black", "grey") else None
-    colour_words = f"{shade} {colour}" if shade else colour
-    kind = rng.random()
-    if kind < 0.45:
-        region = _blob(rng, x, y, (0.05, 0.16)) | (_blob(rng, x, y, (0.05, 0.16)) if rng.random() < 0.3 else False)
-        ink, noun = rng.normal(1.0, 0.06, (RESOLUTION, RESOLUTION)), "spot"
-        fill = np.clip(named_rgb(rng, colour, shade)[:, None, None] * ink[None], 0, 1) * 2 - 1
-    elif kind < 0.7:
-        region, noun = _stroke(rng, x, y, int(rng.integers(1, 3))), "line"
-        fill = np.broadcast_to(named_rgb(rng, colour, shade)[:, None, None] * 2 - 1, (3, RESOLUTION, RESOLUTION))
-    else:
-        texture = list(NAMED_TEXTURES)[rng.integers(len(NAMED_TEXTURES))]
-        region = _blob(rng, x, y, (0.08, 0.2)) if rng.random() < 0.6 else _box(rng, x, y)
-        ink = NAMED_TEXTURES[texture](rng, RESOLUTION)[None]
-        if rng.random() < 0.5:  # the surface's own colour, darker where the texture inks
-            surface = (image.numpy() + 1) / 2
-            fill = np.clip(surface * (1.25 - 0.7 * ink), 0, 1) * 2 - 1
-            colour_words = ""
-        else:
-            fill = (ink * named_rgb(rng, colour, shade)[:, None, None] + (1 - ink) * named_rgb(rng, colour, shade)[:, None, None] * 0.5) * 2 - 1
-        noun = f"{texture} patch"
-    caption = SPOT_CAPTIONS[rng.integers(len(SPOT_CAPTIONS))].format(name, " ".join(w for w in (colour_words, noun) if w))
-    painted = torch.where(torch.from_numpy(region), torch.from_numpy(np.ascontiguousarray(fill)).float(), image)
-    return painted, region, caption
-
-
-SPOT_CAPTIONS = ("a {} with a {}", "a photo of a {} with a {}", "a {} with {}")
-
-
-def add_named_defects(rng: np.random.Generator, images: torch.Tensor, masks: torch.Tensor, captions: list[str],
-                      names: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """On 45 % of the captioned samples, paint a named region and make it the mask to inpaint, captioned
-    "a tile with a dark red spot", "a wood with a blue line", "a carpet with a striped patch". The clean classes
-    alone never teach the UNet that text decides what fills a mask (the context always does), and DefectFill
-    relies on exactly that: the [V*] token has to override the surroundings. Uncaptioned samples never get
-    them: with an empty prompt the model must continue the surroundings."""
     images, masks, captions = images.clone(), masks.clone(), list(captions)
     for i, name in enumerate(names):
         if rng.random() >= SPOT_PROBABILITY or not captions[i]:
             continue
-        images[i], region, captions[i] = named_defect(rng, images[i], name)
-        if rng.random() < 0.3:  # sometimes a box around the region, as users draw masks
-            ys, xs = np.nonzero(region)
-            region = np.zeros_like(region)
-            region[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
-        masks[i, 0] = torch.from_numpy(region).float()
+        colour = list(NAMED_COLOURS)[rng.integers(len(NAMED_COLOURS))]
+        hue, saturation, value = NAMED_COLOURS[colour]
+        rgb = colorsys.hsv_to_rgb(((hue + rng.uniform(-10, 10)) % 360) / 360, rng.uniform(*saturation), rng.uniform(*value))
+        spot = np.zeros((RESOLUTION, RESOLUTION), dtype=bool)
+        for _ in range(int(rng.integers(1, 3))):
+            spot |= _blob(rng, x, y, (0.05, 0.16))
+        texture = rng.normal(1.0, 0.06, (RESOLUTION, RESOLUTION))
+        painted = np.clip(np.asarray(rgb)[:, None, None] * texture[None], 0, 1) * 2 - 1
+        spot_tensor = torch.from_numpy(spot)
+        images[i] = torch.where(spot_tensor, torch.from_numpy(painted).float(), images[i])
+        if rng.random() < 0.3:  # sometimes a box around the spots, as users draw masks
+            ys, xs = np.nonzero(spot)
+            spot = np.zeros_like(spot)
+            spot[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
+        masks[i, 0] = torch.from_numpy(spot).float()
+        captions[i] = SPOT_CAPTIONS[rng.integers(len(SPOT_CAPTIONS))].format(name, colour)
     return images, masks, captions
 
 
@@ -387,25 +244,12 @@ class LossLog:
         return float(np.mean(self.history[-100:]))
 
 
-def cosine_with_warmup(optimizer, steps: int):
-    warmup = max(1, steps // 20)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-
-
-VAE_PATTERN_PROBABILITY = 0.75
-UNET_PATTERN_PROBABILITY = 0.3
-MASK_LOSS_WEIGHT = 2.0
-
-
 def train_vae(vae, rng, steps: int, batch: int, lr: float, log) -> dict:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    lr_scheduler = cosine_with_warmup(optimizer, steps)
     vae.train()
     losses = LossLog("vae", "l1", steps, log)
-    every_texture = (flat, stripes, dots, speckle, *VAE_ONLY_TEXTURES)
     for step in range(1, steps + 1):
-        images = paint_random_patterns(rng, image_batch(rng, batch)[0], VAE_PATTERN_PROBABILITY, every_texture, avoid_hues=())
+        images = colour_patches(rng, image_batch(rng, batch)[0])
         # 32 px crops: the VAE is convolutional, and a quarter of the pixels is a quarter of the time.
         top, left = rng.integers(0, RESOLUTION // 2 + 1, size=2)
         images = images[:, :, top : top + RESOLUTION // 2, left : left + RESOLUTION // 2]
@@ -416,7 +260,6 @@ def train_vae(vae, rng, steps: int, batch: int, lr: float, log) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        lr_scheduler.step()
         losses.add(step, l1.item())
     vae.eval()
     vae.requires_grad_(False)
@@ -431,31 +274,28 @@ def train_inpainting(pipe, scheduler, rng, steps: int, batch: int, lr: float, lo
     unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    lr_scheduler = cosine_with_warmup(optimizer, steps)
+    warmup = max(1, steps // 20)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     unet.train()
     text_encoder.train()
     scale = vae.config.scaling_factor
     losses = LossLog("inpainting", "loss", steps, log)
     for step in range(1, steps + 1):
         images, names = image_batch(rng, batch)
-        images = paint_random_patterns(rng, images, UNET_PATTERN_PROBABILITY)
         masks = inpainting_masks(rng, batch)
         captions = ["" if rng.random() < 0.1 else CAPTIONS[rng.integers(len(CAPTIONS))].format(n) for n in names]
-        images, masks, captions = add_named_defects(rng, images, masks, captions, names)
-        # The mask the model sees in DefectFill training and synthesis: grown to whole latent blocks.
-        masks = method.cover_latent_blocks(masks, 2 ** (len(vae.config.block_out_channels) - 1))
+        images, masks, captions = add_named_spots(rng, images, masks, captions, names)
         with torch.no_grad():
             encoded = vae.encode(torch.cat([images, images * (1 - masks)])).latent_dist.sample() * scale
         latents, masked = encoded.chunk(2)
         noise = torch.randn_like(latents)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
         noisy = scheduler.add_noise(latents, noise, t)
-        mask_latent = method.mask_to_latent(masks, latents.shape[-2:])
+        mask_latent = F.interpolate(masks, size=latents.shape[-2:])
         embeds = text_encoder(tokenize(tokenizer, captions))[0]
         prediction = unet(torch.cat([noisy, mask_latent, masked], 1), t, embeds).sample
-        # The masked region weighs 3x: what fills a mask is what the model is for; the rest is copied context.
-        weight = 1 + MASK_LOSS_WEIGHT * mask_latent
-        loss = (weight * (prediction - noise) ** 2).mean() / weight.mean()
+        loss = F.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -467,25 +307,7 @@ def train_inpainting(pipe, scheduler, rng, steps: int, batch: int, lr: float, lo
     return {"inpainting_loss": losses.recent_mean()}
 
 
-def recipe() -> dict:
-    """What the data and losses were made of, recorded in pretraining.json next to the settings."""
-    return {
-        "resolution": RESOLUTION,
-        "clean_classes": list(CLASSES),
-        "vae": {"crop": RESOLUTION // 2, "pattern_probability": VAE_PATTERN_PROBABILITY, "loss": "L1 + MSE + 1e-6 KL",
-                "textures": ["flat", *NAMED_TEXTURES, *(t.__name__ for t in VAE_ONLY_TEXTURES)], "hues": "all"},
-        "unet": {"empty_caption_probability": 0.1, "pattern_probability": UNET_PATTERN_PROBABILITY,
-                 "named_region_probability": SPOT_PROBABILITY, "mask_loss_weight": 1 + MASK_LOSS_WEIGHT,
-                 "named_colours": list(NAMED_COLOURS), "shades": list(SHADES), "named_textures": list(NAMED_TEXTURES),
-                 "masks": "boxes, blobs, strokes, whole image; grown to whole latent blocks"},
-        "held_out_from_the_unet": {"hue_bands_degrees": [list(band) for band in UNSEEN_HUE_BANDS],
-                                   "textures": [t.__name__ for t in VAE_ONLY_TEXTURES]},
-    }
-
-
 MEASURE_LATER = "Not measured yet: `python scripts/measure_tiny_model.py --update_readme` writes the table here."
-CHECK_LATER = "Not checked yet: `python scripts/check_generalisation.py --update_readme` writes the table here."
-README_SECTIONS = {"measured": MEASURE_LATER, "generalisation": CHECK_LATER}
 README_TEMPLATE = """---
 library_name: diffusers
 tags:
@@ -498,15 +320,14 @@ tags:
 
 A tiny pipeline with the structure of `stabilityai/stable-diffusion-2-inpainting`, **pre-trained on
 procedural images** so that the tests and the offline demo of defectfill exercise the real loading code
-(`from_pretrained`, `load_lora_weights`) without the Hub *and* show real learning, on defects it was never
-tuned on as well as on the demo's.
+(`from_pretrained`, `load_lora_weights`) without the Hub *and* show real learning.
 
 | component | shape |
 |---|---|
 | unet | `UNet2DConditionModel`, 9 input channels, widths 32/32/64/64, cross-attention in 3 down + 3 up blocks, linear projections |
 | vae | `AutoencoderKL`, 2 levels (scale factor 2), 4 latent channels, scaling factor {scaling_factor} |
 | text_encoder | `CLIPTextModel`, 3 layers, width 32 |
-| tokenizer | `CLIPTokenizer` from a small vocab.json/merges.txt: prompt words, `sks`, the MVTec class names and the caption words are single tokens |
+| tokenizer | `CLIPTokenizer` from a small vocab.json/merges.txt: prompt words, `sks` and the MVTec class names are single tokens |
 | scheduler | `PNDMScheduler` with SD2's config |
 
 ## How it was made
@@ -516,29 +337,34 @@ tuned on as well as on the demo's.
 python scripts/pretrain_tiny_model.py --output_dir models/tiny-sd2-inpainting {arguments}
 ```
 
-Data: 64 px procedural images of {classes} (random colours, phases and scales), with shapes of random
-colours and textures painted over some of them (blobs, boxes, strokes a pixel wide). Captions name the class
-("a photo of a tile"), 10 % are empty. On 45 % of the captioned inpainting samples a named region is painted
-and becomes the mask: a spot or a line of a named colour ({colours}; "dark" and "light" shades) or a patch of a
-named texture ({textures}), captioned "a tile with a dark red spot", "a carpet with a striped patch": this
-teaches the UNet that the prompt decides what fills a mask, which is what a DefectFill LoRA binds to `sks`.
+Data: 64 px procedural images of {classes} (random colours, phases and scales; nothing saturated
+blue-green, the colour of the synthetic `color` defect). Captions name the class ("a photo of a tile"),
+10 % are empty. On 30 % of the captioned inpainting samples, one or two spots of a named colour ({colours}; no cyan
+or teal) are painted and become the mask, captioned "a tile with a red spot": this teaches the UNet that the
+prompt decides what fills a mask, which is what a DefectFill LoRA binds to `sks`.
 
-Held out from the UNet (images and captions): the hues {bands} (chartreuse; mint to azure, the synthetic
-`color` stain included), cross-hatches and checks. The VAE sees every colour and texture, so it can reproduce
-a defect the UNet has to learn. The whole recipe is in `pretraining.json`.
-
-| stage | steps | batch | learning rate (cosine) | final loss (mean of the last 100 steps) |
+| stage | steps | batch | learning rate | final loss (mean of the last 100 steps) |
 |---|---|---|---|---|
 | VAE on 32 px crops (L1 + MSE + 1e-6 KL) | {vae_steps} | {batch} | {vae_lr} | L1 {vae_l1:.4f} |
-| UNet + text encoder, inpainting (noise MSE, the mask weighted 3x) | {unet_steps} | {batch} | {unet_lr} | {inpainting_loss:.4f} |
+| UNet + text encoder, inpainting (noise MSE) | {unet_steps} | {batch} | {unet_lr} | {inpainting_loss:.4f} |
 
 Seed {seed}; {minutes:.0f} minutes on {machine}, deterministic for a seed on the same machine and thread count.
 
 ## Limits
 
-50 CPU-minutes make a weak inpainter: large holes get blotchy fills, and outside the mask the pipeline's raw
-output drifts in colour (`infer_defectfill.py` pastes the clean background back). What it shows, offline and in
-seconds, is a DefectFill run changing what the model paints inside a mask toward the real defect, measured below.
+40 CPU-minutes make a weak inpainter: large holes get blotchy fills (of the right overall colour more often
+than not), and outside the mask the pipeline's raw output drifts in colour (`infer_defectfill.py` pastes the
+clean background back). The defect colour a LoRA teaches it lands near the closest hue it knows (the
+blue-green stain comes out blue). What it shows, offline and in seconds, is a DefectFill run changing what
+the model paints inside a mask, measured below.
+
+It does not generalise yet (issue #17). On the procedural defect families of `scripts/defect_families.py` (colours
+and a texture that neither the pre-training nor `configs/tiny.yaml` was tuned on) the LoRA barely moves what is
+painted toward the real defect, and the VAE is the first reason: its round trip inside the defect masks is off by
+tens of levels (last table below), though it reproduces the pre-training classes well (first table): the thin mint
+crack decodes a dull dark teal, the chartreuse blob a plain green, and the violet-grey surface of the zipper turns
+olive as a whole. No LoRA on the UNet can paint what the VAE cannot decode; a VAE trained on random colours and
+textures over near-flat surfaces as well is the next step.
 
 ## Measured (`tests/test_pretrained_tiny_model.py`)
 
@@ -554,15 +380,17 @@ seconds, is a DefectFill run changing what the model paints inside a mask toward
 """
 
 
+CHECK_LATER = "Not checked yet: `python scripts/check_generalisation.py --update_readme` writes the table here."
+README_SECTIONS = {"measured": MEASURE_LATER, "generalisation": CHECK_LATER}
+
+
 def write_model_readme(model_dir: Path, **sections: str) -> None:
     """The model folder's README.md, from its pretraining.json and the measured sections given (the others
     keep their placeholder)."""
     record = json.loads((model_dir / "pretraining.json").read_text())
     settings = record["settings"]
-    bands = ", ".join(f"{low:.0f}-{high:.0f}°" for low, high in UNSEEN_HUE_BANDS)
     (model_dir / "README.md").write_text(README_TEMPLATE.format(
         scaling_factor=record["scaling_factor"], classes=", ".join(CLASSES), colours=", ".join(NAMED_COLOURS),
-        textures=", ".join(NAMED_TEXTURES), bands=bands,
         vae_steps=settings["vae_steps"], unet_steps=settings["unet_steps"], batch=settings["batch_size"],
         vae_lr=settings["vae_lr"], unet_lr=settings["unet_lr"], seed=settings["seed"], minutes=record["minutes"],
         machine=record["machine"], arguments=" ".join(f"--{k} {v}" for k, v in settings.items()),
@@ -584,10 +412,10 @@ def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="models/tiny-sd2-inpainting", help="Where to write the trained pipeline.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the weights, the data and the noise.")
-    parser.add_argument("--vae_steps", type=int, default=1600, help="VAE training steps.")
-    parser.add_argument("--unet_steps", type=int, default=1500, help="UNet + text-encoder inpainting steps.")
+    parser.add_argument("--vae_steps", type=int, default=1500, help="VAE training steps.")
+    parser.add_argument("--unet_steps", type=int, default=1600, help="UNet + text-encoder inpainting steps.")
     parser.add_argument("--batch_size", type=int, default=16, help="Images per step.")
-    parser.add_argument("--vae_lr", type=float, default=8e-4, help="VAE learning rate (cosine, 5 % warmup).")
+    parser.add_argument("--vae_lr", type=float, default=5e-4, help="VAE learning rate.")
     parser.add_argument("--unet_lr", type=float, default=5e-4, help="UNet and text-encoder learning rate (cosine, 5 % warmup).")
     args = parser.parse_args(argv)
 
@@ -607,14 +435,10 @@ def main(argv=None) -> Path:
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         pipe.unet.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
-        stage_start = time.time()
         stats = train_vae(pipe.vae, rng, args.vae_steps, args.batch_size, args.vae_lr, log)
-        stage_minutes = {"vae": round((time.time() - stage_start) / 60, 1)}
         pipe.unet.requires_grad_(True)
         pipe.text_encoder.requires_grad_(True)
-        stage_start = time.time()
         stats |= train_inpainting(pipe, scheduler, rng, args.unet_steps, args.batch_size, args.unet_lr, log)
-        stage_minutes["inpainting"] = round((time.time() - stage_start) / 60, 1)
         pipe.unet.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
 
@@ -625,9 +449,8 @@ def main(argv=None) -> Path:
         import platform
 
         record = {"settings": {k: v for k, v in vars(args).items() if k != "output_dir"}, **stats,
-                  "minutes": round((time.time() - start) / 60, 1), "stage_minutes": stage_minutes,
-                  "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
-                  "scaling_factor": pipe.vae.config.scaling_factor, "recipe": recipe()}
+                  "minutes": round((time.time() - start) / 60, 1), "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
+                  "scaling_factor": pipe.vae.config.scaling_factor}
         (staging / "pretraining.json").write_text(json.dumps(record, indent=2) + "\n")
         write_model_readme(staging)
         if output_dir.exists():

@@ -24,7 +24,6 @@ def test_model_readme_records_how_it_was_made():
     record = json.loads((TINY_MODEL / "pretraining.json").read_text())
     assert "python scripts/pretrain_tiny_model.py" in readme and "python scripts/measure_tiny_model.py" in readme
     assert record["settings"]["unet_steps"] >= 1000 and record["inpainting_loss"] < 0.1
-    assert record["recipe"]["held_out_from_the_unet"]["hue_bands_degrees"] and record["stage_minutes"]["inpainting"] > 0
     assert f"{record['inpainting_loss']:.4f}" in readme and f"{record['vae_l1']:.4f}" in readme
 
 
@@ -39,13 +38,6 @@ def test_vae_reconstructs_held_out_images(measured):
 def test_base_inpainting_continues_the_surroundings(measured):
     error = measured["inpainting_error"]  # measured 56.6 vs 71.5: a weak inpainter, but the colour of its context
     assert error["pretrained"] < 0.9 * error["random"], error
-
-
-@pytest.mark.slow  # the measurement trains the demo run in a subprocess
-def test_base_model_follows_colour_and_texture_words(measured):
-    following = measured["prompt_following"]  # FILL
-    assert following["colour_named"] < 0.75 * following["colour_class_only"], following
-    assert following["contrast_striped"] > 1.5 * following["contrast_class_only"], following
 
 
 @pytest.mark.slow  # the measurement trains the demo run in a subprocess

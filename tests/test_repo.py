@@ -84,7 +84,6 @@ def test_pretraining_script_writes_a_loadable_pipeline(tmp_path):
     pipe = StableDiffusionInpaintPipeline.from_pretrained(out)
     record = json.loads((out / "pretraining.json").read_text())
     assert record["settings"]["unet_steps"] == 2 and record["latent_std"] > 0
-    assert set(record["stage_minutes"]) == {"vae", "inpainting"} and "held_out_from_the_unet" in record["recipe"]
     assert pipe.vae.config.scaling_factor == pytest.approx(1 / record["latent_std"], rel=1e-3)
     assert "python scripts/pretrain_tiny_model.py" in (out / "README.md").read_text()
 
