@@ -364,7 +364,9 @@ painted toward the real defect, and the VAE is the first reason: its round trip 
 tens of levels (last table below), though it reproduces the pre-training classes well (first table): the thin mint
 crack decodes a dull dark teal, the chartreuse blob a plain green, and the violet-grey surface of the zipper turns
 olive as a whole. No LoRA on the UNet can paint what the VAE cannot decode; a VAE trained on random colours and
-textures over near-flat surfaces as well is the next step.
+textures over near-flat surfaces as well is the next step. Nor does the UNet follow the colour words of its own
+captions in a box on a clean image (`--prompt_following` rows below: naming the colour brings the fill no closer to
+it; its captions never had texture words, so "striped patch" is split into letters and means nothing to it).
 
 ## Measured (`tests/test_pretrained_tiny_model.py`)
 
