@@ -135,10 +135,15 @@ def downstream_figures(run_dir: Path, work: Path, seeds: int) -> dict:
     """The downstream check of issue #14 on one family: `infer_defectfill.py` paints 12 images with the run's
     LoRA (defaults: train/good images, the held-out masks), `downstream_defectfill.py` trains the tiny config's
     localizer on them and on the baselines, tested on the real held-out defects. Mean over `seeds` seeds."""
-    synthetic, output = work / "synthetic", work / "downstream"
+    import yaml
+
+    synthetic, output, config = work / "synthetic", work / "downstream", work / "downstream.yaml"
     run_script("infer_defectfill.py", "--lora", str(run_dir), "--output_dir", str(synthetic), "--num_images", "12",
                "--num_candidates", "1", "--num_inference_steps", str(STEPS), "--overwrite")
-    run_script("downstream_defectfill.py", "--config", str(DOWNSTREAM_CONFIG), "--synthetic", f"defectfill={synthetic}",
+    # The tiny downstream config without its synthetic set (the demo's): --synthetic adds to a config's list.
+    settings = {k: v for k, v in yaml.safe_load(DOWNSTREAM_CONFIG.read_text()).items() if k not in ("synthetic", "output_dir")}
+    config.write_text(yaml.safe_dump(settings))
+    run_script("downstream_defectfill.py", "--config", str(config), "--synthetic", f"defectfill={synthetic}",
                "--output_dir", str(output), "--seeds", *(str(seed) for seed in range(seeds)))
     summary = json.loads((output / "downstream_results.json").read_text())["summary"]
     return {name: {key: summary[name][key]["mean"] for key in DOWNSTREAM_KEYS} for name in DOWNSTREAM_SETS}
