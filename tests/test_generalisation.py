@@ -168,3 +168,14 @@ def test_model_readme_sections_are_replaced_one_at_a_time(tmp_path):
     assert text.index("measured table") < text.index("second check")
     with pytest.raises(ValueError, match="no other section"):
         pretrain.update_readme_section(model, "other", "x")
+
+
+def test_check_refuses_unknown_families_and_a_results_file_of_another_model(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        check.main(["--families", "thin,nope"])
+    assert "unknown ['nope']" in capsys.readouterr().err
+    saved = tmp_path / "results.json"
+    saved.write_text('{"model": "/somewhere/else", "train_flags": [], "families": {}}')
+    with pytest.raises(SystemExit):
+        check.main(["--from_json", str(saved), "--model", str(TINY_MODEL)])
+    assert "checked /somewhere/else, not --model" in capsys.readouterr().err
