@@ -3,7 +3,7 @@
 Each family is a few-shot defect dataset in the MVTec AD layout, written by `write_families`: a clean object
 class that is not a pre-training class, with one defect type whose colour, texture and shape the pre-training
 never shows (its captions name no colour in the families' hue bands, its clean classes have no such colour or
-texture; only its VAE saw random colours):
+texture; only its VAE saw random colours and patterns):
 
 | family | object | defect | what is new |
 |---|---|---|---|
