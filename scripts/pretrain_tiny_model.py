@@ -20,7 +20,7 @@ no caption names a colour of `defect_families.UNSEEN_HUE_BANDS`, so a DefectFill
 learned them (only the VAE saw every hue).
 
     python scripts/pretrain_tiny_model.py --output_dir models/tiny-sd2-inpainting
-    # stage 3 only, on the output of stages 1 and 2 (it draws from its own seed):
+    # stage 3 only, on the output of stages 1 and 2 (it draws from its own seed: the same weights up to float rounding):
     python scripts/pretrain_tiny_model.py --init_from OLD_DIR --output_dir models/tiny-sd2-inpainting
 
 Deterministic for a seed (on the same machine and thread count); about 46 minutes on 2 CPU cores.
@@ -452,7 +452,7 @@ Then, for defects of colours and patterns the classes never have (issue #17), th
 surfaces of any colour with a thin line, a blob or a stripe / cross-hatch pattern on them, while the latents of the
 clean classes are held where they were, so the UNet trained on them stays valid. The bundled weights got this stage
 with `--init_from` on the output of the first two (the stage draws from its own seed, so the command above gives the
-same weights: `tests/test_pretrain_colour_stage.py` checks that on a short run).
+same weights up to float rounding: `tests/test_pretrain_colour_stage.py` checks that on a short run).
 
 | stage | steps | batch | learning rate | final loss (mean of the last 100 steps) |
 |---|---|---|---|---|
@@ -616,8 +616,8 @@ def main(argv=None) -> Path:
         else:
             pipe, stats = train_from_scratch(args, Path(tmp), log)
         later_stages = time.time()
-        # The colour stage draws from its own seed, so it gives the same weights after a from-scratch run as
-        # after --init_from on that run's output.
+        # The colour stage draws from its own seed, so it gives the same weights (up to float rounding) after a
+        # from-scratch run as after --init_from on that run's output.
         if args.colour_vae_steps:
             torch.manual_seed(args.seed + 1)
             stats |= fine_tune_vae_colours(pipe.vae, np.random.default_rng(args.seed + 1), args.colour_vae_steps,

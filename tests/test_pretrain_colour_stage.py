@@ -1,6 +1,7 @@
 """The colour stage of scripts/pretrain_tiny_model.py (issue #17): the VAE learns near-flat surfaces of every
 colour, with thin lines, blobs and patterns on them, keeps the latents the UNet was trained on, and the stage gives
-the same weights whether it runs after the from-scratch stages or on their saved output (--init_from)."""
+the same weights (up to float rounding) whether it runs after the from-scratch stages or on their saved output
+(--init_from)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from scripts import defect_families as families
@@ -60,7 +62,10 @@ def test_colour_stage_on_a_saved_model_gives_the_weights_of_a_run_from_scratch(t
     before, after, reference = weights(first), weights(resumed), weights(scratch)
     for part in ("vae", "unet", "text_encoder"):
         assert after[part].keys() == reference[part].keys()
-        assert all(after[part][name].equal(reference[part][name]) for name in after[part]), part
+        if part == "vae":  # trained in both: oneDNN's kernels on differently allocated tensors round differently
+            assert all(torch.allclose(after[part][name], reference[part][name], rtol=0, atol=1e-5) for name in after[part])
+        else:
+            assert all(after[part][name].equal(reference[part][name]) for name in after[part]), part
     assert not all(before["vae"][name].equal(after["vae"][name]) for name in before["vae"])  # the stage trained the VAE
     assert all(before["unet"][name].equal(after["unet"][name]) for name in before["unet"])  # and only the VAE
     for name in ("model_index.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "vae/config.json",
