@@ -23,13 +23,14 @@ learned them (only the VAE saw every hue).
     # stage 3 only, on the output of stages 1 and 2 (it draws from its own seed: the same weights up to float rounding):
     python scripts/pretrain_tiny_model.py --init_from OLD_DIR --output_dir models/tiny-sd2-inpainting
 
-Deterministic for a seed (on the same machine and thread count); about 46 minutes on 2 CPU cores.
+Deterministic for a seed (on the same machine and thread count); about 55 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -342,8 +343,6 @@ def fine_tune_vae_colours(vae, rng, steps: int, batch: int, lr: float, log) -> d
     Each batch is 3/8 clean-class crops and 5/8 surface crops; the loss is the reconstruction of all of them plus
     the distance of the clean crops' latent means to those of the VAE as it was (in the UNet's scaled units)."""
     clean = batch * 3 // 8
-    import copy
-
     before = copy.deepcopy(vae).requires_grad_(False)
     vae.requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
