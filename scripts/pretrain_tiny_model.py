@@ -340,9 +340,9 @@ def fine_tune_vae_colours(vae, rng, steps: int, batch: int, lr: float, log) -> d
 
     The from-scratch stage reproduces busy images well but not a thin line or a small blob of a saturated colour
     on a plain surface (a mint crack decoded grey, a chartreuse blob brown), so no LoRA could paint those.
-    Each batch is 3/8 clean-class crops and 5/8 surface crops; the loss is the reconstruction of all of them plus
+    Each batch is 3/8 clean-class crops (at least one) and the rest surface crops; the loss is the reconstruction of all of them plus
     the distance of the clean crops' latent means to those of the VAE as it was (in the UNet's scaled units)."""
-    clean = batch * 3 // 8
+    clean = max(1, batch * 3 // 8)
     before = copy.deepcopy(vae).requires_grad_(False)
     vae.requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -601,6 +601,8 @@ def main(argv=None) -> Path:
                         help="A pipeline this script wrote: skip the from-scratch VAE and UNet stages and run the later ones "
                              "on it (its pretraining.json must record --vae_steps and --unet_steps as given here).")
     args = parser.parse_args(argv)
+    if args.colour_vae_steps and args.batch_size < 2:
+        parser.error("--batch_size must be at least 2 with the colour stage (a clean-class crop and a surface crop per step)")
 
     start = time.time()
 

@@ -80,10 +80,11 @@ def test_pretraining_script_writes_a_loadable_pipeline(tmp_path):
 
     from scripts.pretrain_tiny_model import main as pretrain
 
-    out = pretrain(["--output_dir", str(tmp_path / "tiny"), "--vae_steps", "2", "--unet_steps", "2", "--batch_size", "2"])
+    out = pretrain(["--output_dir", str(tmp_path / "tiny"), "--vae_steps", "2", "--unet_steps", "2", "--colour_vae_steps", "2",
+                    "--batch_size", "2"])
     pipe = StableDiffusionInpaintPipeline.from_pretrained(out)
     record = json.loads((out / "pretraining.json").read_text())
-    assert record["settings"]["unet_steps"] == 2 and record["latent_std"] > 0
+    assert record["settings"]["unet_steps"] == 2 and record["settings"]["colour_vae_steps"] == 2 and record["latent_std"] > 0
     assert pipe.vae.config.scaling_factor == pytest.approx(1 / record["latent_std"], rel=1e-3)
     assert "python scripts/pretrain_tiny_model.py" in (out / "README.md").read_text()
 

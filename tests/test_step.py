@@ -43,7 +43,9 @@ def test_step_losses_and_gradients(step_setup):
         terms = output.losses
         assert set(terms) == {"defect", "object", "attention", "loss"}
         assert all(torch.isfinite(v) and v > 0 for v in terms.values())
-        expected = 0.5 * terms["defect"] + 0.2 * terms["object"] + 0.05 * terms["attention"]
+        weights = step.config.loss_weights  # configs/tiny.yaml: 0.5, 0.05, 0.05
+        expected = weights.defect * terms["defect"] + weights.object * terms["object"] + weights.attention * terms["attention"]
+        assert (weights.defect, weights.object, weights.attention) == (0.5, 0.05, 0.05)
         assert terms["loss"].item() == pytest.approx(expected.item())
         assert step.store.enabled and len(step.store.maps) == 6  # recording inside the context, for backward
         assert output.attention_map.shape == (2, 1, 32, 32)
