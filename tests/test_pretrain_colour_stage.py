@@ -82,3 +82,10 @@ def test_colour_stage_on_a_saved_model_gives_the_weights_of_a_run_from_scratch(t
     with pytest.raises(SystemExit, match="no pretraining.json"):
         pretrain.main(["--init_from", str(tmp_path), "--output_dir", str(tmp_path / "none")])
     assert not (tmp_path / "twice").exists() and not (tmp_path / "other").exists()
+
+
+def test_colour_stage_refuses_a_batch_without_room_for_a_surface_crop(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        pretrain.main(["--batch_size", "1", "--output_dir", str(tmp_path / "out")])
+    assert "--batch_size must be at least 2 with the colour stage" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
