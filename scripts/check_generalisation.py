@@ -42,7 +42,7 @@ import dataset_mvtec as dm  # noqa: E402
 import synthesis  # noqa: E402
 from run_files import RunRecord  # noqa: E402
 from scripts.defect_families import FAMILIES, Family, RegionStatistics, write_families  # noqa: E402
-from scripts.measure_tiny_model import TINY_MODEL, train_demo_run  # noqa: E402
+from scripts.measure_tiny_model import TINY_MODEL, run_repo_script, train_demo_run  # noqa: E402
 
 STEPS = 20
 SECTION = "generalisation"
@@ -137,14 +137,6 @@ DOWNSTREAM_SETS = ("defectfill", "copy_paste", "real_only")
 DOWNSTREAM_KEYS = ("image_auroc", "pixel_ap")
 
 
-def run_script(*command: str) -> None:
-    import subprocess
-
-    result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:1])} failed:\n{result.stderr[-3000:]}")
-
-
 def downstream_figures(run_dir: Path, work: Path, seeds: int) -> dict:
     """The downstream check of issue #14 on one family: `infer_defectfill.py` paints 12 images with the run's
     LoRA (defaults: train/good images, the held-out masks), `downstream_defectfill.py` trains the tiny config's
@@ -152,12 +144,12 @@ def downstream_figures(run_dir: Path, work: Path, seeds: int) -> dict:
     import yaml
 
     synthetic, output, config = work / "synthetic", work / "downstream", work / "downstream.yaml"
-    run_script("infer_defectfill.py", "--lora", str(run_dir), "--output_dir", str(synthetic), "--num_images", "12",
+    run_repo_script("infer_defectfill.py", "--lora", str(run_dir), "--output_dir", str(synthetic), "--num_images", "12",
                "--num_candidates", "1", "--num_inference_steps", str(STEPS), "--overwrite")
     # The tiny downstream config without its synthetic set (the demo's): --synthetic adds to a config's list.
     settings = {k: v for k, v in yaml.safe_load(DOWNSTREAM_CONFIG.read_text()).items() if k not in ("synthetic", "output_dir")}
     config.write_text(yaml.safe_dump(settings))
-    run_script("downstream_defectfill.py", "--config", str(config), "--synthetic", f"defectfill={synthetic}",
+    run_repo_script("downstream_defectfill.py", "--config", str(config), "--synthetic", f"defectfill={synthetic}",
                "--output_dir", str(output), "--seeds", *(str(seed) for seed in range(seeds)))
     summary = json.loads((output / "downstream_results.json").read_text())["summary"]
     return {name: {key: summary[name][key]["mean"] for key in DOWNSTREAM_KEYS} for name in DOWNSTREAM_SETS}

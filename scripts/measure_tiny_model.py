@@ -142,19 +142,21 @@ def prompt_following(pipe, side: int = 20) -> dict[str, float]:
             "contrast_striped": float(np.mean(striped)), "contrast_class_only": float(np.mean(unstriped))}
 
 
+def run_repo_script(*command: str) -> None:
+    """`python <repo script> <args>` from the repo root, as users run it; its stderr's tail in the error."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed:\n{result.stderr[-3000:]}")
+
+
 def train_demo_run(model_path, output_dir: Path, *extra: str, data_dir: Path = SYNTHETIC_DATA) -> Path:
     """The README demo's training command (configs/tiny.yaml), without validation and checkpoints, run as
     users run it (`extra` flags override the config's)."""
-    import subprocess
-
-    command = [
-        sys.executable, str(REPO_ROOT / "train_defectfill.py"), "--config", str(DEMO_CONFIG),
-        "--pretrained_model_name_or_path", str(model_path), "--data_dir", str(data_dir), "--output_dir", str(output_dir),
-        "--validation_steps", "0", "--checkpointing_steps", "100000", "--report_to", "none", *extra,
-    ]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"training {output_dir.name} failed:\n{result.stderr[-3000:]}")
+    run_repo_script(str(REPO_ROOT / "train_defectfill.py"), "--config", str(DEMO_CONFIG), "--pretrained_model_name_or_path",
+                    str(model_path), "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--validation_steps", "0",
+                    "--checkpointing_steps", "100000", "--report_to", "none", *extra)
     return output_dir
 
 
