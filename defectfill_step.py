@@ -199,8 +199,8 @@ class LatentCache:
 
 
 def diffusion_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
-    """The paper writes the losses in epsilon; for a v-prediction base model (ours, for generality) the same
-    masked losses apply to the velocity target."""
+    """The paper writes the losses in epsilon; for a v-prediction base model (SD 2 at 768 px, the bundled tiny
+    model) the same masked losses apply to the velocity target."""
     if noise_scheduler.config.prediction_type == "epsilon":
         return noise
     if noise_scheduler.config.prediction_type == "v_prediction":

@@ -13,17 +13,20 @@ defect-free objects and textures of several classes (those of `make_synthetic_mv
 3. the VAE again, on near-flat surfaces of any colour with a thin line, a blob or a pattern on them
    (`surface_crop`), with the latents of the clean classes held where they were: the first stage reproduces
    busy images but turns a mint crack grey and a chartreuse blob brown, and a LoRA cannot paint what the VAE
-   cannot decode (issue #17).
+   cannot decode (issue #17);
+4. the UNet and the text encoder again on stage 2's data, now predicting the velocity instead of the noise, on the
+   latents of the new VAE: a noise-predicting UNet this small is wrong by a latent unit or more at the first sampling
+   steps (the noise error is divided by sqrt(alpha) = 0.07 there) and a LoRA's small masks came out dark blots.
 
 Nothing the clean classes contain is saturated blue-green, the colour of the synthetic `color` defect, and
 no caption names a colour of `defect_families.UNSEEN_HUE_BANDS`, so a DefectFill run that paints those has
 learned them (only the VAE saw every hue).
 
     python scripts/pretrain_tiny_model.py --output_dir models/tiny-sd2-inpainting
-    # stage 3 only, on the output of stages 1 and 2 (it draws from its own seed: the same weights up to float rounding):
+    # the stages OLD_DIR has not had, on its weights (each draws from its own seed: the same weights up to float rounding):
     python scripts/pretrain_tiny_model.py --init_from OLD_DIR --output_dir models/tiny-sd2-inpainting
 
-Deterministic for a seed (on the same machine and thread count); about 55 minutes on 2 CPU cores.
+Deterministic for a seed (on the same machine and thread count); about 75 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -374,7 +377,10 @@ def fine_tune_vae_colours(vae, rng, steps: int, batch: int, lr: float, log) -> d
     return {"colour_vae_l1": losses.recent_mean(), "colour_vae_latent_drift": float(np.mean(drift[-100:]))}
 
 
-def train_inpainting(pipe, scheduler, rng, steps: int, batch: int, lr: float, log) -> dict:
+def train_inpainting(pipe, scheduler, rng, steps: int, batch: int, lr: float, log, prediction_type: str = "epsilon",
+                     stage: str = "inpainting") -> float:
+    """Text-conditioned inpainting on the clean classes (random masks, named spots); the UNet predicts the noise
+    (`epsilon`) or the velocity (`v_prediction`). Returns the mean loss of the last 100 steps."""
     unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -384,7 +390,7 @@ def train_inpainting(pipe, scheduler, rng, steps: int, batch: int, lr: float, lo
     unet.train()
     text_encoder.train()
     scale = vae.config.scaling_factor
-    losses = LossLog("inpainting", "loss", steps, log)
+    losses = LossLog(stage, "loss", steps, log)
     for step in range(1, steps + 1):
         images, names = image_batch(rng, batch)
         masks = inpainting_masks(rng, batch)
@@ -399,7 +405,8 @@ def train_inpainting(pipe, scheduler, rng, steps: int, batch: int, lr: float, lo
         mask_latent = F.interpolate(masks, size=latents.shape[-2:])
         embeds = text_encoder(tokenize(tokenizer, captions))[0]
         prediction = unet(torch.cat([noisy, mask_latent, masked], 1), t, embeds).sample
-        loss = F.mse_loss(prediction, noise)
+        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+        loss = F.mse_loss(prediction, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -408,7 +415,22 @@ def train_inpainting(pipe, scheduler, rng, steps: int, batch: int, lr: float, lo
         losses.add(step, loss.item())
     unet.eval()
     text_encoder.eval()
-    return {"inpainting_loss": losses.recent_mean()}
+    return losses.recent_mean()
+
+
+def fine_tune_v_prediction(pipe, scheduler, rng, steps: int, batch: int, lr: float, log) -> dict:
+    """The UNet and text encoder again, on the inpainting data of stage 2, now predicting the velocity
+    v = sqrt(a) noise - sqrt(1 - a) x0 (SD 2's 768 px models; SD 2 inpainting predicts the noise) on the latents of
+    the colour-stage VAE, and the scheduler set to `v_prediction`.
+
+    Why: a noise-predicting UNet this small gets the first sampling steps wrong. At t = 999 the clean latent is
+    the noisy one minus the predicted noise, divided by sqrt(a) = 0.07: a noise error of 0.1 becomes a latent
+    error of 1.4, the sampler commits to it, and whatever a LoRA learned, a small mask came out a dark blot
+    (the chartreuse blob family painted (30, 37, 32), even on its own training images). Predicting v, the
+    model states x0 directly where the noise dominates, and its error there is what the loss weighs."""
+    loss = train_inpainting(pipe, scheduler, rng, steps, batch, lr, log, prediction_type="v_prediction", stage="v-prediction")
+    pipe.scheduler.register_to_config(prediction_type="v_prediction")
+    return {"v_prediction_loss": loss}
 
 
 MEASURE_LATER = "Not measured yet: `python scripts/measure_tiny_model.py --update_readme` writes the table here."
@@ -432,7 +454,7 @@ procedural images** so that the tests and the offline demo of defectfill exercis
 | vae | `AutoencoderKL`, 2 levels (scale factor 2), 4 latent channels, scaling factor {scaling_factor} |
 | text_encoder | `CLIPTextModel`, 3 layers, width 32 |
 | tokenizer | `CLIPTokenizer` from a small vocab.json/merges.txt: prompt words, `sks` and the MVTec class names are single tokens |
-| scheduler | `PNDMScheduler` with SD2's config |
+| scheduler | `PNDMScheduler` with SD2's config, `prediction_type` {prediction_type} (see the last stage) |
 
 ## How it was made
 
@@ -449,36 +471,43 @@ prompt decides what fills a mask, which is what a DefectFill LoRA binds to `sks`
 
 Then, for defects of colours and patterns the classes never have (issue #17), the VAE again: on near-flat
 surfaces of any colour with a thin line, a blob or a stripe / cross-hatch pattern on them, while the latents of the
-clean classes are held where they were, so the UNet trained on them stays valid. The bundled weights got this stage
-with `--init_from` on the output of the first two (the stage draws from its own seed, so the command above gives the
-same weights up to float rounding: `tests/test_pretrain_colour_stage.py` checks that on a short run).
+clean classes are held where they were, so the UNet trained on them stays valid.
+
+Last, the UNet and text encoder again on the inpainting data, now predicting the velocity (SD 2's 768 px models do;
+SD 2 inpainting predicts the noise) on the new VAE's latents. A noise-predicting UNet this small gets the first
+sampling steps wrong: at t = 999 its clean-latent estimate is the noisy latent minus the predicted noise divided by
+sqrt(alpha) = 0.07, so a small noise error becomes a large latent one, the sampler commits to it, and a small mask
+came out a dark blot whatever a LoRA had learned (the chartreuse blob family was painted (30, 37, 32), even on its
+own training images). Predicting v, the model states the clean latent directly where noise dominates.
+`train_defectfill.py` trains LoRAs on either (the losses apply to the scheduler's target).
+
+The bundled weights got the last two stages with `--init_from` (the colour stage on the output of the first two,
+the v-prediction stage on that); each later stage draws from its own seed, so the command above gives the same
+weights up to float rounding (`tests/test_pretrain_colour_stage.py` checks that on a short run).
 
 | stage | steps | batch | learning rate | final loss (mean of the last 100 steps) |
 |---|---|---|---|---|
 | VAE on 32 px crops (L1 + MSE + 1e-6 KL) | {vae_steps} | {batch} | {vae_lr} | L1 {vae_l1:.4f} |
 | UNet + text encoder, inpainting (noise MSE) | {unet_steps} | {batch} | {unet_lr} | {inpainting_loss:.4f} |
 | VAE on near-flat surfaces of any colour (L1 + MSE + clean-class latent drift) | {colour_vae_steps} | {batch} | {colour_vae_lr} (cosine) | L1 {colour_vae_l1:.4f}, drift {colour_vae_latent_drift:.4f} |
+| UNet + text encoder, inpainting (velocity MSE) | {v_prediction_steps} | {batch} | {v_prediction_lr} | {v_prediction_loss:.4f} |
 
 Seed {seed}; {minutes:.0f} minutes on {machine} ({from_scratch_minutes:.0f} for the first two stages), deterministic
 for a seed on the same machine and thread count.
 
 ## Limits
 
-40 CPU-minutes make a weak inpainter: large holes get blotchy fills (of the right overall colour more often
-than not), and outside the mask the pipeline's raw output drifts in colour (`infer_defectfill.py` pastes the
-clean background back). The defect colour a LoRA teaches it lands near the closest hue it knows (the
-blue-green stain comes out blue). What it shows, offline and in seconds, is a DefectFill run changing what
-the model paints inside a mask, measured below.
+An hour and a quarter of CPU make a weak inpainter: large holes get blotchy fills, and outside the mask the
+pipeline's raw output drifts in colour (`infer_defectfill.py` pastes the clean background back). What it shows,
+offline and in seconds, is a DefectFill run changing what the model paints inside a mask, measured below.
 
-It generalises a little, not yet enough (issue #17). On the procedural defect families of
-`scripts/defect_families.py` (colours and a texture that neither the pre-training nor `configs/tiny.yaml` was made
-for), a LoRA moves what is painted toward the real defect for every family, but by a fraction of the base model's
-distance only, and stays far from the real defects (last tables below). The VAE is still the first limit: the
-colour stage lowered its round-trip error inside the thin crack's and the blob's masks, not the cross-hatch's, and
-the real defects themselves, encoded and decoded, land well away from their own mean colour. Nor does the UNet
-follow the colour words of its own captions in a box on a clean image (`--prompt_following` rows below: naming the
-colour brings the fill no closer to it; its captions never had texture words, so "striped patch" is split into
-letters and means nothing to it).
+On the procedural defect families of `scripts/defect_families.py` (colours and a texture that neither the
+pre-training nor `configs/tiny.yaml` was made for), a 40-step LoRA paints the thin mint crack and the chartreuse
+blob about as close to the real defects as the VAE can reproduce them (the real defects encoded and decoded land
+there too), and the cross-hatch about halfway there (last tables below). The VAE is now the limit: its round trip
+is still far from the real crack's colour (thin saturated lines blur into the surface) and smooths the cross-hatch's
+contrast away. Nor does the UNet follow the colour words of its own captions in a box on a clean image
+(`--prompt_following` rows below); a LoRA's [V*] carries the defect through its own adapters.
 
 ## Measured (`tests/test_pretrained_tiny_model.py`)
 
@@ -509,6 +538,8 @@ def write_model_readme(model_dir: Path, **sections: str) -> None:
         vae_lr=settings["vae_lr"], unet_lr=settings["unet_lr"], seed=settings["seed"], minutes=record["minutes"],
         machine=record["machine"], arguments=" ".join(f"--{k} {v}" for k, v in settings.items()),
         colour_vae_steps=settings["colour_vae_steps"], colour_vae_lr=settings["colour_vae_lr"],
+        v_prediction_steps=settings.get("v_prediction_steps", 0), v_prediction_lr=settings.get("v_prediction_lr", "-"),
+        prediction_type="`v_prediction`" if settings.get("v_prediction_steps") else "`epsilon`",
         from_scratch_minutes=record["from_scratch_minutes"],
         **{name: record.get(name, float("nan")) for name in (*FROM_SCRATCH_STATS, *LATER_STATS)},
         **(README_SECTIONS | sections)))
@@ -527,7 +558,9 @@ def update_readme_section(model_dir: Path, name: str, markdown: str) -> None:
 
 FROM_SCRATCH_SETTINGS = ("seed", "vae_steps", "unet_steps", "batch_size", "vae_lr", "unet_lr")
 FROM_SCRATCH_STATS = ("vae_l1", "latent_std", "inpainting_loss")
-LATER_STATS = ("colour_vae_l1", "colour_vae_latent_drift")  # nan in the README of a stage skipped
+COLOUR_SETTINGS = ("colour_vae_steps", "colour_vae_lr")
+COLOUR_STATS = ("colour_vae_l1", "colour_vae_latent_drift")
+LATER_STATS = (*COLOUR_STATS, "v_prediction_loss")  # nan in the README of a stage skipped
 
 
 @contextlib.contextmanager
@@ -554,13 +587,14 @@ def train_from_scratch(args, work_dir: Path, log):
     pipe.text_encoder.requires_grad_(False)
     stats = train_vae(pipe.vae, rng, args.vae_steps, args.batch_size, args.vae_lr, log)
     with trainable(pipe.unet, pipe.text_encoder):
-        stats |= train_inpainting(pipe, scheduler, rng, args.unet_steps, args.batch_size, args.unet_lr, log)
+        stats["inpainting_loss"] = train_inpainting(pipe, scheduler, rng, args.unet_steps, args.batch_size, args.unet_lr, log)
     return pipe, stats | {"from_scratch_minutes": round((time.time() - start) / 60, 1)}
 
 
-def load_from_scratch_stages(model_dir: Path, args, work_dir: Path):
-    """A pipeline of this script's from-scratch stages (--init_from), checked against the settings asked for,
-    with its recorded figures."""
+def load_earlier_stages(model_dir: Path, args, work_dir: Path):
+    """A pipeline this script wrote (--init_from), checked against the settings asked for: the same from-scratch
+    stages, and the colour stage either not run or run as asked (then it is not run again); a model that had the
+    v-prediction stage is refused. Returns the pipeline, its recorded figures, and whether the colour stage is done."""
     from diffusers import StableDiffusionInpaintPipeline
 
     record_path = model_dir / "pretraining.json"
@@ -571,9 +605,15 @@ def load_from_scratch_stages(model_dir: Path, args, work_dir: Path):
     recorded = {name: record["settings"].get(name) for name in FROM_SCRATCH_SETTINGS}
     if asked != recorded:
         raise SystemExit(f"--init_from {model_dir}: its from-scratch stages used {recorded}, not {asked}")
-    if record["settings"].get("colour_vae_steps"):
-        raise SystemExit(f"--init_from {model_dir}: its VAE has had the colour stage already; give the output of "
-                         "--colour_vae_steps 0 (or of the first two stages)")
+    if record["settings"].get("v_prediction_steps"):
+        raise SystemExit(f"--init_from {model_dir}: it has had the v-prediction stage already; give the output of "
+                         "--v_prediction_steps 0")
+    colour_done = bool(record["settings"].get("colour_vae_steps"))
+    if colour_done:
+        asked = {name: getattr(args, name) for name in COLOUR_SETTINGS}
+        recorded = {name: record["settings"].get(name) for name in COLOUR_SETTINGS}
+        if asked != recorded:
+            raise SystemExit(f"--init_from {model_dir}: its colour stage used {recorded}, not {asked}")
     # The weights go into a freshly built pipeline, so that what is saved is laid out as a from-scratch run's.
     saved = StableDiffusionInpaintPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
     pipe = build_pipeline(work_dir)
@@ -582,7 +622,12 @@ def load_from_scratch_stages(model_dir: Path, args, work_dir: Path):
         getattr(pipe, name).requires_grad_(False)
     pipe.vae.register_to_config(scaling_factor=saved.vae.config.scaling_factor)
     stats = {name: record[name] for name in FROM_SCRATCH_STATS}
-    return pipe, stats | {"from_scratch_minutes": record.get("from_scratch_minutes", record["minutes"])}
+    stats["from_scratch_minutes"] = record.get("from_scratch_minutes", record["minutes"])
+    if colour_done:
+        stats |= {name: record[name] for name in COLOUR_STATS}
+        # records written before the stages were timed one by one: the colour stage is what follows the first two
+        stats["colour_vae_minutes"] = record.get("colour_vae_minutes", round(record["minutes"] - stats["from_scratch_minutes"], 1))
+    return pipe, stats, colour_done
 
 
 def main(argv=None) -> Path:
@@ -597,9 +642,13 @@ def main(argv=None) -> Path:
     parser.add_argument("--colour_vae_steps", type=int, default=2500,
                         help="VAE steps on near-flat surfaces of any colour, clean-class latents kept (after the UNet stage).")
     parser.add_argument("--colour_vae_lr", type=float, default=5e-4, help="Learning rate of the colour stage (cosine).")
+    parser.add_argument("--v_prediction_steps", type=int, default=800,
+                        help="UNet + text-encoder steps turning the noise-predicting UNet into a velocity-predicting one, on the "
+                             "colour-stage VAE's latents (the last stage; 0 keeps SD 2 inpainting's epsilon).")
+    parser.add_argument("--v_prediction_lr", type=float, default=2e-4, help="Learning rate of the v-prediction stage (cosine, 5 %% warmup).")
     parser.add_argument("--init_from", default=None,
-                        help="A pipeline this script wrote: skip the from-scratch VAE and UNet stages and run the later ones "
-                             "on it (its pretraining.json must record --vae_steps and --unet_steps as given here).")
+                        help="A pipeline this script wrote: skip the stages it had (its pretraining.json must record them "
+                             "with the settings given here) and run the later ones on it.")
     args = parser.parse_args(argv)
     if args.colour_vae_steps and args.batch_size < 2:
         parser.error("--batch_size must be at least 2 with the colour stage (a clean-class crop and a surface crop per step)")
@@ -613,16 +662,27 @@ def main(argv=None) -> Path:
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir.parent) as tmp:
         if args.init_from:
-            pipe, stats = load_from_scratch_stages(Path(args.init_from), args, Path(tmp))
+            pipe, stats, colour_done = load_earlier_stages(Path(args.init_from), args, Path(tmp))
         else:
-            pipe, stats = train_from_scratch(args, Path(tmp), log)
-        later_stages = time.time()
-        # The colour stage draws from its own seed, so it gives the same weights (up to float rounding) after a
-        # from-scratch run as after --init_from on that run's output.
-        if args.colour_vae_steps:
+            (pipe, stats), colour_done = train_from_scratch(args, Path(tmp), log), False
+        # Each later stage draws from its own seed, so it gives the same weights (up to float rounding) after a
+        # from-scratch run as after --init_from on the saved output of the stages before it.
+        if args.colour_vae_steps and not colour_done:
+            stage_start = time.time()
             torch.manual_seed(args.seed + 1)
             stats |= fine_tune_vae_colours(pipe.vae, np.random.default_rng(args.seed + 1), args.colour_vae_steps,
                                            args.batch_size, args.colour_vae_lr, log)
+            stats["colour_vae_minutes"] = round((time.time() - stage_start) / 60, 1)
+        if args.v_prediction_steps:
+            from diffusers import DDPMScheduler
+
+            stage_start = time.time()
+            torch.manual_seed(args.seed + 2)
+            with trainable(pipe.unet, pipe.text_encoder):
+                stats |= fine_tune_v_prediction(pipe, DDPMScheduler.from_config(pipe.scheduler.config),
+                                                np.random.default_rng(args.seed + 2), args.v_prediction_steps,
+                                                args.batch_size, args.v_prediction_lr, log)
+            stats["v_prediction_minutes"] = round((time.time() - stage_start) / 60, 1)
 
         staging = Path(tmp) / "pipeline"
         pipe.save_pretrained(staging, safe_serialization=True)
@@ -631,7 +691,7 @@ def main(argv=None) -> Path:
         import platform
 
         settings = {k: v for k, v in vars(args).items() if k not in ("output_dir", "init_from")}
-        minutes = stats["from_scratch_minutes"] + (time.time() - later_stages) / 60
+        minutes = sum(stats.get(name, 0) for name in ("from_scratch_minutes", "colour_vae_minutes", "v_prediction_minutes"))
         record = {"settings": settings, **stats, "minutes": round(minutes, 1),
                   "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})", "scaling_factor": pipe.vae.config.scaling_factor}
         (staging / "pretraining.json").write_text(json.dumps(record, indent=2) + "\n")

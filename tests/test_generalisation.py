@@ -123,12 +123,26 @@ def test_check_measures_every_family_against_the_real_defects(checked):
 @pytest.mark.slow  # trains one LoRA per family in a subprocess
 @pytest.mark.parametrize("name", [f.name for f in families.FAMILIES])
 def test_lora_moves_each_family_toward_the_real_defect(checked, name):
-    """What the bundled base reaches today (models/tiny-sd2-inpainting/README.md: headline distance 12-20 % below the
-    base model's; at lambda_object 0.2 the blob went the wrong way)."""
+    """Every family's LoRA paints closer to the real defect than the base model and the clean surface
+    (models/tiny-sd2-inpainting/README.md: 14-39 % below the base model's distance)."""
     family = checked["families"][name]
     distance = {model: family["distance"][model][family["headline"]] for model in ("clean", "base", "trained")}
-    assert distance["trained"] < 0.95 * distance["base"], distance
-    assert distance["trained"] < 0.9 * distance["clean"], distance
+    assert distance["trained"] < 0.9 * distance["base"], distance
+    assert distance["trained"] < 0.8 * distance["clean"], distance
+
+
+# How much of the distance between the base model and the real defects through the VAE (what painting exactly their
+# latents scores) the LoRA closes: measured 94 % (thin), 115 % (blob), 43 % (texture), after the v-prediction stage.
+# Before it, a LoRA could not paint a small mask at all (the blob came out a dark blot, further than the base's).
+WAY_TO_VAE = {"thin": 0.8, "blob": 0.8, "texture": 0.35}
+
+
+@pytest.mark.slow  # trains one LoRA per family in a subprocess
+@pytest.mark.parametrize("name", [f.name for f in families.FAMILIES])
+def test_lora_paints_as_close_as_the_vae_lets_it(checked, name):
+    family = checked["families"][name]
+    distance = {model: family["distance"][model][family["headline"]] for model in ("base", "trained", "vae_round_trip")}
+    assert distance["base"] - distance["trained"] > WAY_TO_VAE[name] * (distance["base"] - distance["vae_round_trip"]), distance
 
 
 @pytest.mark.slow  # trains one LoRA per family in a subprocess
@@ -138,16 +152,16 @@ def test_colour_stage_vae_reproduces_the_crack_and_the_blob_better_than_the_firs
     assert errors["thin"] < 50 and errors["blob"] < 38, errors
 
 
-# The target of issue #17, which the bundled base does not meet yet (models/tiny-sd2-inpainting/README.md: its VAE
-# reproduces the families' colours poorly even after the colour stage, and what the LoRA paints moves a fraction of
-# the way). Strict: a base that meets it turns these into failures, to be made plain tests with the margins it reaches.
+# The target of issue #17 as first written: the LoRA below 0.7x the base model's and the clean surface's distance.
+# The crack (0.61x) and the blob (0.67x) meet it; the texture (0.86x) does not: the VAE smooths the cross-hatch's
+# contrast away (the real defects' own round trip is 0.67x the base's distance, models/tiny-sd2-inpainting/README.md).
+# Strict: a base that meets it turns the expected failure red, to be made a plain test.
 MARGIN = 0.7
-NOT_YET = pytest.mark.xfail(strict=True, reason="issue #17: the bundled tiny base does not generalise to the families enough yet")
+NOT_YET = pytest.mark.xfail(strict=True, reason="issue #17: the tiny VAE smooths the cross-hatch away")
 
 
-@NOT_YET
 @pytest.mark.slow  # trains one LoRA per family in a subprocess
-@pytest.mark.parametrize("name", [f.name for f in families.FAMILIES])
+@pytest.mark.parametrize("name", ["thin", "blob", pytest.param("texture", marks=NOT_YET)])
 def test_lora_paints_each_family_closer_to_the_real_defect_than_the_base(checked, name):
     family = checked["families"][name]
     distance = {model: family["distance"][model][family["headline"]] for model in ("clean", "base", "trained")}

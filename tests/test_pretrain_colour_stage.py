@@ -1,7 +1,7 @@
-"""The colour stage of scripts/pretrain_tiny_model.py (issue #17): the VAE learns near-flat surfaces of every
-colour, with thin lines, blobs and patterns on them, keeps the latents the UNet was trained on, and the stage gives
-the same weights (up to float rounding) whether it runs after the from-scratch stages or on their saved output
-(--init_from)."""
+"""The later stages of scripts/pretrain_tiny_model.py (issue #17): the colour stage (the VAE learns near-flat
+surfaces of every colour, with thin lines, blobs and patterns on them, and keeps the latents the UNet was trained
+on) and the v-prediction stage (the UNet turned into a velocity predictor); each gives the same weights (up to float
+rounding) whether it runs after the stages before it or on their saved output (--init_from)."""
 
 from __future__ import annotations
 
@@ -40,12 +40,15 @@ def test_surface_crops_are_deterministic_for_a_seed():
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
 
 
-def test_bundled_model_records_the_colour_stage_and_its_small_latent_drift():
+def test_bundled_model_records_the_later_stages_and_the_colour_stage_small_latent_drift():
     record = json.loads((TINY_MODEL / "pretraining.json").read_text())
-    assert record["settings"]["colour_vae_steps"] > 0
+    assert record["settings"]["colour_vae_steps"] > 0 and record["settings"]["v_prediction_steps"] > 0
     # the clean classes' latents moved by a small fraction of their unit variance: the UNet stays valid
     assert record["colour_vae_latent_drift"] < 0.02
-    assert record["minutes"] > record["from_scratch_minutes"]
+    assert record["minutes"] == pytest.approx(record["from_scratch_minutes"] + record["colour_vae_minutes"]
+                                              + record["v_prediction_minutes"], abs=0.15)
+    scheduler = json.loads((TINY_MODEL / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
 
 
 def weights(model_dir):
@@ -53,35 +56,48 @@ def weights(model_dir):
                             else model_dir / part / "model.safetensors") for part in ("vae", "unet", "text_encoder")}
 
 
-@pytest.mark.slow  # three short pre-training runs, about 30 s
-def test_colour_stage_on_a_saved_model_gives_the_weights_of_a_run_from_scratch(tmp_path):
+@pytest.mark.slow  # five short pre-training runs, about 40 s
+def test_later_stages_on_a_saved_model_give_the_weights_of_a_run_from_scratch(tmp_path):
     few = ["--vae_steps", "2", "--unet_steps", "2", "--batch_size", "8"]
-    first = pretrain.main([*few, "--colour_vae_steps", "0", "--output_dir", str(tmp_path / "first")])
-    resumed = pretrain.main([*few, "--colour_vae_steps", "2", "--init_from", str(first), "--output_dir", str(tmp_path / "resumed")])
-    scratch = pretrain.main([*few, "--colour_vae_steps", "2", "--output_dir", str(tmp_path / "scratch")])
-    before, after, reference = weights(first), weights(resumed), weights(scratch)
-    for part in ("vae", "unet", "text_encoder"):
-        assert after[part].keys() == reference[part].keys()
-        if part == "vae":  # trained in both: oneDNN's kernels on differently allocated tensors round differently
-            assert all(torch.allclose(after[part][name], reference[part][name], rtol=0, atol=1e-5) for name in after[part])
-        else:
-            assert all(after[part][name].equal(reference[part][name]) for name in after[part]), part
-    assert not all(before["vae"][name].equal(after["vae"][name]) for name in before["vae"])  # the stage trained the VAE
-    assert all(before["unet"][name].equal(after["unet"][name]) for name in before["unet"])  # and only the VAE
-    for name in ("model_index.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "vae/config.json",
-                 "unet/config.json", "text_encoder/config.json"):  # laid out as a from-scratch run's
-        assert (resumed / name).read_text() == (scratch / name).read_text(), name
+    first = pretrain.main([*few, "--colour_vae_steps", "0", "--v_prediction_steps", "0", "--output_dir", str(tmp_path / "first")])
+    coloured = pretrain.main([*few, "--colour_vae_steps", "2", "--v_prediction_steps", "0", "--init_from", str(first),
+                              "--output_dir", str(tmp_path / "coloured")])
+    stages = ["--colour_vae_steps", "2", "--v_prediction_steps", "2"]
+    resumed = pretrain.main([*few, *stages, "--init_from", str(coloured), "--output_dir", str(tmp_path / "resumed")])
+    both = pretrain.main([*few, *stages, "--init_from", str(first), "--output_dir", str(tmp_path / "both")])
+    scratch = pretrain.main([*few, *stages, "--output_dir", str(tmp_path / "scratch")])
+    before, middle, reference = weights(first), weights(coloured), weights(scratch)
+    for model in (resumed, both):
+        after = weights(model)
+        for part in ("vae", "unet", "text_encoder"):
+            assert after[part].keys() == reference[part].keys()
+            # oneDNN's kernels on differently allocated tensors round differently: trained weights agree to 1e-5
+            assert all(torch.allclose(after[part][name], reference[part][name], rtol=0, atol=1e-5) for name in after[part]), part
+        for name in ("model_index.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "vae/config.json",
+                     "unet/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"):  # a from-scratch run's layout
+            assert (model / name).read_text() == (scratch / name).read_text(), name
+    # the colour stage trained the VAE only; the v-prediction stage the UNet and text encoder only
+    assert not all(before["vae"][name].equal(middle["vae"][name]) for name in before["vae"])
+    assert all(before["unet"][name].equal(middle["unet"][name]) for name in before["unet"])
+    after = weights(resumed)
+    assert all(middle["vae"][name].equal(after["vae"][name]) for name in middle["vae"])
+    assert not all(middle["unet"][name].equal(after["unet"][name]) for name in middle["unet"])
+    assert json.loads((coloured / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
+    assert json.loads((resumed / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
     record = json.loads((resumed / "pretraining.json").read_text())
-    assert record["settings"]["colour_vae_steps"] == 2 and "colour_vae_latent_drift" in record
-    assert "| VAE on near-flat surfaces of any colour" in (resumed / "README.md").read_text()
+    assert record["settings"]["v_prediction_steps"] == 2 and "colour_vae_latent_drift" in record and "v_prediction_loss" in record
+    readme = (resumed / "README.md").read_text()
+    assert "| VAE on near-flat surfaces of any colour" in readme and "| UNet + text encoder, inpainting (velocity MSE) | 2 |" in readme
 
-    with pytest.raises(SystemExit, match="colour stage already"):
-        pretrain.main([*few, "--init_from", str(scratch), "--output_dir", str(tmp_path / "twice")])
+    with pytest.raises(SystemExit, match="v-prediction stage already"):
+        pretrain.main([*few, *stages, "--init_from", str(scratch), "--output_dir", str(tmp_path / "twice")])
+    with pytest.raises(SystemExit, match="its colour stage used"):
+        pretrain.main([*few, "--colour_vae_steps", "3", "--init_from", str(coloured), "--output_dir", str(tmp_path / "recoloured")])
     with pytest.raises(SystemExit, match="from-scratch stages used"):
         pretrain.main(["--init_from", str(first), "--output_dir", str(tmp_path / "other")])
     with pytest.raises(SystemExit, match="no pretraining.json"):
         pretrain.main(["--init_from", str(tmp_path), "--output_dir", str(tmp_path / "none")])
-    assert not (tmp_path / "twice").exists() and not (tmp_path / "other").exists()
+    assert not any((tmp_path / name).exists() for name in ("twice", "recoloured", "other", "none"))
 
 
 def test_colour_stage_refuses_a_batch_without_room_for_a_surface_crop(tmp_path, capsys):

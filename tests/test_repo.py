@@ -54,7 +54,8 @@ def test_components_load_per_subfolder(tiny_model_path):
     assert CLIPTextModel.from_pretrained(tiny_model_path, subfolder="text_encoder").config.hidden_size == 32
     assert AutoencoderKL.from_pretrained(tiny_model_path, subfolder="vae").config.latent_channels == 4
     assert UNet2DConditionModel.from_pretrained(tiny_model_path, subfolder="unet").config.in_channels == 9
-    assert DDPMScheduler.from_pretrained(tiny_model_path, subfolder="scheduler").config.prediction_type == "epsilon"
+    # v-prediction, as SD 2's 768 px models: the last pre-training stage (scripts/pretrain_tiny_model.py says why)
+    assert DDPMScheduler.from_pretrained(tiny_model_path, subfolder="scheduler").config.prediction_type == "v_prediction"
 
 
 def test_tiny_model_builder_is_deterministic_and_shapes_the_bundled_model(tmp_path, tiny_model_path):
@@ -81,7 +82,7 @@ def test_pretraining_script_writes_a_loadable_pipeline(tmp_path):
     from scripts.pretrain_tiny_model import main as pretrain
 
     out = pretrain(["--output_dir", str(tmp_path / "tiny"), "--vae_steps", "2", "--unet_steps", "2", "--colour_vae_steps", "2",
-                    "--batch_size", "2"])
+                    "--v_prediction_steps", "2", "--batch_size", "2"])
     pipe = StableDiffusionInpaintPipeline.from_pretrained(out)
     record = json.loads((out / "pretraining.json").read_text())
     assert record["settings"]["unet_steps"] == 2 and record["settings"]["colour_vae_steps"] == 2 and record["latent_std"] > 0
