@@ -169,7 +169,7 @@ def test_lora_paints_each_family_closer_to_the_real_defect_than_the_base(checked
     assert distance["trained"] < MARGIN * distance["clean"], distance
 
 
-@NOT_YET
+@pytest.mark.xfail(strict=True, reason="issue #17: the tiny VAE's round trip inside the families' masks is 34-46 levels off")
 @pytest.mark.slow  # trains one LoRA per family in a subprocess
 def test_vae_reproduces_the_unseen_defects(checked):
     errors = {name: family["vae_error_in_mask"] for name, family in checked["families"].items()}

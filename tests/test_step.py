@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 
 import defectfill_method as method
 import defectfill_step as ds
@@ -43,9 +44,11 @@ def test_step_losses_and_gradients(step_setup):
         terms = output.losses
         assert set(terms) == {"defect", "object", "attention", "loss"}
         assert all(torch.isfinite(v) and v > 0 for v in terms.values())
-        weights = step.config.loss_weights  # configs/tiny.yaml: 0.5, 0.05, 0.05
+        weights = step.config.loss_weights
         expected = weights.defect * terms["defect"] + weights.object * terms["object"] + weights.attention * terms["attention"]
-        assert (weights.defect, weights.object, weights.attention) == (0.5, 0.05, 0.05)
+        config = yaml.safe_load((REPO_ROOT / "configs" / "tiny.yaml").read_text())  # the weights the step was built with
+        assert (weights.defect, weights.object, weights.attention) == (
+            config["lambda_defect"], config["lambda_object"], config["lambda_attention"])
         assert terms["loss"].item() == pytest.approx(expected.item())
         assert step.store.enabled and len(step.store.maps) == 6  # recording inside the context, for backward
         assert output.attention_map.shape == (2, 1, 32, 32)
