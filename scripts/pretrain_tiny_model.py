@@ -638,7 +638,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--unet_steps", type=int, default=1600, help="UNet + text-encoder inpainting steps.")
     parser.add_argument("--batch_size", type=int, default=16, help="Images per step.")
     parser.add_argument("--vae_lr", type=float, default=5e-4, help="VAE learning rate.")
-    parser.add_argument("--unet_lr", type=float, default=5e-4, help="UNet and text-encoder learning rate (cosine, 5 % warmup).")
+    parser.add_argument("--unet_lr", type=float, default=5e-4, help="UNet and text-encoder learning rate (cosine, 5 %% warmup).")
     parser.add_argument("--colour_vae_steps", type=int, default=2500,
                         help="VAE steps on near-flat surfaces of any colour, clean-class latents kept (after the UNet stage).")
     parser.add_argument("--colour_vae_lr", type=float, default=5e-4, help="Learning rate of the colour stage (cosine).")

@@ -105,3 +105,12 @@ def test_colour_stage_refuses_a_batch_without_room_for_a_surface_crop(tmp_path, 
         pretrain.main(["--batch_size", "1", "--output_dir", str(tmp_path / "out")])
     assert "--batch_size must be at least 2 with the colour stage" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_help_lists_every_stage_setting(capsys):
+    with pytest.raises(SystemExit) as exit_info:  # "5 % warmup" in a help string once made --help crash
+        pretrain.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (*pretrain.FROM_SCRATCH_SETTINGS, *pretrain.COLOUR_SETTINGS, "v_prediction_steps", "v_prediction_lr", "init_from"):
+        assert f"--{flag}" in text, flag
