@@ -233,8 +233,9 @@ def as_markdown(results: dict) -> str:
 
 def readme_markdown(results: dict) -> str:
     flags = " ".join(results["train_flags"])
+    downstream = f" --downstream_seeds {results['downstream_seeds']}" if results.get("downstream_seeds") else ""
     return "\n".join([
-        f"`python scripts/check_generalisation.py --update_readme`{(' (training flags: `' + flags + '`)') if flags else ''}: "
+        f"`python scripts/check_generalisation.py --update_readme{downstream}`{(' (training flags: `' + flags + '`)') if flags else ''}: "
         "one LoRA per procedural family (`scripts/defect_families.py`), trained with `configs/tiny.yaml` on 3 images; "
         f"held-out masks painted on held-out clean images, {STEPS} PNDM steps, guidance 7.5, one candidate, the same "
         "seeds for base and LoRA. Distances are to the mean of the real held-out defects (lower is better); bold is the "
