@@ -19,7 +19,8 @@ of the family:
   distances of the real defects themselves after that round trip (what painting exactly their latents scores).
 The "clean surface" column is the image before painting: what doing nothing scores.
 
-Any other flag goes to train_defectfill.py (`--max_train_steps 300`), to try a config before changing it.
+Any other flag goes to train_defectfill.py (`--max_train_steps 300`), to try a config before changing it;
+the training seed is the check's (`--train_seeds 2`: two LoRAs per family, seeds 0 and 1, their mean and each).
 `tests/test_generalisation.py` runs the same check and guards the margins.
 """
 
@@ -102,8 +103,14 @@ def vae_round_trip_statistics(real_jobs: list[synthesis.Job], round_trips: list[
             for job, decoded in zip(real_jobs, round_trips)]
 
 
-def measure_family(model_path, data_dir: Path, run_dir: Path) -> dict:
-    record = RunRecord.read(run_dir)
+def mean_distances(per_run: list[dict[str, float]]) -> dict[str, float]:
+    return {measure: float(np.mean([d[measure] for d in per_run])) for measure in per_run[0]}
+
+
+def measure_family(model_path, data_dir: Path, run_dirs: list[Path]) -> dict:
+    """The family's distances: the clean surface, the base model, the real defects through the VAE, and each run's
+    LoRA ("trained": their mean; the runs differ only in their training seed, so their split and scale are one)."""
+    record = RunRecord.read(run_dirs[0])
     settings = synthesis_settings(record)
     defects = heldout_defects(data_dir, record)
     real = [RegionStatistics.of(Image.open(image), dm.binarize_mask(Image.open(mask))) for image, mask in defects]
@@ -117,7 +124,8 @@ def measure_family(model_path, data_dir: Path, run_dir: Path) -> dict:
         return [RegionStatistics.of(result.image, result.job.mask) for result in synthesis.synthesize(pipeline, jobs, settings)]
 
     base = synthesis.load_pipeline(str(model_path), device="cpu")
-    trained = synthesis.load_pipeline(str(model_path), lora=str(run_dir), device="cpu")
+    trained = [distances(painted_statistics(synthesis.load_pipeline(str(model_path), lora=str(run_dir), device="cpu")), reference)
+               for run_dir in run_dirs]
     round_trips = [vae_round_trip(base.vae, job.region) for job in real_jobs]  # the real defects through the VAE, once
     return {
         "prompt": record.object_prompt,
@@ -125,9 +133,10 @@ def measure_family(model_path, data_dir: Path, run_dir: Path) -> dict:
         "distance": {
             "clean": distances([RegionStatistics.of(job.image, job.mask) for job in jobs], reference),
             "base": distances(painted_statistics(base), reference),
-            "trained": distances(painted_statistics(trained), reference),
+            "trained": mean_distances(trained),
             "vae_round_trip": distances(vae_round_trip_statistics(real_jobs, round_trips), reference),
         },
+        "trained_per_seed": trained,
         "vae_error_in_mask": vae_error_in_masks(real_jobs, round_trips),
         "images": len(jobs),
     }
@@ -157,22 +166,26 @@ def downstream_figures(run_dir: Path, work: Path, seeds: int) -> dict:
 
 
 def check(model_path=TINY_MODEL, work_dir: Path | None = None, families: tuple[Family, ...] = FAMILIES,
-          train_flags: tuple[str, ...] = (), downstream_seeds: int = 0) -> dict:
-    """Write the families' data, train one LoRA per family with configs/tiny.yaml, measure each (and, with
-    `downstream_seeds`, run the downstream check on each)."""
+          train_flags: tuple[str, ...] = (), downstream_seeds: int = 0, train_seeds: int = 1) -> dict:
+    """Write the families' data, train `train_seeds` LoRAs per family with configs/tiny.yaml (training seeds 0, 1,
+    ...), measure each (and, with `downstream_seeds`, run the downstream check on each family's seed-0 LoRA)."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir or tmp)
         data_dir = write_families(work / "data")
         results = {}
         for family in families:
-            run_dir = train_demo_run(model_path, work / "runs" / family.name, "--object_class", family.object_class,
-                                     "--defect_type", family.defect_type, *train_flags, data_dir=data_dir)
+            run_dirs = [train_demo_run(model_path, work / "runs" / family.name / f"seed-{seed}", "--object_class",
+                                       family.object_class, "--defect_type", family.defect_type, "--seed", str(seed),
+                                       *train_flags, data_dir=data_dir)
+                        for seed in range(train_seeds)]
             results[family.name] = {"object_class": family.object_class, "defect_type": family.defect_type,
                                     "headline": family.headline, "description": family.description,
-                                    **measure_family(model_path, data_dir, run_dir)}
+                                    **measure_family(model_path, data_dir, run_dirs)}
             if downstream_seeds:
-                results[family.name]["downstream"] = downstream_figures(run_dir, work / "downstream" / family.name, downstream_seeds)
-    return {"model": str(model_path), "train_flags": list(train_flags), "downstream_seeds": downstream_seeds, "families": results}
+                results[family.name]["downstream"] = downstream_figures(run_dirs[0], work / "downstream" / family.name,
+                                                                        downstream_seeds)
+    return {"model": str(model_path), "train_flags": list(train_flags), "train_seeds": train_seeds,
+            "downstream_seeds": downstream_seeds, "families": results}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,6 +203,13 @@ def way_to_vae(base: float, trained: float, round_trip: float) -> str:
     return f"{100 * (base - trained) / (base - round_trip):.0f} %" if base > round_trip else "n/a"
 
 
+def trained_cell(family: dict, measure: str) -> str:
+    """The LoRA's distance: with several training seeds, their mean and then each seed's in brackets."""
+    per_seed = family.get("trained_per_seed", [])
+    seeds = f" ({', '.join(f'{d[measure]:.1f}' for d in per_seed)})" if len(per_seed) > 1 else ""
+    return f"{family['distance']['trained'][measure]:.1f}{seeds}"
+
+
 def as_markdown(results: dict) -> str:
     lines = [
         "| family | defect (object): what is new | measure, distance to the real defects | clean surface | base model | base + LoRA | "
@@ -204,7 +224,7 @@ def as_markdown(results: dict) -> str:
                 label = f"**{label}**"
             head = f"| {name} | {family['defect_type']} ({family['object_class']}): {family['description']} |" if index == 0 else "| | |"
             lines.append(f"{head} {label} | {distance['clean'][measure]:.1f} | {distance['base'][measure]:.1f} | "
-                         f"{distance['trained'][measure]:.1f} | {change(distance['base'][measure], distance['trained'][measure])} | "
+                         f"{trained_cell(family, measure)} | {change(distance['base'][measure], distance['trained'][measure])} | "
                          f"{distance['vae_round_trip'][measure]:.1f} | "
                          f"{way_to_vae(distance['base'][measure], distance['trained'][measure], distance['vae_round_trip'][measure])} |")
     lines += [
@@ -219,7 +239,8 @@ def as_markdown(results: dict) -> str:
         lines += [
             "",
             f"Downstream (`downstream_defectfill.py --config configs/tiny_downstream.yaml`, {results['downstream_seeds']} "
-            "seed(s)): a localizer trained on 12 images painted by the family's LoRA, or on the baselines, tested on "
+            "seed(s)): a localizer trained on 12 images painted by the family's LoRA (training seed 0), or on the "
+            "baselines, tested on "
             "the real held-out defects (image AUROC / pixel AP, %):",
             "",
             "| family | " + " | ".join(DOWNSTREAM_SETS) + " |",
@@ -233,10 +254,15 @@ def as_markdown(results: dict) -> str:
 
 def readme_markdown(results: dict) -> str:
     flags = " ".join(results["train_flags"])
-    downstream = f" --downstream_seeds {results['downstream_seeds']}" if results.get("downstream_seeds") else ""
+    seeds = results.get("train_seeds", 1)
+    options = (f" --train_seeds {seeds}" if seeds > 1 else "") + (
+        f" --downstream_seeds {results['downstream_seeds']}" if results.get("downstream_seeds") else "")
+    per_family = (f"{seeds} LoRAs per procedural family (`scripts/defect_families.py`; training seeds 0-{seeds - 1}: "
+                  "\"base + LoRA\" is their mean, then each seed's)" if seeds > 1
+                  else "one LoRA per procedural family (`scripts/defect_families.py`)")
     return "\n".join([
-        f"`python scripts/check_generalisation.py --update_readme{downstream}`{(' (training flags: `' + flags + '`)') if flags else ''}: "
-        "one LoRA per procedural family (`scripts/defect_families.py`), trained with `configs/tiny.yaml` on 3 images; "
+        f"`python scripts/check_generalisation.py --update_readme{options}`{(' (training flags: `' + flags + '`)') if flags else ''}: "
+        f"{per_family}, trained with `configs/tiny.yaml` on 3 images; "
         f"held-out masks painted on held-out clean images, {STEPS} PNDM steps, guidance 7.5, one candidate, the same "
         "seeds for base and LoRA. Distances are to the mean of the real held-out defects (lower is better); bold is the "
         "statistic the family is about. \"Real defects through the VAE\" is the real held-out defects themselves encoded and "
@@ -259,7 +285,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--downstream_seeds", type=int, default=0,
                         help="Also run the downstream check (issue #14) on each family with this many seeds (0: skip; "
                              "about a minute per family and seed on 2 CPU cores).")
+    parser.add_argument("--train_seeds", type=int, default=1,
+                        help="Train this many LoRAs per family (training seeds 0, 1, ...) and report their mean and each "
+                             "one: a 40-step LoRA of the tiny model scores differently with its training seed (about 70 s per "
+                             "family and seed on 2 CPU cores).")
     args, train_flags = parser.parse_known_args(argv)
+    if args.train_seeds < 1:
+        parser.error(f"--train_seeds must be at least 1, got {args.train_seeds}")
+    if "--seed" in train_flags or any(flag.startswith("--seed=") for flag in train_flags):
+        parser.error("--seed: the check sets the training seed itself (0, 1, ... with --train_seeds)")
     wanted = args.families.split(",")
     unknown = set(wanted) - {f.name for f in FAMILIES}
     if unknown:
@@ -271,7 +305,8 @@ def main(argv=None) -> dict:
             parser.error(f"--from_json {args.from_json} checked {results['model']}, not --model {args.model}")
     else:
         results = check(args.model, Path(args.work_dir) if args.work_dir else None,
-                        tuple(f for f in FAMILIES if f.name in wanted), tuple(train_flags), args.downstream_seeds)
+                        tuple(f for f in FAMILIES if f.name in wanted), tuple(train_flags), args.downstream_seeds,
+                        args.train_seeds)
     print(json.dumps(results, indent=2))
     print(as_markdown(results))
     if args.output_json:

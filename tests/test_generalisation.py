@@ -203,6 +203,28 @@ def test_model_readme_sections_are_replaced_one_at_a_time(tmp_path):
         pretrain.update_readme_section(model, "other", "x")
 
 
+def test_table_shows_the_mean_of_the_training_seeds_and_each_one():
+    def distance(colour, texture):
+        return {"colour": colour, "texture": texture}
+
+    per_seed = [distance(60.0, 5.0), distance(70.0, 4.2)]
+    family = {"object_class": "capsule", "defect_type": "stain", "headline": "colour", "description": "a blob",
+              "real": {"colour": [131.0, 203.0, 30.0], "texture": 7.9}, "vae_error_in_mask": 34.2, "images": 6,
+              "trained_per_seed": per_seed,
+              "distance": {"clean": distance(180.0, 5.6), "base": distance(100.0, 4.0),
+                           "trained": check.mean_distances(per_seed), "vae_round_trip": distance(50.0, 1.0)}}
+    results = {"model": "m", "train_flags": [], "train_seeds": 2, "downstream_seeds": 0, "families": {"blob": family}}
+    text = check.readme_markdown(results)
+    assert "--update_readme --train_seeds 2`" in text and "training seeds 0-1" in text
+    # mean 65 -> -35 % of the base's 100, (100 - 65) / (100 - 50) = 70 % of the way to the VAE's
+    assert "| **colour (mean RGB)** | 180.0 | 100.0 | 65.0 (60.0, 70.0) | -35 % | 50.0 | 70 % |" in text
+    assert "| texture (local contrast) | 5.6 | 4.0 | 4.6 (5.0, 4.2) | +15 % |" in text
+    single = {**results, "train_seeds": 1, "families": {"blob": {**family, "trained_per_seed": per_seed[:1],
+                                                                 "distance": {**family["distance"], "trained": per_seed[0]}}}}
+    text = check.readme_markdown(single)
+    assert "--train_seeds" not in text and "| 60.0 | -40 % |" in text
+
+
 def test_check_refuses_unknown_families_and_a_results_file_of_another_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         check.main(["--families", "thin,nope"])
@@ -212,3 +234,7 @@ def test_check_refuses_unknown_families_and_a_results_file_of_another_model(tmp_
     with pytest.raises(SystemExit):
         check.main(["--from_json", str(saved), "--model", str(TINY_MODEL)])
     assert "checked /somewhere/else, not --model" in capsys.readouterr().err
+    for flags, message in ((["--train_seeds", "0"], "at least 1"), (["--seed", "3"], "sets the training seed itself")):
+        with pytest.raises(SystemExit):
+            check.main(flags)
+        assert message in capsys.readouterr().err

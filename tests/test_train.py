@@ -165,14 +165,14 @@ def test_lora_loads_in_diffusers_and_changes_the_output(trained_run, tiny_pipeli
     for key, value in loaded.items():
         torch.testing.assert_close(value, saved[f"unet.{key}"])
     scaling = {v for m in pipe.unet.modules() if hasattr(m, "scaling") for v in m.scaling.values()}
-    assert scaling == {1.0}  # alpha 16 / rank 8 is folded into the weights: every loader applies the same LoRA
+    assert scaling == {1.0}  # alpha / rank (64 / 32 in configs/tiny.yaml) is folded into the weights: every loader applies the same LoRA
     assert abs(generate(pipe) - base).max() > 1e-3
 
 
 def test_lora_file_means_the_same_to_every_loader(trained_run, tmp_path):
     """The text-encoder keys keep CLIP's text_model level (older stacks drop keys without it) and the scale is
     in the weights: diffusers with the file's metadata, diffusers without it, and our own loader into
-    adapters of alpha 16 give the same text embeddings and UNet output, and the text encoder does change."""
+    adapters of the run's rank and alpha give the same text embeddings and UNet output, and the text encoder does change."""
     from diffusers import StableDiffusionInpaintPipeline
     from safetensors.torch import save_file
 
@@ -197,8 +197,10 @@ def test_lora_file_means_the_same_to_every_loader(trained_run, tmp_path):
         results[name] = outputs(pipe.text_encoder, pipe.unet)
     base = StableDiffusionInpaintPipeline.from_pretrained(TINY_MODEL)
     results["base"] = outputs(base.text_encoder, base.unet)
+    record = rf.RunRecord.read(trained_run)
+    assert record.lora_alpha != record.rank  # so a scale left out of the weights would show
     models = ds.load_models(str(TINY_MODEL))
-    ds.add_lora_adapters(models, rank=8, lora_alpha=16)
+    ds.add_lora_adapters(models, record.rank, record.lora_alpha)
     rf.load_lora_into(trained_run, models.unet, models.text_encoder)
     results["ours"] = outputs(models.text_encoder, models.unet)
     for name in ("no_metadata", "ours"):
@@ -218,7 +220,8 @@ def test_lora_of_another_model_is_refused_on_resume_for_either_component(trained
 
         save_file(state, other / rf.LORA_FILENAME)
         models = ds.load_models(str(TINY_MODEL))
-        ds.add_lora_adapters(models, rank=8, lora_alpha=16)
+        record = rf.RunRecord.read(trained_run)
+        ds.add_lora_adapters(models, record.rank, record.lora_alpha)
         with pytest.raises(rf.RunFileError, match="keys the model does not have"):
             rf.load_lora_into(other, models.unet, models.text_encoder)
 
@@ -227,16 +230,16 @@ def test_lora_files_are_readable_by_others(trained_run):
     assert (trained_run / rf.LORA_FILENAME).stat().st_mode & 0o044 == 0o044
 
 
-def fixed_seed_defect_loss(run_dir: Path | None, tmp_path: Path, rank: int = 8) -> float:
+def fixed_seed_defect_loss(run_dir: Path | None, tmp_path: Path, rank: int | None = None) -> float:
     """The defect loss of the tiny config's training images at a fixed seed, with the run's LoRA loaded (or
-    fresh adapters, whose zero-initialised B makes them the base model)."""
+    fresh adapters, whose zero-initialised B makes them the base model; rank: the config's unless given)."""
     args = tiny_args(tmp_path)
     rows, _ = train.load_training_split(args, "color")
     transform = train.dm.PairTransform(64)
     pairs = [transform(r["image"], r["mask"]) for r in rows]
     batch = {"pixel_values": torch.stack([p[0] for p in pairs] * 4), "masks": torch.stack([p[1] for p in pairs] * 4)}
     models = ds.load_models(args.pretrained_model_name_or_path)
-    ds.add_lora_adapters(models, rank, args.lora_alpha)
+    ds.add_lora_adapters(models, rank or args.rank, args.lora_alpha)
     if run_dir is not None:
         rf.load_lora_into(run_dir, models.unet, models.text_encoder)
     step = ds.DefectFillStep.build(models, "metal_nut", "sks", ds.StepConfig.from_args(args), capture=False)
