@@ -2,8 +2,8 @@
 scripts/defect_families.py are outside what the tiny model was pre-trained and tuned on, their statistics are what
 they claim, and scripts/check_generalisation.py (which wrote the model README's table) trains `configs/tiny.yaml`
 on each and measures the painted defects against the real ones, base vs. LoRA: every family moves toward its real
-defect. The issue's target, a LoRA that moves them clearly toward it, is held as strict expected failures until a
-base meets it."""
+defect, most of the way to what the VAE lets it. The issue's first-written target (0.7x the base's distance) and a VAE
+that reproduces the families are held as strict expected failures where they are not met yet."""
 
 from __future__ import annotations
 
@@ -123,18 +123,20 @@ def test_check_measures_every_family_against_the_real_defects(checked):
 @pytest.mark.slow  # trains one LoRA per family in a subprocess
 @pytest.mark.parametrize("name", [f.name for f in families.FAMILIES])
 def test_lora_moves_each_family_toward_the_real_defect(checked, name):
-    """Every family's LoRA paints closer to the real defect than the base model and the clean surface
-    (models/tiny-sd2-inpainting/README.md: 14-39 % below the base model's distance)."""
+    """Every family's LoRA paints clearly closer to the real defect than the base model and the clean surface
+    (training seed 0: 0.50x (thin), 0.75x (blob), 0.65x (texture) the base's distance; the mean of two seeds in
+    models/tiny-sd2-inpainting/README.md: -44 / -23 / -25 %)."""
     family = checked["families"][name]
     distance = {model: family["distance"][model][family["headline"]] for model in ("clean", "base", "trained")}
-    assert distance["trained"] < 0.9 * distance["base"], distance
+    assert distance["trained"] < 0.8 * distance["base"], distance
     assert distance["trained"] < 0.8 * distance["clean"], distance
 
 
 # How much of the distance between the base model and the real defects through the VAE (what painting exactly their
-# latents scores) the LoRA closes: measured 94 % (thin), 115 % (blob), 43 % (texture), after the v-prediction stage.
-# Before it, a LoRA could not paint a small mask at all (the blob came out a dark blot, further than the base's).
-WAY_TO_VAE = {"thin": 0.8, "blob": 0.8, "texture": 0.35}
+# latents scores) the LoRA closes, training seed 0: measured 121 % (thin), 88 % (blob), 107 % (texture). Before the
+# v-prediction stage a LoRA could not paint a small mask at all (the blob came out a dark blot, further than the
+# base's); at rank 8 with half the samples cropped around the defect, the cross-hatch got 43 %.
+WAY_TO_VAE = {"thin": 0.9, "blob": 0.7, "texture": 0.8}
 
 
 @pytest.mark.slow  # trains one LoRA per family in a subprocess
@@ -153,15 +155,15 @@ def test_colour_stage_vae_reproduces_the_crack_and_the_blob_better_than_the_firs
 
 
 # The target of issue #17 as first written: the LoRA below 0.7x the base model's and the clean surface's distance.
-# The crack (0.61x) and the blob (0.67x) meet it; the texture (0.86x) does not: the VAE smooths the cross-hatch's
-# contrast away (the real defects' own round trip is 0.67x the base's distance, models/tiny-sd2-inpainting/README.md).
-# Strict: a base that meets it turns the expected failure red, to be made a plain test.
+# At training seed 0 the crack (0.50x) and the cross-hatch (0.65x) meet it; the blob (0.75x; 0.79x at seed 1) does not:
+# the config trades it for the cross-hatch (configs/tiny.yaml, defect_crop_probability: with half the samples
+# cropped the blob was 0.68x and the cross-hatch 0.74x). Strict: a config that meets it turns the expected failure red.
 MARGIN = 0.7
-NOT_YET = pytest.mark.xfail(strict=True, reason="issue #17: the tiny VAE smooths the cross-hatch away")
+NOT_YET = pytest.mark.xfail(strict=True, reason="issue #17: the blob at 0.75x the base's distance (seed 0), 0.7x not met")
 
 
 @pytest.mark.slow  # trains one LoRA per family in a subprocess
-@pytest.mark.parametrize("name", ["thin", "blob", pytest.param("texture", marks=NOT_YET)])
+@pytest.mark.parametrize("name", ["thin", pytest.param("blob", marks=NOT_YET), "texture"])
 def test_lora_paints_each_family_closer_to_the_real_defect_than_the_base(checked, name):
     family = checked["families"][name]
     distance = {model: family["distance"][model][family["headline"]] for model in ("clean", "base", "trained")}
