@@ -502,14 +502,16 @@ pipeline's raw output drifts in colour (`infer_defectfill.py` pastes the clean b
 offline and in seconds, is a DefectFill run changing what the model paints inside a mask, measured below.
 
 On the procedural defect families of `scripts/defect_families.py` (colours and a texture that neither the
-pre-training nor `configs/tiny.yaml` was made for), a 40-step LoRA paints the thin mint crack and the chartreuse
-blob about as close to the real defects as the VAE can reproduce them (the real defects encoded and decoded land
-there too), and the cross-hatch about halfway there (last tables below). The VAE is now the limit: its round trip
-is still far from the real crack's colour (thin saturated lines blur into the surface) and smooths the cross-hatch's
-contrast away. Nor does the UNet follow the colour words of its own captions in a box on a clean image
-(`--prompt_following` rows below); a LoRA's [V*] carries the defect through its own adapters. Downstream (a tiny
-localizer trained on 12 painted images, 3 seeds, last table), DefectFill's images come out level with copy-paste and
-the real defects alone: a little above them on the blob, a little below on the crack and the cross-hatch; a toy set.
+pre-training nor `configs/tiny.yaml` was made for), a 40-step LoRA paints every family closer to its real defect
+than the base model: the thin mint crack 44 %, the chartreuse blob 23 %, the cross-hatch's contrast 25 % (mean of two
+training seeds; last tables below), 76-107 % of the way to what the VAE can reproduce (the real defects encoded and
+decoded). The VAE is now the limit: its round trip is still far from the real crack's colour (thin saturated lines
+blur into the surface) and smooths the cross-hatch's contrast away. The figures move with the LoRA's training seed
+(the cross-hatch by 7 levels between two seeds): read them as a direction and a size, not to the unit. Nor does
+the UNet follow the colour words of its own captions in a box on a clean image (`--prompt_following` rows below); a
+LoRA's [V*] carries the defect through its own adapters. Downstream (a tiny localizer trained on 12 painted images,
+3 seeds, last table), DefectFill's images come out level with copy-paste and the real defects alone: a little above
+them on the blob, between them on the crack, below them on the cross-hatch; a toy set.
 
 ## Measured (`tests/test_pretrained_tiny_model.py`)
 

@@ -42,12 +42,12 @@ def test_base_inpainting_continues_the_surroundings(measured):
 
 @pytest.mark.slow  # the measurement trains the demo run in a subprocess
 def test_demo_run_paints_the_defect_colour(measured):
-    distance = measured["stain_distance"]  # measured 126.5 -> 88.0 (models/tiny-sd2-inpainting/README.md)
+    distance = measured["stain_distance"]  # measured 126.5 -> 86.9 (models/tiny-sd2-inpainting/README.md)
     assert distance["trained"] < 0.75 * distance["base"], distance
 
 
 @pytest.mark.slow  # the measurement trains the demo run in a subprocess
 def test_demo_run_focuses_the_vstar_attention_on_the_mask(measured):
-    overlap = measured["vstar_overlap"]  # measured 0.068 -> 0.111, the mask covering 0.072 of the image
+    overlap = measured["vstar_overlap"]  # measured 0.068 -> 0.134, the mask covering 0.072 of the image
     assert overlap["trained"] > 1.3 * overlap["base"], overlap
     assert overlap["trained"] > 1.3 * measured["mask_share"], overlap
