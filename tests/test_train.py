@@ -250,7 +250,7 @@ def fixed_seed_defect_loss(run_dir: Path | None, tmp_path: Path, rank: int | Non
 
 def test_training_lowers_the_defect_loss(trained_run, tmp_path):
     before, after = fixed_seed_defect_loss(None, tmp_path), fixed_seed_defect_loss(trained_run, tmp_path)
-    assert after < 0.95 * before, (before, after)  # measured: 0.0156 -> 0.0139
+    assert after < 0.95 * before, (before, after)  # measured: 0.0092 -> 0.0044 (rank 32, the v-prediction base)
 
 
 def test_8bit_adam_trains_with_8bit_state_and_resumes_exactly(tmp_path):
