@@ -261,7 +261,7 @@ def test_lpips_without_backbone_weights_says_how_to_provide_them(monkeypatch):
 
 def test_synthesis_follows_the_scale_the_run_trained_at(tiny_run, tmp_path):
     record = rf.RunRecord.read(tiny_run)
-    assert (record.defect_crop_probability, record.crop_context, record.max_scale) == (0.5, 0.5, 1.125)  # configs/tiny.yaml
+    assert (record.defect_crop_probability, record.crop_context, record.max_scale) == (0.75, 0.5, 1.125)  # configs/tiny.yaml
     out = run(tiny_run, tmp_path / "out", "--num_images", "1")
     synthesis_record = rf.SynthesisRecord.read(out)
     assert synthesis_record.crop_to_mask and synthesis_record.crop_context == 0.5
