@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import platform
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 TINY_MODEL = REPO_ROOT / "models" / "tiny-sd2-inpainting"
 
 

@@ -30,11 +30,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import REPO_ROOT, TINY_MODEL, machine_description, synchronize
 from PIL import Image
 
-from common import REPO_ROOT, TINY_MODEL, machine_description, synchronize
-
-import synthesis
+from defectfill.scoring import LpipsModel
+from defectfill.synthesis import SynthesisSettings, prepare_job, synthesize
 
 DATA = REPO_ROOT / "data" / "synthetic_mvtec" / "metal_nut"
 
@@ -66,11 +66,11 @@ def main(argv=None) -> dict:
     pipeline = StableDiffusionInpaintPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
                                                               requires_safety_checker=False).to(device)
     pipeline.set_progress_bar_config(disable=True)
-    scorer = synthesis.LpipsModel("alex", device, pretrained_backbone=not args.lpips_random_backbone).masked_scores
+    scorer = LpipsModel("alex", device, pretrained_backbone=not args.lpips_random_backbone).masked_scores
     image_path, mask_path = DATA / "test" / "good" / "000.png", DATA / "ground_truth" / "color" / "003_mask.png"
     image = Image.open(image_path).convert("RGB").resize((args.resolution, args.resolution))
     mask = Image.open(mask_path).convert("L").resize((args.resolution, args.resolution), Image.NEAREST)
-    settings = synthesis.SynthesisSettings("A metal nut with sks", args.resolution, args.num_candidates,
+    settings = SynthesisSettings("A metal nut with sks", args.resolution, args.num_candidates,
                                            args.num_inference_steps, crop_to_mask=True)
 
     def plain():
@@ -80,8 +80,8 @@ def main(argv=None) -> dict:
 
     def ours():  # the synthesis core with its file reading (the CLI's saving excluded)
         with Image.open(image_path) as clean, Image.open(mask_path) as defect_mask:
-            job = synthesis.prepare_job(clean, defect_mask, 0, settings)
-        synthesis.synthesize(pipeline, [job], settings, scorer)
+            job = prepare_job(clean, defect_mask, 0, settings)
+        synthesize(pipeline, [job], settings, scorer)
 
     times = {"plain": [], "ours": []}
     for round_index in range(args.warmup + args.repeats):
@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
 
 def run_builder(args, output_dir: Path, processes: int, threads: int | None) -> dict:
     """build_dataset_defectfill.py in a subprocess (under accelerate launch for several processes); its summary."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     script = [str(REPO_ROOT / "build_dataset_defectfill.py"), "--lora", args.builder_lora, "--output_dir", str(output_dir),
@@ -150,7 +150,8 @@ def bench_builder(args, device, dtype) -> dict:
     pipeline.load_lora_weights(str(runs[0]))
     pipeline.set_progress_bar_config(disable=True)
     image = Image.open(DATA / "test" / "good" / "000.png").convert("RGB").resize((args.resolution, args.resolution))
-    mask = Image.open(DATA / "ground_truth" / "color" / "003_mask.png").convert("L").resize((args.resolution, args.resolution), Image.NEAREST)
+    mask = Image.open(DATA / "ground_truth" / "color" / "003_mask.png").convert("L")
+    mask = mask.resize((args.resolution, args.resolution), Image.NEAREST)
     per_call = args.builder_batch_size * args.num_candidates
     plain_times = []
     for round_index in range(args.warmup + args.repeats):

@@ -14,10 +14,9 @@ import argparse
 import datetime
 
 import torch
-
 from common import PRESETS, build_components
 
-import defectfill_step as ds
+from defectfill.models import Models, add_lora_adapters
 
 
 def state_bytes(optimizer) -> tuple[int, int, int]:
@@ -32,11 +31,11 @@ def state_bytes(optimizer) -> tuple[int, int, int]:
 
 def measure(rank: int, use_8bit: bool, components) -> dict:
     tokenizer, text_encoder, vae, unet, scheduler = components
-    models = ds.Models(tokenizer, text_encoder, vae, unet, scheduler)
+    models = Models(tokenizer, text_encoder, vae, unet, scheduler)
     for model in (unet, text_encoder):  # a fresh adapter for each measurement
         for name in list(getattr(model, "peft_config", None) or {}):
             model.delete_adapters([name]) if hasattr(model, "delete_adapters") else model.delete_adapter(name)
-    ds.add_lora_adapters(models, rank, 2 * rank)
+    add_lora_adapters(models, rank, 2 * rank)
     params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()

@@ -27,12 +27,13 @@ import datetime
 
 import torch
 import torch.nn.functional as F
-
 from common import PRESETS, build_components, machine_description, synchronize
 
-import defectfill_method as method
-import defectfill_step as ds
-from attention_processor import VStarAttentionStore, install_vstar_capture
+from defectfill.attention import VStarAttentionStore, install_vstar_capture
+from defectfill.masks import mask_to_latent
+from defectfill.method import DEFAULT_TOKEN, LossWeights, attention_loss, defect_loss, object_loss, random_box_mask, total_loss
+from defectfill.models import Models, add_lora_adapters, compile_models, set_memory_format
+from defectfill.step import DefectFillStep, LatentCache, StepConfig, build_prompt_ids, encode_latents
 
 
 class NaiveStoringProcessor:
@@ -65,7 +66,7 @@ def make_batch(preset, device):
 
 
 def add_lora(models, rank=8):
-    ds.add_lora_adapters(models, rank, 2 * rank)
+    add_lora_adapters(models, rank, 2 * rank)
     from diffusers.training_utils import cast_training_params
 
     cast_training_params([models.unet, models.text_encoder], dtype=torch.float32)
@@ -81,12 +82,12 @@ def optimizer_step(loss, optimizer):
 
 def baseline_step(models, batch, prompt_ids, optimizer, device):
     images, masks = batch["pixel_values"], batch["masks"]
-    latents = ds.encode_latents(models.vae, images)
-    masked = ds.encode_latents(models.vae, images * (1 - masks))
+    latents = encode_latents(models.vae, images)
+    masked = encode_latents(models.vae, images * (1 - masks))
     noise = torch.randn_like(latents)
     t = torch.randint(0, 1000, (len(latents),), device=device)
     noisy = models.noise_scheduler.add_noise(latents, noise, t)
-    mask = method.mask_to_latent(masks, latents.shape[-2:])
+    mask = mask_to_latent(masks, latents.shape[-2:])
     embeds = models.text_encoder(prompt_ids.object.to(device))[0].expand(len(latents), -1, -1)
     prediction = models.unet(torch.cat([noisy, mask, masked], 1), t, embeds, return_dict=False)[0]
     optimizer_step(F.mse_loss(prediction.float(), noise.float()), optimizer)
@@ -95,15 +96,15 @@ def baseline_step(models, batch, prompt_ids, optimizer, device):
 def naive_step(models, batch, prompt_ids, optimizer, device, maps, config):
     images, masks = batch["pixel_values"], batch["masks"]
     b, _, h, w = images.shape
-    random_masks = method.random_box_mask(b, h, w).to(device, images.dtype)
-    latents = ds.encode_latents(models.vae, images)
-    defect_background = ds.encode_latents(models.vae, images * (1 - masks))
-    object_background = ds.encode_latents(models.vae, images * (1 - random_masks))
+    random_masks = random_box_mask(b, h, w).to(device, images.dtype)
+    latents = encode_latents(models.vae, images)
+    defect_background = encode_latents(models.vae, images * (1 - masks))
+    object_background = encode_latents(models.vae, images * (1 - random_masks))
     noise = torch.randn_like(latents)
     t = torch.randint(0, 1000, (b,), device=device)
     noisy = models.noise_scheduler.add_noise(latents, noise, t)
     size = latents.shape[-2:]
-    mask, random_mask = method.mask_to_latent(masks, size), method.mask_to_latent(random_masks, size)
+    mask, random_mask = mask_to_latent(masks, size), mask_to_latent(random_masks, size)
     defect_embeds = models.text_encoder(prompt_ids.defect.to(device))[0].expand(b, -1, -1)
     object_embeds = models.text_encoder(prompt_ids.object.to(device))[0].expand(b, -1, -1)
     maps.clear()
@@ -119,14 +120,14 @@ def naive_step(models, batch, prompt_ids, optimizer, device, maps, config):
             side = int(per_head.shape[-1] ** 0.5)
             decoder.append(F.interpolate(per_head.mean(1).reshape(b, 1, side, side).float(), size=tuple(size), mode="bilinear"))
     attention = torch.stack(decoder).mean(0)
-    terms = {"defect": method.defect_loss(defect_pred.float(), noise.float(), mask),
-             "object": method.object_loss(object_pred.float(), noise.float(), mask),
-             "attention": method.attention_loss(attention, mask)}
-    optimizer_step(method.total_loss(terms, config.loss_weights), optimizer)
+    terms = {"defect": defect_loss(defect_pred.float(), noise.float(), mask),
+             "object": object_loss(object_pred.float(), noise.float(), mask),
+             "attention": attention_loss(attention, mask)}
+    optimizer_step(total_loss(terms, config.loss_weights), optimizer)
 
 
 def ours_step(models, batch, prompt_ids, optimizer, store, config, latent_cache=None):
-    step = ds.DefectFillStep(models.unet, models.vae, models.text_encoder, models.noise_scheduler, prompt_ids, config, store,
+    step = DefectFillStep(models.unet, models.vae, models.text_encoder, models.noise_scheduler, prompt_ids, config, store,
                              latent_cache)
     with step(batch) as output:
         output.losses["loss"].backward()
@@ -156,30 +157,30 @@ def main(argv=None) -> dict:
     preset = PRESETS[args.preset]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, text_encoder, vae, unet, scheduler = build_components(preset, device)
-    models = ds.Models(tokenizer, text_encoder, vae, unet, scheduler)
+    models = Models(tokenizer, text_encoder, vae, unet, scheduler)
     optimizer = add_lora(models)
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
     models.unet.train()
     batch = make_batch(preset, device)
-    prompt_ids = ds.build_prompt_ids(tokenizer, "metal_nut", method.DEFAULT_TOKEN)
-    config = ds.StepConfig()  # the paper's weights, boxes and alpha
-    no_capture = ds.StepConfig(method.LossWeights(0.5, 0.2, 0.0))
+    prompt_ids = build_prompt_ids(tokenizer, "metal_nut", DEFAULT_TOKEN)
+    config = StepConfig()  # the paper's weights, boxes and alpha
+    no_capture = StepConfig(LossWeights(0.5, 0.2, 0.0))
     sdpa = dict(unet.attn_processors)
-    store, naive_maps, latent_cache = VStarAttentionStore(), {}, ds.LatentCache()
+    store, naive_maps, latent_cache = VStarAttentionStore(), {}, LatentCache()
 
     # Layout changes happen here, outside the timed step: baseline and naive use the default layout.
     def with_sdpa():
-        ds.set_memory_format(models, channels_last=False)
+        set_memory_format(models, channels_last=False)
         unet.set_attn_processor(dict(sdpa))
 
     def with_capture(channels_last=True):
-        ds.set_memory_format(models, channels_last)
+        set_memory_format(models, channels_last)
         unet.set_attn_processor(dict(sdpa))
         install_vstar_capture(unet, store)
 
     def with_naive():
-        ds.set_memory_format(models, channels_last=False)
+        set_memory_format(models, channels_last=False)
         processors = {name: NaiveStoringProcessor(name[: -len(".processor")], naive_maps) if ".attn2." in name else sdpa[name]
                       for name in sdpa}
         unet.set_attn_processor(processors)
@@ -196,14 +197,14 @@ def main(argv=None) -> dict:
     if args.compile:
         import copy
 
-        compiled = ds.Models(tokenizer, copy.deepcopy(text_encoder), copy.deepcopy(vae), copy.deepcopy(unet), scheduler)
+        compiled = Models(tokenizer, copy.deepcopy(text_encoder), copy.deepcopy(vae), copy.deepcopy(unet), scheduler)
         compiled_optimizer = torch.optim.AdamW([p for m in (compiled.unet, compiled.text_encoder) for p in m.parameters()
                                                 if p.requires_grad], lr=1e-5)
         compiled_store = VStarAttentionStore()
         compiled.unet.set_attn_processor(dict(sdpa))
         install_vstar_capture(compiled.unet, compiled_store)
-        ds.set_memory_format(compiled, channels_last=True)
-        ds.compile_models(compiled)
+        set_memory_format(compiled, channels_last=True)
+        compile_models(compiled)
         variants["ours_compiled"] = (lambda: None, lambda: ours_step(compiled, batch, prompt_ids, compiled_optimizer,
                                                                      compiled_store, config))
     import statistics

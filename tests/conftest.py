@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 # Nothing in the tests may reach the Hub: the bundled model is loaded from its folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

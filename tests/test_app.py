@@ -20,11 +20,33 @@ from safetensors.torch import load_file, save_file
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import app_defectfill as app  # noqa: E402
-import run_files as rf  # noqa: E402
-import synthesis  # noqa: E402
-from synthesis import SynthesisError  # noqa: E402
-from scripts.app_screenshot import find_chromium  # noqa: E402
+from defectfill.app import handlers  # noqa: E402
+from defectfill.app import runs as app_runs  # noqa: E402
+from defectfill.app.browser import find_chromium  # noqa: E402
+from defectfill.app.editor import editor_value, mask_from_editor, mask_layer  # noqa: E402
+from defectfill.app.handlers import AppState, Source, inference_dtype, upload_good_image  # noqa: E402
+from defectfill.app.runs import AppPaths, RunInfo, run_summary  # noqa: E402
+from defectfill.app.ui import build_app  # noqa: E402
+from defectfill.errors import RunFileError, SynthesisError  # noqa: E402
+from defectfill.runs.files import LORA_FILENAME, PREVIEW_FILENAME, RUN_FILENAME  # noqa: E402
+from defectfill.runs.folder import read_metadata  # noqa: E402
+from defectfill.runs.records import SynthesisRecord, read_run  # noqa: E402
+from defectfill.scoring import LpipsModel  # noqa: E402
+from defectfill.synthesis import (  # noqa: E402
+    Job,
+    SynthesisResult,
+    SynthesisSettings,
+    attention_in_mask,
+    attention_overlay,
+    mask_at_image_size,
+    output_metadata_row,
+    prepare_job,
+    synthesize,
+    synthesize_with_attention,
+)
 from tests.conftest import REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL  # noqa: E402
+
+PATHS = AppPaths.of_repository(REPO_ROOT)
 
 CHROMIUM = find_chromium()
 
@@ -37,14 +59,14 @@ def fast_args(*extra: str) -> argparse.Namespace:
 
 
 @pytest.fixture(scope="module")
-def state() -> app.AppState:
+def state() -> AppState:
     """The app's state with a random-backbone LPIPS (offline: no AlexNet weights here), so selection runs."""
-    return app.AppState(fast_args(), synthesis.LpipsModel(pretrained_backbone=False).masked_scores, "selection on (test)")
+    return AppState(fast_args(), LpipsModel(pretrained_backbone=False).masked_scores, "selection on (test)", PATHS)
 
 
 @pytest.fixture(scope="module")
-def demo_run() -> app.RunInfo:
-    return app.load_run(str(DEMO))
+def demo_run() -> RunInfo:
+    return app_runs.load_run(str(DEMO), PATHS)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +74,8 @@ def demo_pipeline(state, demo_run):
     return state.pipeline(demo_run)
 
 
-def heldout_editor(run: app.RunInfo, source: app.Source) -> dict:
-    return app.pick_heldout_mask(source, str(run.heldout_masks[0]))
+def heldout_editor(run: RunInfo, source: Source) -> dict:
+    return handlers.pick_heldout_mask(source, str(run.heldout_masks[0]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -63,17 +85,17 @@ def heldout_editor(run: app.RunInfo, source: app.Source) -> dict:
 
 def demo_job(run, settings):
     with Image.open(run.good_images[0]) as image, Image.open(run.heldout_masks[0]) as mask:
-        return synthesis.prepare_job(image, mask, 0, settings)
+        return prepare_job(image, mask, 0, settings)
 
 
 def test_recording_attention_keeps_the_images_and_restores_the_processors(demo_pipeline, demo_run):
     from attention_processor import VStarCrossAttnProcessor
 
-    settings = synthesis.SynthesisSettings(prompt=demo_run.prompt, resolution=64, num_candidates=2, num_inference_steps=2)
+    settings = SynthesisSettings(prompt=demo_run.prompt, resolution=64, num_candidates=2, num_inference_steps=2)
     job = demo_job(demo_run, settings)
-    [plain] = synthesis.synthesize(demo_pipeline, [job], settings)
+    [plain] = synthesize(demo_pipeline, [job], settings)
     calls = []
-    [recorded], [attention] = synthesis.synthesize_with_attention(demo_pipeline, [job], settings, "sks",
+    [recorded], [attention] = synthesize_with_attention(demo_pipeline, [job], settings, "sks",
                                                                   on_step=lambda *a: calls.append(a))
     total = len(demo_pipeline.scheduler.timesteps)  # PNDM: one call more than the steps
     assert total >= 2 and calls == [(i, total) for i in range(1, total + 1)]  # one UNet call per step, CFG halves batched
@@ -91,34 +113,34 @@ def test_attention_is_read_from_the_conditional_rows_under_guidance(demo_pipelin
     [V*] maps agree only if the recorded rows are the second (conditional) half of the doubled batch."""
     maps = []
     for guidance in (1.0, 7.5):
-        settings = synthesis.SynthesisSettings(prompt=demo_run.prompt, resolution=64, num_candidates=2, num_inference_steps=1,
+        settings = SynthesisSettings(prompt=demo_run.prompt, resolution=64, num_candidates=2, num_inference_steps=1,
                                                guidance_scale=guidance)
-        maps.append(synthesis.synthesize_with_attention(demo_pipeline, [demo_job(demo_run, settings)], settings, "sks")[1][0])
+        maps.append(synthesize_with_attention(demo_pipeline, [demo_job(demo_run, settings)], settings, "sks")[1][0])
     assert torch.allclose(maps[0], maps[1], atol=1e-5)
 
 
 def test_prompt_without_the_token_has_no_attention_map(demo_pipeline, demo_run):
-    settings = synthesis.SynthesisSettings(prompt="A metal nut", resolution=64, num_candidates=1, num_inference_steps=1)
+    settings = SynthesisSettings(prompt="A metal nut", resolution=64, num_candidates=1, num_inference_steps=1)
     with pytest.raises(SynthesisError, match="does not contain the \\[V\\*\\] token 'sks'"):
-        synthesis.synthesize_with_attention(demo_pipeline, [demo_job(demo_run, settings)], settings, "sks")
+        synthesize_with_attention(demo_pipeline, [demo_job(demo_run, settings)], settings, "sks")
 
 
 def test_attention_overlay_and_share_inside_the_mask():
     image = Image.new("RGB", (40, 40), (100, 100, 100))
     mask = np.zeros((40, 40), bool)
     mask[10:20, 10:20] = True
-    job = synthesis.Job(0, image, mask, (8, 8, 24, 24), image.crop((8, 8, 24, 24)), Image.new("L", (16, 16)))
-    result = synthesis.SynthesisResult(job, image, [image], [0.0], 0)
+    job = Job(0, image, mask, (8, 8, 24, 24), image.crop((8, 8, 24, 24)), Image.new("L", (16, 16)))
+    result = SynthesisResult(job, image, [image], [0.0], 0)
     attention = torch.zeros(4, 4)
     attention[1:3, 1:3] = 1.0
-    overlay = np.asarray(synthesis.attention_overlay(result, attention, opacity=0.5)).astype(int)
+    overlay = np.asarray(attention_overlay(result, attention, opacity=0.5)).astype(int)
     assert (overlay[:8] == 50).all() and (overlay[30:] == 50).all()  # outside the region: no heat
     assert (overlay[16, 16] == [178, 178, 178]).all()  # the peak: white heat
     region_mask = np.zeros((16, 16), np.uint8)
     region_mask[4:12, 4:12] = 255
-    assert synthesis.attention_in_mask(attention, region_mask) > 0.7  # bilinear resizing spreads a little
-    assert synthesis.attention_in_mask(attention, 255 - region_mask) < 0.3
-    assert synthesis.attention_in_mask(attention, region_mask) + synthesis.attention_in_mask(attention, 255 - region_mask) == pytest.approx(1)
+    assert attention_in_mask(attention, region_mask) > 0.7  # bilinear resizing spreads a little
+    assert attention_in_mask(attention, 255 - region_mask) < 0.3
+    assert attention_in_mask(attention, region_mask) + attention_in_mask(attention, 255 - region_mask) == pytest.approx(1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,45 +156,45 @@ def test_flags_have_help_and_config_files_work(tmp_path):
     args = app.parse_args(["--config", str(config), "--device", "cpu"])
     assert (args.lora, args.server_port, args.device, args.share) == ("runs/x", 7999, "cpu", False)
     assert app.parse_args([]).server_name == os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
-    assert app.inference_dtype("auto", "cpu") == torch.float32 and app.inference_dtype("fp16", "cpu") == torch.float16
+    assert inference_dtype("auto", "cpu") == torch.float32 and inference_dtype("fp16", "cpu") == torch.float16
 
 
 def test_the_bundled_demo_run_resolves_from_anywhere(demo_run, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # its run file names models/... and data/... relative to the repository
-    run = app.load_run(str(DEMO))
+    run = app_runs.load_run(str(DEMO), PATHS)
     assert Path(run.base_model).resolve() == TINY_MODEL.resolve() and run.is_tiny_demo
     assert (run.object_class, run.defect_type, run.token, run.resolution) == ("metal_nut", "color", "sks", 64)
     assert run.prompt == "A metal nut with sks" and run.crop_to_mask
     assert run.good_images and all(p.is_file() for p in run.good_images)
     assert run.heldout_masks and all(p.is_file() and "color" in str(p) for p in run.heldout_masks)
-    assert (DEMO / rf.LORA_FILENAME).stat().st_size < 2_000_000
+    assert (DEMO / LORA_FILENAME).stat().st_size < 2_000_000
 
 
 def test_a_folder_of_runs_lists_its_defect_types(tmp_path):
     for defect in ("color", "scratch"):
         shutil.copytree(DEMO, tmp_path / "all" / defect)
-        record = json.loads((tmp_path / "all" / defect / rf.RUN_FILENAME).read_text())
+        record = json.loads((tmp_path / "all" / defect / RUN_FILENAME).read_text())
         record["defect_type"] = defect
-        (tmp_path / "all" / defect / rf.RUN_FILENAME).write_text(json.dumps(record))
-    runs = app.list_runs(str(tmp_path / "all"))
+        (tmp_path / "all" / defect / RUN_FILENAME).write_text(json.dumps(record))
+    runs = app_runs.list_runs(str(tmp_path / "all"), PATHS)
     assert runs == {f"metal_nut / {d} ({d})": str(tmp_path / "all" / d) for d in ("color", "scratch")}
-    assert app.list_runs(str(DEMO)) == {"metal_nut / color (demo-lora-metal_nut-color)": str(DEMO)}
-    assert app.list_runs("you/defectfill-bottle") == {"you/defectfill-bottle": "you/defectfill-bottle"}
+    assert app_runs.list_runs(str(DEMO), PATHS) == {"metal_nut / color (demo-lora-metal_nut-color)": str(DEMO)}
+    assert app_runs.list_runs("you/defectfill-bottle", PATHS) == {"you/defectfill-bottle": "you/defectfill-bottle"}
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SynthesisError, match="has no pytorch_lora_weights.safetensors and no run folders"):
-        app.list_runs(str(tmp_path / "empty"))
+    with pytest.raises(RunFileError, match="holds no training run: no pytorch_lora_weights.safetensors in it or in its subfolders"):
+        app_runs.list_runs(str(tmp_path / "empty"), PATHS)
 
 
 def test_mask_from_editor_layers_at_image_size():
     layer = np.zeros((50, 50, 4), np.uint8)
     layer[10:20, 5:15, 3] = 255
-    mask = app.mask_from_editor({"background": None, "layers": [Image.fromarray(layer)], "composite": None}, (100, 100))
+    mask = mask_from_editor({"background": None, "layers": [Image.fromarray(layer)], "composite": None}, (100, 100))
     assert mask.shape == (100, 100) and mask[20:40, 10:30].all() and mask.sum() == 400
-    assert not app.mask_from_editor(None, (8, 8)).any()
+    assert not mask_from_editor(None, (8, 8)).any()
     # a held-out mask shown as a layer comes back as the same mask
     held = Image.open(SYNTHETIC_DATA / "metal_nut" / "ground_truth" / "color" / "004_mask.png")
-    shown = app.editor_value(Image.new("RGB", held.size), synthesis.mask_at_image_size(held, held.size))
-    assert np.array_equal(app.mask_from_editor(shown, held.size), synthesis.mask_at_image_size(held, held.size))
+    shown = editor_value(Image.new("RGB", held.size), mask_at_image_size(held, held.size))
+    assert np.array_equal(mask_from_editor(shown, held.size), mask_at_image_size(held, held.size))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,49 +206,49 @@ def test_without_lpips_selection_is_off_and_one_candidate_is_made(demo_run, demo
     def offline(*args, **kwargs):
         raise SynthesisError("LPIPS needs the torchvision 'alex' backbone weights, which could not be loaded (offline)")
 
-    monkeypatch.setattr(synthesis, "LpipsModel", offline)
-    state = app.AppState.from_args(fast_args())
+    monkeypatch.setattr(handlers, "LpipsModel", offline)
+    state = AppState.from_args(fast_args(), PATHS)
     assert state.scorer is None and "Low-Fidelity Selection is off" in state.selection_note
-    assert "Low-Fidelity Selection is off" in app.run_summary(demo_run, state.selection_note)
+    assert "Low-Fidelity Selection is off" in run_summary(demo_run, state.selection_note, PATHS)
     state._pipeline, state._pipeline_key = demo_pipeline, (demo_run.base_model, demo_run.lora, demo_run.record.base_model)
-    source, _ = app.pick_good_image(str(demo_run.good_images[1]))
-    generated = app.generate(state, demo_run, source, heldout_editor(demo_run, source), None, **{**FAST, "num_candidates": 4})
+    source, _ = handlers.pick_good_image(str(demo_run.good_images[1]))
+    generated = handlers.generate(state, demo_run, source, heldout_editor(demo_run, source), None, **{**FAST, "num_candidates": 4})
     assert len(generated.result.candidates) == 1 and not generated.selection and "Low-Fidelity Selection off" in generated.status()
 
 
 def test_bad_input_is_reported_in_the_cli_words(state, demo_run, demo_pipeline, tmp_path):
-    source, empty_editor = app.pick_good_image(str(demo_run.good_images[0]))
+    source, empty_editor = handlers.pick_good_image(str(demo_run.good_images[0]))
     with pytest.raises(SynthesisError, match=r"the painted mask is empty \(no pixel >= 128\); nothing to inpaint"):
-        app.generate(state, demo_run, source, empty_editor, None, **FAST)
+        handlers.generate(state, demo_run, source, empty_editor, None, **FAST)
     with pytest.raises(SynthesisError, match="no good image"):
-        app.generate(state, demo_run, None, empty_editor, None, **FAST)
+        handlers.generate(state, demo_run, None, empty_editor, None, **FAST)
     (tmp_path / "not_an_image.png").write_text("hello")
     with pytest.raises(SynthesisError, match="cannot be read as an image"):
-        app.pick_good_image(str(tmp_path / "not_an_image.png"))
+        handlers.pick_good_image(str(tmp_path / "not_an_image.png"))
     with pytest.raises(SynthesisError, match="nothing to add yet"):
-        app.add_to_dataset(None, str(tmp_path / "out"))
+        handlers.add_to_dataset(None, str(tmp_path / "out"))
 
 
 def test_lora_of_another_base_model_is_named(demo_run, tmp_path):
     other = tmp_path / "other_run"
     shutil.copytree(DEMO, other)
-    weights = load_file(other / rf.LORA_FILENAME)
+    weights = load_file(other / LORA_FILENAME)
     key = next(k for k in weights if k.startswith("unet.") and ("lora.down" in k or "lora_A" in k))
     weights[key] = torch.zeros(weights[key].shape[0], weights[key].shape[1] * 2)
-    save_file(weights, other / rf.LORA_FILENAME)
-    run = app.load_run(str(other))
-    fresh = app.AppState(fast_args(), None, "off")
-    source, _ = app.pick_good_image(str(run.good_images[0]))
+    save_file(weights, other / LORA_FILENAME)
+    run = app_runs.load_run(str(other), PATHS)
+    fresh = AppState(fast_args(), None, "off", PATHS)
+    source, _ = handlers.pick_good_image(str(run.good_images[0]))
     with pytest.raises(SynthesisError, match=r"trained on .*tiny-sd2-inpainting.*expects input size \d+, the base model has in_features"):
-        app.generate(fresh, run, source, heldout_editor(run, source), None, **FAST)
+        handlers.generate(fresh, run, source, heldout_editor(run, source), None, **FAST)
 
 
 def test_generate_then_add_to_dataset_writes_what_infer_writes(state, demo_run, demo_pipeline, tmp_path):
     import dataset_mvtec as dm
     import infer_defectfill as infer
 
-    source, _ = app.pick_good_image(str(demo_run.good_images[0]))
-    picked = app.generate(state, demo_run, source, heldout_editor(demo_run, source), str(demo_run.heldout_masks[0]), **FAST)
+    source, _ = handlers.pick_good_image(str(demo_run.good_images[0]))
+    picked = handlers.generate(state, demo_run, source, heldout_editor(demo_run, source), str(demo_run.heldout_masks[0]), **FAST)
     result = picked.result
     assert len(result.candidates) == 2 and result.chosen == int(np.argmax(result.scores)) and picked.selection
     assert sum("✓ chosen" in c for c in picked.captions()) == 1 and "LPIPS in mask" in picked.captions()[0]
@@ -236,18 +258,18 @@ def test_generate_then_add_to_dataset_writes_what_infer_writes(state, demo_run, 
     assert "[V*] attention falls inside the mask" in picked.status()
 
     folder = tmp_path / "app"
-    app.add_to_dataset(picked, str(folder))
-    uploaded, editor = app.upload_good_image(np.asarray(Image.open(demo_run.good_images[2])))
-    editor["layers"] = [app.mask_layer(np.pad(np.ones((20, 30), bool), ((50, 58), (40, 58))), uploaded.image.size)]
-    painted = app.generate(state, demo_run, uploaded, editor, None, **{**FAST, "seed": 3})
-    _, row = app.add_to_dataset(painted, str(folder))
+    handlers.add_to_dataset(picked, str(folder))
+    uploaded, editor = upload_good_image(np.asarray(Image.open(demo_run.good_images[2])))
+    editor["layers"] = [mask_layer(np.pad(np.ones((20, 30), bool), ((50, 58), (40, 58))), uploaded.image.size)]
+    painted = handlers.generate(state, demo_run, uploaded, editor, None, **{**FAST, "seed": 3})
+    _, row = handlers.add_to_dataset(painted, str(folder))
 
-    rows = rf.read_metadata(folder)
+    rows = read_metadata(folder)
     assert sorted(rows) == ["images/00000.png", "images/00001.png"]
     # the row infer_defectfill.py writes for the same pair and result (its settings resolved from the same run)
-    plan = infer.resolve_plan(infer.parse_args(["--lora", str(DEMO), "--num_inference_steps", "2"]), rf.read_run(str(DEMO)))
+    plan = infer.resolve_plan(infer.parse_args(["--lora", str(DEMO), "--num_inference_steps", "2"]), read_run(str(DEMO)))
     pair = infer.Pair(0, demo_run.good_images[0], demo_run.heldout_masks[0])
-    row_fields = synthesis.output_metadata_row(result, pair.image_path, pair.mask_path, plan.synthesis, plan.object_class,
+    row_fields = output_metadata_row(result, pair.image_path, pair.mask_path, plan.settings, plan.object_class,
                                                plan.defect_type)
     expected = {"file_name": "images/00000.png", "mask_file_name": "masks/00000_mask.png", **row_fields}
     assert rows["images/00000.png"] == json.loads(json.dumps(expected))
@@ -255,7 +277,7 @@ def test_generate_then_add_to_dataset_writes_what_infer_writes(state, demo_run, 
     assert row["source_mask"] == str(folder / "masks" / "00001_mask.png") and row["seed"] == 3
     assert np.array_equal(np.asarray(Image.open(folder / "images" / "00001.png")), np.asarray(painted.result.image))
     assert np.array_equal(np.asarray(Image.open(folder / "masks" / "00001_mask.png")) > 0, painted.result.job.mask)
-    assert rf.SynthesisRecord.read(folder).lora == str(DEMO) and (folder / rf.PREVIEW_FILENAME).is_file()
+    assert SynthesisRecord.read(folder).lora == str(DEMO) and (folder / PREVIEW_FILENAME).is_file()
     assert len(dm.load_synthetic(folder)) == 2
 
 
@@ -272,7 +294,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(state):
-    blocks = app.build_app(state)
+    blocks = build_app(state)
     blocks.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, share=False,
                           quiet=True)
     try:
@@ -310,7 +332,7 @@ def test_the_app_through_gradio_client(server, demo_run, tmp_path):
     assert Image.open(attention).size == Image.open(result).size
 
     added = client.predict(str(tmp_path / "dataset"), api_name="/add_to_dataset")
-    assert "images/00000.png" in added and len(rf.read_metadata(tmp_path / "dataset")) == 1
+    assert "images/00000.png" in added and len(read_metadata(tmp_path / "dataset")) == 1
     assert choices is not None
 
 
@@ -319,7 +341,7 @@ def test_the_app_through_gradio_client(server, demo_run, tmp_path):
 def test_a_browser_paints_a_stroke_and_generates(server, demo_run, tmp_path):
     """Debian's chromium, headless, through Playwright: paint a stroke, Generate, read the result's pixels."""
     playwright = pytest.importorskip("playwright.sync_api")
-    from scripts.app_screenshot import paint_stroke_and_generate
+    from defectfill.app.browser import paint_stroke_and_generate
 
     clean = np.asarray(Image.open(demo_run.good_images[0]).convert("RGB"))
     screenshot = tmp_path / "app.png"
@@ -336,7 +358,8 @@ def test_a_browser_paints_a_stroke_and_generates(server, demo_run, tmp_path):
     result, mask = np.asarray(result.convert("RGB")), np.asarray(mask.convert("L")) > 0
     # the stroke: a horizontal band through the middle of the image
     rows, cols = np.nonzero(mask)
-    assert mask.any() and abs(rows.mean() - mask.shape[0] / 2) < mask.shape[0] / 8 and abs(cols.mean() - mask.shape[1] / 2) < mask.shape[1] / 8
+    assert mask.any() and abs(rows.mean() - mask.shape[0] / 2) < mask.shape[0] / 8
+    assert abs(cols.mean() - mask.shape[1] / 2) < mask.shape[1] / 8
     assert np.ptp(cols) > 2 * np.ptp(rows)
     assert result.shape == clean.shape
     assert np.array_equal(result[~mask], clean[~mask])  # outside the stroke: not one pixel changed

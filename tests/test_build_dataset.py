@@ -16,9 +16,39 @@ from PIL import Image
 
 import build_dataset_defectfill as build
 import dataset_mvtec as dm
-import mask_augment as ma
-import run_files as rf
-import synthesis
+from defectfill.build.augment import (
+    EMPTY_AT_LATENT_SIZE,
+    OFF_OBJECT,
+    TOUCHES_BORDER,
+    dilate,
+    estimate_foreground,
+    on_object_fraction,
+    touches_border,
+)
+from defectfill.build.defect_masks import visible_at_latent_size
+from defectfill.build.export import default_export_dir
+from defectfill.build.plan import defect_index_table, discover_runs, make_items, parse_defects_per_image
+from defectfill.build.summary import preview_rows
+from defectfill.errors import BuildError, RunFileError, SynthesisError
+from defectfill.runs.files import (
+    FINGERPRINT_FILENAME,
+    LORA_FILENAME,
+    METADATA_FILENAME,
+    PREVIEW_FILENAME,
+    SUMMARY_FILENAME,
+    SYNTHESIS_FILENAME,
+)
+from defectfill.runs.folder import SynthesisFolder, item_of_file
+from defectfill.runs.records import RunRecord
+from defectfill.synthesis import (
+    SynthesisSettings,
+    candidate_generators,
+    load_named_adapters,
+    load_pipeline,
+    prepare_job,
+    synthesize,
+    use_adapter,
+)
 from tests.conftest import REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL
 
 FAST = ["--num_inference_steps", "2", "--num_images", "2", "--seed", "3"]
@@ -57,7 +87,7 @@ def run_build(class_runs, output_dir, *extra, scorer=None):
 
 
 def rows_of(folder, timing=True):
-    rows = [json.loads(line) for line in (Path(folder) / rf.METADATA_FILENAME).read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(folder) / METADATA_FILENAME).read_text().splitlines()]
     return rows if timing else [{k: v for k, v in row.items() if k not in ("seconds", "process")} for row in rows]
 
 
@@ -70,34 +100,34 @@ def as_array(path, mode=None):
 
 
 def test_defects_per_image_parses_counts_and_distributions():
-    assert build.parse_defects_per_image("2") == {2: 1.0}
-    assert build.parse_defects_per_image("1:3,2:1") == {1: 0.75, 2: 0.25}
+    assert parse_defects_per_image("2") == {2: 1.0}
+    assert parse_defects_per_image("1:3,2:1") == {1: 0.75, 2: 0.25}
     for bad in ("0", "1:x", "9", "1:-1"):
-        with pytest.raises(build.BuildError, match="--defects_per_image"):
-            build.parse_defects_per_image(bad)
+        with pytest.raises(BuildError, match="--defects_per_image"):
+            parse_defects_per_image(bad)
 
 
 def test_items_are_seeded_per_index_and_cover_every_type():
     goods = [Path(f"g{i}.png") for i in range(3)]
-    items = build.make_items(["color", "scratch"], goods, 4, {1: 0.5, 2: 0.5}, seed=0)
+    items = make_items(["color", "scratch"], goods, 4, {1: 0.5, 2: 0.5}, seed=0)
     assert [i.index for i in items] == list(range(8))
     assert [i.defect_types[0] for i in items] == ["color"] * 4 + ["scratch"] * 4
     assert [i.image_path.name for i in items] == ["g0.png", "g1.png", "g2.png", "g0.png", "g1.png", "g2.png", "g0.png", "g1.png"]
     assert all(i.defect_types[1:] in ((), ("scratch",) if i.defect_types[0] == "color" else ("color",)) for i in items)
-    assert items == build.make_items(["color", "scratch"], goods, 4, {1: 0.5, 2: 0.5}, seed=0)
+    assert items == make_items(["color", "scratch"], goods, 4, {1: 0.5, 2: 0.5}, seed=0)
     assert {len(i.defect_types) for i in items} == {1, 2}
-    assert build.make_items(["color"], goods, 2, {2: 1.0}, seed=0)[0].defect_types == ("color", "color")
+    assert make_items(["color"], goods, 2, {2: 1.0}, seed=0)[0].defect_types == ("color", "color")
 
 
 def test_item_numbers_of_output_files():
-    assert build.item_of_file("images/00012.png") == 12
-    assert build.item_of_file(".00003_0_color_mask.png.tmp") == 3
-    assert build.item_of_file("metadata.jsonl") is None
+    assert item_of_file("images/00012.png") == 12
+    assert item_of_file(".00003_0_color_mask.png.tmp") == 3
+    assert item_of_file("metadata.jsonl") is None
 
 
 def test_preview_rows_spread_over_labels():
     rows = {f"images/{i:05d}.png": {"defect_type": t} for i, t in enumerate(["a", "a", "a", "b", "b", "combined"])}
-    assert list(build.preview_rows(rows, 4)) == ["images/00000.png", "images/00003.png", "images/00005.png", "images/00001.png"]
+    assert list(preview_rows(rows, 4)) == ["images/00000.png", "images/00003.png", "images/00005.png", "images/00001.png"]
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -105,35 +135,35 @@ def test_preview_rows_spread_over_labels():
 
 def fake_run(folder: Path, defect_type: str, base_model: str, object_class: str = "metal_nut") -> Path:
     folder.mkdir(parents=True)
-    (folder / rf.LORA_FILENAME).write_bytes(b"")
-    rf.RunRecord(base_model=base_model, token="sks", object_class=object_class, defect_type=defect_type, defect_prompt="A photo of sks",
+    (folder / LORA_FILENAME).write_bytes(b"")
+    RunRecord(base_model=base_model, token="sks", object_class=object_class, defect_type=defect_type, defect_prompt="A photo of sks",
                  object_prompt="A metal nut with sks", resolution=64, split={"defect_types": {}}).write(folder)
     return folder
 
 
 def test_a_lora_folder_without_runs_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(build.BuildError, match=r"--lora .*empty holds no training run"):
-        build.discover_runs([str(tmp_path / "empty")])
+    with pytest.raises(RunFileError, match=r"--lora .*empty holds no training run"):
+        discover_runs([str(tmp_path / "empty")])
 
 
 def test_runs_of_two_base_models_are_an_error(tmp_path):
     fake_run(tmp_path / "all" / "color", "color", "models/a")
     fake_run(tmp_path / "all" / "scratch", "scratch", "models/b")
-    with pytest.raises(build.BuildError, match="mix base_models"):
-        build.discover_runs([str(tmp_path / "all")])
+    with pytest.raises(BuildError, match="mix base_models"):
+        discover_runs([str(tmp_path / "all")])
     fake_run(tmp_path / "other" / "color", "color", "models/a")
-    with pytest.raises(build.BuildError, match="two runs for defect type 'color'"):
-        build.discover_runs([str(tmp_path / "all" / "color"), str(tmp_path / "other" / "color")])
-    runs = build.discover_runs([str(tmp_path / "all" / "color")])
-    assert [r.defect_type for r in runs] == ["color"] and build.defect_index_table(runs) == {"color": 1}
+    with pytest.raises(BuildError, match="two runs for defect type 'color'"):
+        discover_runs([str(tmp_path / "all" / "color"), str(tmp_path / "other" / "color")])
+    runs = discover_runs([str(tmp_path / "all" / "color")])
+    assert [r.defect_type for r in runs] == ["color"] and defect_index_table(runs) == {"color": 1}
 
 
 def test_an_empty_user_mask_is_an_error_before_anything_is_written(class_runs, tmp_path):
     masks = tmp_path / "drawn"
     masks.mkdir()
     Image.new("L", (128, 128), 0).save(masks / "blank.png")
-    with pytest.raises(build.BuildError, match=r"mask .*blank\.png is empty"):
+    with pytest.raises(BuildError, match=r"mask .*blank\.png is empty"):
         run_build(class_runs, tmp_path / "out", "--mask_source", str(masks), "--num_candidates", "1")
     assert not (tmp_path / "out").exists()
 
@@ -141,12 +171,13 @@ def test_an_empty_user_mask_is_an_error_before_anything_is_written(class_runs, t
 def test_a_folder_holding_another_build_is_refused(class_runs, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / build.BUILD_FILENAME).write_text(json.dumps({"version": 1, "fingerprint": {"seed_of_another": 1}}))
-    with pytest.raises(build.BuildError, match="holds a different build"):
+    (out / FINGERPRINT_FILENAME).write_text(json.dumps({"version": 1, "fingerprint": {"seed_of_another": 1}}))
+    with pytest.raises(SynthesisError, match=r"holds outputs made with other settings \(.*seed_of_another: 1 -> None"):
         run_build(class_runs, out, "--num_candidates", "1")
-    infer_like = tmp_path / "infer"
+    infer_like = tmp_path / "infer"  # images made by another tool, with no record of how
     (infer_like / "images").mkdir(parents=True)
-    with pytest.raises(build.BuildError, match="holds another synthesis"):
+    Image.new("RGB", (8, 8)).save(infer_like / "images" / "00000.png")
+    with pytest.raises(SynthesisError, match=r"holds outputs made with other settings \(\(no record of what made its outputs\)\)"):
         run_build(class_runs, infer_like, "--num_candidates", "1")
 
 
@@ -158,11 +189,11 @@ def test_a_foreground_no_mask_fits_skips_and_counts(class_runs, tmp_path):
         Image.new("L", (128, 128), 0).save(foreground / path.name)
     out = run_build(class_runs, tmp_path / "out", "--num_candidates", "1", "--foreground_dir", str(foreground),
                     "--mask_attempts", "5", "--num_images", "1")
-    summary = json.loads((out / build.SUMMARY_FILENAME).read_text())
+    summary = json.loads((out / SUMMARY_FILENAME).read_text())
     assert summary["images"] == 0 and summary["items_skipped"] == {"no_mask_fits": 2}
     assert summary["masks_rejected"] == 10 and set(summary["masks_rejected_by_reason"]) <= {
-        f"{d}/{r}" for d in ("color", "scratch") for r in (ma.OFF_OBJECT, ma.TOUCHES_BORDER, ma.EMPTY_AT_LATENT_SIZE)}
-    assert not (out / "images").exists() and not (out / rf.METADATA_FILENAME).exists()
+        f"{d}/{r}" for d in ("color", "scratch") for r in (OFF_OBJECT, TOUCHES_BORDER, EMPTY_AT_LATENT_SIZE)}
+    assert not (out / "images").exists() and not (out / METADATA_FILENAME).exists()
 
 
 # ---------------------------------------------------------------------------------- a whole class
@@ -195,7 +226,7 @@ def test_each_run_is_loaded_once_as_a_named_adapter(class_build):
 def test_whole_class_labels_are_exact(class_build):
     out, _, _ = class_build
     rows = rows_of(out)
-    record = json.loads((out / rf.SYNTHESIS_FILENAME).read_text())
+    record = json.loads((out / SYNTHESIS_FILENAME).read_text())
     index = record["defect_type_index"]
     assert index == {"good": 0, "color": 1, "scratch": 2}
     assert len(rows) == 4 and {r["defect_types"][0] for r in rows} == {"color", "scratch"}
@@ -214,11 +245,11 @@ def test_whole_class_labels_are_exact(class_build):
             expected[mask] = index[defect_type]
         assert np.array_equal(semantic, expected)
         if len(defect_masks) == 2:
-            assert not (ma.dilate(defect_masks[0], 1) & defect_masks[1]).any()  # apart
-        foreground = ma.estimate_foreground(Image.open(row["source_image"]))
+            assert not (dilate(defect_masks[0], 1) & defect_masks[1]).any()  # apart
+        foreground = estimate_foreground(Image.open(row["source_image"]))
         for mask in defect_masks:
-            assert not ma.touches_border(mask) and ma.on_object_fraction(mask, foreground) >= 0.9
-            assert build.visible_at_latent_size(mask, synthesis.SynthesisSettings("p", 64, crop_to_mask=True), 2)
+            assert not touches_border(mask) and on_object_fraction(mask, foreground) >= 0.9
+            assert visible_at_latent_size(mask, SynthesisSettings("p", 64, crop_to_mask=True), 2)
         assert all(row["augmented"])
 
 
@@ -233,25 +264,25 @@ def test_weak_results_are_redrawn_with_the_next_seeds(class_build):
         assert row["rejected_candidates"] == [{"slot": 0, "defect_type": "color", "first_candidate": 0, "num_candidates": 2,
                                                "lpips": pytest.approx(0.02)}]
         assert row["candidate"][0] == 3
-    summary = json.loads((out / build.SUMMARY_FILENAME).read_text())
+    summary = json.loads((out / SUMMARY_FILENAME).read_text())
     assert summary["candidates_rejected"] == 2 * len(redrawn)
     assert summary["images"] == 4 and summary["defects_per_type"]["color"] >= 2
     assert summary["masks_augmented"] == sum(r["num_defects"] for r in rows)
 
 
 def test_redraw_seeds_extend_the_candidate_scheme(tiny_pipeline):
-    settings = synthesis.SynthesisSettings("A metal nut with sks", 64, 2, 2)
-    first = synthesis.candidate_generators(0, 5, 4, "cpu")
-    later = synthesis.candidate_generators(0, 5, 2, "cpu", first=2)
+    settings = SynthesisSettings("A metal nut with sks", 64, 2, 2)
+    first = candidate_generators(0, 5, 4, "cpu")
+    later = candidate_generators(0, 5, 2, "cpu", first=2)
     assert [g.initial_seed() for g in first[2:]] == [g.initial_seed() for g in later]
     image = Image.open(SYNTHETIC_DATA / "metal_nut" / "train" / "good" / "000.png")
     mask = Image.open(SYNTHETIC_DATA / "metal_nut" / "ground_truth" / "color" / "003_mask.png")
-    job = synthesis.prepare_job(image, mask, 5, settings)
-    [plain] = synthesis.synthesize(tiny_pipeline, [job], settings)
-    [same] = synthesis.synthesize(tiny_pipeline, [job], settings, first_candidate=0, score_single=True)
+    job = prepare_job(image, mask, 5, settings)
+    [plain] = synthesize(tiny_pipeline, [job], settings)
+    [same] = synthesize(tiny_pipeline, [job], settings, first_candidate=0, score_single=True)
     assert np.array_equal(np.asarray(plain.image), np.asarray(same.image))
-    with pytest.raises(synthesis.SynthesisError, match="next pair's seeds"):
-        synthesis.candidate_generators(0, 5, 2, "cpu", first=1008)
+    with pytest.raises(SynthesisError, match="next pair's seeds"):
+        candidate_generators(0, 5, 2, "cpu", first=1008)
 
 
 def test_the_export_is_read_by_dataset_mvtec_and_imagefolder(class_build):
@@ -259,7 +290,7 @@ def test_the_export_is_read_by_dataset_mvtec_and_imagefolder(class_build):
 
     out, _, _ = class_build
     rows = rows_of(out)
-    exported = build.default_export_dir(out)
+    exported = default_export_dir(out)
     loaded = dm.load_mvtec_defects(exported, "metal_nut")
     labels = sorted(r["defect_type"] for r in rows)
     assert sorted(loaded["defect_type"]) == labels
@@ -271,24 +302,24 @@ def test_the_export_is_read_by_dataset_mvtec_and_imagefolder(class_build):
     ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
     assert len(ds) == len(rows) and list(ds.to_dict().keys())[:1] == ["image"]
     assert len(dm.load_synthetic(out, defect_types=["combined"])) == sum(r["defect_type"] == "combined" for r in rows)
-    assert (out / rf.PREVIEW_FILENAME).is_file()
+    assert (out / PREVIEW_FILENAME).is_file()
 
 
 def test_named_adapter_paints_as_its_own_pipeline(class_runs, tiny_pipeline):
     """With both runs loaded as named adapters, the active one gives the same image as a pipeline holding only it."""
-    settings = synthesis.SynthesisSettings("A metal nut with sks", 64, 1, 2)
+    settings = SynthesisSettings("A metal nut with sks", 64, 1, 2)
     image = Image.open(SYNTHETIC_DATA / "metal_nut" / "train" / "good" / "001.png")
     mask = Image.open(SYNTHETIC_DATA / "metal_nut" / "ground_truth" / "scratch" / "004_mask.png")
-    job = synthesis.prepare_job(image, mask, 7, settings)
-    both = synthesis.load_pipeline(str(TINY_MODEL))
-    synthesis.load_named_adapters(both, {"color": str(class_runs / "color"), "scratch": str(class_runs / "scratch")})
-    synthesis.use_adapter(both, "scratch")
-    [named] = synthesis.synthesize(both, [job], settings)
-    alone = synthesis.load_pipeline(str(TINY_MODEL), lora=str(class_runs / "scratch"))
-    [single] = synthesis.synthesize(alone, [job], settings)
+    job = prepare_job(image, mask, 7, settings)
+    both = load_pipeline(str(TINY_MODEL))
+    load_named_adapters(both, {"color": str(class_runs / "color"), "scratch": str(class_runs / "scratch")})
+    use_adapter(both, "scratch")
+    [named] = synthesize(both, [job], settings)
+    alone = load_pipeline(str(TINY_MODEL), lora=str(class_runs / "scratch"))
+    [single] = synthesize(alone, [job], settings)
     assert np.abs(np.asarray(named.image).astype(int) - np.asarray(single.image).astype(int)).max() <= 1
-    synthesis.use_adapter(both, "color")
-    [other] = synthesis.synthesize(both, [job], settings)
+    use_adapter(both, "color")
+    [other] = synthesize(both, [job], settings)
     assert not np.array_equal(np.asarray(other.image), np.asarray(named.image))
 
 
@@ -298,14 +329,14 @@ def test_named_adapter_paints_as_its_own_pipeline(class_runs, tiny_pipeline):
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file of a build but the ones that record time (the summary, the rows: compared without their
     timing) or locks."""
-    skip = {build.SUMMARY_FILENAME, ".metadata.lock", rf.METADATA_FILENAME}
+    skip = {SUMMARY_FILENAME, ".metadata.lock", METADATA_FILENAME}
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
 
 
 def test_a_killed_build_resumes_without_duplicates_or_orphans(class_runs, tmp_path, monkeypatch):
     flags = ("--mask_source", "heldout", "--num_candidates", "1", "--batch_size", "1", "--num_images", "1")
     whole = run_build(class_runs, tmp_path / "whole", *flags)
-    real, calls = rf.save_synthesis_result, []
+    real, calls = SynthesisFolder.save_result, []
 
     def killed_on_second(*a, **k):  # the second item has written its defect and semantic masks, then dies (the kill)
         calls.append(1)
@@ -313,12 +344,12 @@ def test_a_killed_build_resumes_without_duplicates_or_orphans(class_runs, tmp_pa
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(build.rf, "save_synthesis_result", killed_on_second)
+    monkeypatch.setattr(SynthesisFolder, "save_result", killed_on_second)
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         run_build(class_runs, out, *flags)
     assert list((out / "defect_masks").glob("00001_*"))  # the orphans a kill leaves
-    monkeypatch.setattr(build.rf, "save_synthesis_result", real)
+    monkeypatch.setattr(SynthesisFolder, "save_result", real)
     run_build(class_runs, out, *flags)
     assert snapshot(out).keys() == snapshot(whole).keys()
     assert [k for k, content in snapshot(whole).items() if snapshot(out)[k] != content] == []
@@ -331,7 +362,7 @@ def test_a_killed_build_resumes_without_duplicates_or_orphans(class_runs, tmp_pa
 
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes_write_what_one_writes(class_runs, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "ACCELERATE_USE_CPU": "true"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     flags = ["--lora", str(class_runs), *FAST, "--num_candidates", "1", "--defects_per_image", "1:0.5,2:0.5", "--batch_size", "1"]
     script = str(REPO_ROOT / "build_dataset_defectfill.py")
     two = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

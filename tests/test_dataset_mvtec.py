@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 import dataset_mvtec as dm
-from scripts.make_synthetic_mvtec import generate_dataset
+from defectfill.runs.files import SPLIT_FILENAME
+from defectfill.tiny.synthetic_data import generate_dataset
 
 
 def test_synthetic_generator_is_deterministic_and_matches_bundled_copy(tmp_path, synthetic_data_dir):
@@ -106,7 +107,8 @@ def test_ordered_split_takes_first_third_by_file_name(synthetic_data_dir):
 
 @pytest.mark.parametrize(
     "total,fraction,count,expected",
-    [(20, 1 / 3, None, 7), (6, 1 / 3, None, 2), (3, 1 / 3, None, 1), (1, 1 / 3, None, 1), (5, 1.0, None, 4), (10, 0.5, 3, 3), (4, 1 / 3, 9, 3)],
+    [(20, 1 / 3, None, 7), (6, 1 / 3, None, 2), (3, 1 / 3, None, 1), (1, 1 / 3, None, 1), (5, 1.0, None, 4), (10, 0.5, 3, 3),
+     (4, 1 / 3, 9, 3)],
 )
 def test_num_train_images(total, fraction, count, expected):
     assert dm.num_train_images(total, fraction, count) == expected
@@ -121,7 +123,7 @@ def test_random_split_is_seeded_and_saved_split_reproduces(tmp_path, synthetic_d
     for entry in first["defect_types"].values():
         assert len(entry["train"]) == 3 and len(entry["heldout"]) == 3
         assert not set(entry["train"]) & set(entry["heldout"])
-    path = dm.save_split(first, tmp_path / "run" / dm.SPLIT_FILENAME)
+    path = dm.save_split(first, tmp_path / "run" / SPLIT_FILENAME)
     assert dm.load_split(path) == json.loads(json.dumps(first))
     train = dm.select_split(ds, dm.load_split(path), "train")
     assert sorted(train["image_path"]) == sorted(p for e in first["defect_types"].values() for p in e["train"])

@@ -1,4 +1,4 @@
-"""downstream_defectfill.py (issue #14): metrics against hand-computed cases, the copy-paste baseline,
+"""downstream_defectfill.py: metrics against hand-computed cases, the copy-paste baseline,
 and end-to-end runs on the bundled data with a synthetic set built by hand (no diffusion model)."""
 
 from __future__ import annotations
@@ -12,9 +12,17 @@ import torch
 from PIL import Image
 
 import dataset_mvtec as dm
-import downstream_data as dd
-import downstream_metrics as metrics
-from run_files import METADATA_FILENAME, SynthesisRecord, output_names
+from defectfill.data.split import merge_splits
+from defectfill.downstream import data as copy_paste_module
+from defectfill.downstream.data import augment_batch, copy_paste_set, mask_center, real_defects, train_good_set
+from defectfill.downstream.metrics import au_pro, auroc, average_precision, f1_max, image_scores_from_maps, localization_metrics, pro_curve
+from defectfill.downstream.models import split_validation, train_localizer
+from defectfill.downstream.report import CURVES_FILENAME, MAPS_FILENAME, RESULTS_FILENAME, format_cell, summarize, thin_curve
+from defectfill.downstream.sources import SyntheticSource, count_test_set_reuse, parse_synthetic_entry
+from defectfill.errors import DownstreamError
+from defectfill.runs.files import METADATA_FILENAME
+from defectfill.runs.folder import output_names
+from defectfill.runs.records import SynthesisRecord
 from tests.conftest import REPO_ROOT
 
 # ----------------------------------------------------------------------------------------------------
@@ -31,7 +39,7 @@ def two_image_masks() -> np.ndarray:
 
 def test_a_perfect_map_scores_one_everywhere():
     masks = two_image_masks()
-    figures = metrics.localization_metrics(torch.tensor(masks, dtype=torch.float32), torch.tensor(masks))
+    figures = localization_metrics(torch.tensor(masks, dtype=torch.float32), torch.tensor(masks))
     assert figures == pytest.approx({k: 1.0 for k in figures})
 
 
@@ -39,11 +47,11 @@ def test_a_constant_map_scores_chance():
     masks = two_image_masks()
     constant = np.full(masks.shape, 0.3)
     prevalence = masks.mean()  # 8 / 128
-    assert metrics.auroc(constant, masks) == pytest.approx(0.5)
-    assert metrics.average_precision(constant, masks) == pytest.approx(prevalence)
-    assert metrics.f1_max(constant, masks) == pytest.approx(2 * prevalence / (1 + prevalence), rel=1e-6)
+    assert auroc(constant, masks) == pytest.approx(0.5)
+    assert average_precision(constant, masks) == pytest.approx(prevalence)
+    assert f1_max(constant, masks) == pytest.approx(2 * prevalence / (1 + prevalence), rel=1e-6)
     # PRO curve (0, 0) -> (1, 1): area up to 0.3 is 0.3^2 / 2, divided by 0.3.
-    assert metrics.au_pro(constant, masks) == pytest.approx(0.15)
+    assert au_pro(constant, masks) == pytest.approx(0.15)
 
 
 def test_au_pro_of_a_hand_computed_map():
@@ -51,10 +59,10 @@ def test_au_pro_of_a_hand_computed_map():
     # 0.9 -> FPR 0, PRO 1/2; 0.5 -> FPR 1/2, PRO 1/2; 0.2 -> FPR 1/2, PRO 1; 0.1 -> FPR 1, PRO 1.
     masks = np.array([[[True, True, False, False]]])
     scores = np.array([[[0.9, 0.2, 0.5, 0.1]]])
-    fpr, pro = metrics.pro_curve(scores, masks)
+    fpr, pro = pro_curve(scores, masks)
     assert fpr.tolist() == [0, 0, 0.5, 0.5, 1] and pro.tolist() == [0, 0.5, 0.5, 1, 1]
-    assert metrics.au_pro(scores, masks, fpr_limit=0.3) == pytest.approx(0.5)  # 0.3 * 0.5 / 0.3
-    assert metrics.au_pro(scores, masks, fpr_limit=0.6) == pytest.approx((0.5 * 0.5 + 0.1 * 1) / 0.6)
+    assert au_pro(scores, masks, fpr_limit=0.3) == pytest.approx(0.5)  # 0.3 * 0.5 / 0.3
+    assert au_pro(scores, masks, fpr_limit=0.6) == pytest.approx((0.5 * 0.5 + 0.1 * 1) / 0.6)
 
 
 def test_au_pro_averages_regions_not_pixels():
@@ -63,7 +71,7 @@ def test_au_pro_averages_regions_not_pixels():
     # overlap would say 2/4.
     masks = np.array([[[True, False, True, True, True, False]]])
     scores = np.array([[[0.9, 0.3, 0.8, 0.1, 0.1, 0.2]]])
-    assert metrics.au_pro(scores, masks) == pytest.approx(2 / 3)
+    assert au_pro(scores, masks) == pytest.approx(2 / 3)
 
 
 def brute_force_au_pro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> float:
@@ -92,7 +100,7 @@ def test_au_pro_matches_a_brute_force_count_on_random_maps():
     masks[1, 5:7, :] = True
     maps = rng.random(masks.shape).round(2) + masks * 0.3  # ties, and defects score higher on average
     for limit in (0.3, 1.0):
-        assert metrics.au_pro(maps, masks, limit) == pytest.approx(brute_force_au_pro(maps, masks, limit), abs=2e-3)
+        assert au_pro(maps, masks, limit) == pytest.approx(brute_force_au_pro(maps, masks, limit), abs=2e-3)
 
 
 def test_image_score_is_the_max_of_the_pooled_map():
@@ -100,12 +108,12 @@ def test_image_score_is_the_max_of_the_pooled_map():
     maps[0, 2, 2] = 1.0
     maps[1] = 0.5
     # 3x3 mean around the single hot pixel: 1/9; a constant map stays constant (away from the zero padding).
-    assert metrics.image_scores_from_maps(maps, pool_size=3).tolist() == pytest.approx([1 / 9, 0.5])
+    assert image_scores_from_maps(maps, pool_size=3).tolist() == pytest.approx([1 / 9, 0.5])
 
 
 def test_metrics_refuse_a_single_class():
     with pytest.raises(ValueError, match="one class"):
-        metrics.auroc([0.1, 0.2], [1, 1])
+        auroc([0.1, 0.2], [1, 1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -118,38 +126,38 @@ def test_copy_paste_keeps_the_background_exact_and_moves_the_defect():
     good, defect = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
     mask = np.zeros((16, 16), dtype=bool)
     mask[2:5, 3:6] = True  # centre (3, 4)
-    image, moved = dd.copy_paste(good, defect, mask, target_center=(10, 8))
-    assert moved.sum() == mask.sum() and dd.mask_center(moved) == (10, 8)
+    image, moved = copy_paste_module.copy_paste(good, defect, mask, target_center=(10, 8))
+    assert moved.sum() == mask.sum() and mask_center(moved) == (10, 8)
     assert np.array_equal(image[~moved], good[~moved])
     assert np.array_equal(image[moved], defect[mask])
     # A target near the border: the shift is clipped so the whole defect stays in the image.
-    _, clipped = dd.copy_paste(good, defect, mask, target_center=(15, 15))
+    _, clipped = copy_paste_module.copy_paste(good, defect, mask, target_center=(15, 15))
     assert clipped.sum() == mask.sum() and clipped[13:16, 13:16].all()
 
 
 def test_copy_paste_set_follows_the_targets_types_and_positions(synthetic_data_dir):
     split = dm.few_shot_split(dm.load_mvtec_defects(synthetic_data_dir, "metal_nut"))
-    real = dd.real_defects(synthetic_data_dir, "metal_nut", split, "train", 64)
-    goods = dd.train_good_set(synthetic_data_dir, "metal_nut", 64)
-    targets = dd.real_defects(synthetic_data_dir, "metal_nut", split, "heldout", 64)
-    pasted = dd.copy_paste_set(real, goods, targets, count=len(targets), seed=0)
+    real = real_defects(synthetic_data_dir, "metal_nut", split, "train", 64)
+    goods = train_good_set(synthetic_data_dir, "metal_nut", 64)
+    targets = real_defects(synthetic_data_dir, "metal_nut", split, "heldout", 64)
+    pasted = copy_paste_set(real, goods, targets, count=len(targets), seed=0)
     assert pasted.defect_types == targets.defect_types
     for index in range(len(pasted)):
         assert pasted.masks[index].any()
-        row, col = dd.mask_center(pasted.masks[index].numpy())
-        target_row, target_col = dd.mask_center(targets.masks[index].numpy())
+        row, col = mask_center(pasted.masks[index].numpy())
+        target_row, target_col = mask_center(targets.masks[index].numpy())
         # at the target's centre unless clipping at the border moved it
         assert (row, col) == (target_row, target_col) or not pasted.masks[index][1:-1, 1:-1].all()
-    assert dd.copy_paste_set(real, goods, targets, len(targets), seed=0).images.equal(pasted.images)
+    assert copy_paste_set(real, goods, targets, len(targets), seed=0).images.equal(pasted.images)
 
 
 def test_merge_splits_refuses_two_different_splits_of_one_defect_type():
     a = {"defect_types": {"color": {"train": ["x/1.png"], "heldout": ["x/2.png"]}}}
     b = {"defect_types": {"color": {"train": ["x/2.png"], "heldout": ["x/1.png"]}}}
     scratch = {"defect_types": {"scratch": {"train": ["y/1.png"], "heldout": ["y/2.png"]}}}
-    assert sorted(dd.merge_splits([("a", a), ("s", scratch)])["defect_types"]) == ["color", "scratch"]
+    assert sorted(merge_splits([("a", a), ("s", scratch)])["defect_types"]) == ["color", "scratch"]
     with pytest.raises(dm.DatasetError, match="differ for defect type 'color'"):
-        dd.merge_splits([("a", a), ("b", b)])
+        merge_splits([("a", a), ("b", b)])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,10 +172,10 @@ def synthetic_folder(tmp_path_factory, synthetic_data_dir):
     positions, at full resolution, with synthesis.json carrying the ordered split."""
     folder = tmp_path_factory.mktemp("synthetic") / "handmade-metal_nut"
     split = dm.few_shot_split(dm.load_mvtec_defects(synthetic_data_dir, "metal_nut"))
-    real = dd.real_defects(synthetic_data_dir, "metal_nut", split, "train", 128)
-    goods = dd.train_good_set(synthetic_data_dir, "metal_nut", 128)
-    targets = dd.real_defects(synthetic_data_dir, "metal_nut", split, "heldout", 128)
-    pasted = dd.copy_paste_set(real, goods, targets, count=2 * len(targets), seed=1)
+    real = real_defects(synthetic_data_dir, "metal_nut", split, "train", 128)
+    goods = train_good_set(synthetic_data_dir, "metal_nut", 128)
+    targets = real_defects(synthetic_data_dir, "metal_nut", split, "heldout", 128)
+    pasted = copy_paste_set(real, goods, targets, count=2 * len(targets), seed=1)
     rows = []
     for index in range(len(pasted)):
         image_name, mask_name = output_names(index)
@@ -203,8 +211,8 @@ def test_end_to_end_writes_the_table_and_json_and_beats_random_init(tmp_path, sy
     for row in ("| untrained |", "| real_only |", "| copy_paste |", "| handmade |", "| SeaS (reported) |"):
         assert row in printed
     assert "random init" in printed
-    assert json.loads((tmp_path / "run" / downstream.RESULTS_FILENAME).read_text()) == json.loads(json.dumps(results))
-    assert (tmp_path / "run" / downstream.CURVES_FILENAME).is_file() and (tmp_path / "run" / downstream.MAPS_FILENAME).is_file()
+    assert json.loads((tmp_path / "run" / RESULTS_FILENAME).read_text()) == json.loads(json.dumps(results))
+    assert (tmp_path / "run" / CURVES_FILENAME).is_file() and (tmp_path / "run" / MAPS_FILENAME).is_file()
     assert results["test_set"] == {"color": 4, "good": 4, "scratch": 4} and results["classes"] == ["color", "scratch"]
     summary = results["summary"]
     assert summary["copy_paste"]["pixel_ap"]["mean"] > summary["untrained"]["pixel_ap"]["mean"] + 0.02
@@ -220,16 +228,14 @@ def test_bad_inputs_name_the_flag(tmp_path, synthetic_data_dir):
     import downstream_defectfill as downstream
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(downstream.DownstreamError, match="no metadata.jsonl"):
+    with pytest.raises(DownstreamError, match="no metadata.jsonl"):
         downstream.main(downstream.parse_args(["--synthetic", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o")]))
-    with pytest.raises(downstream.DownstreamError, match="--split_file"):
+    with pytest.raises(DownstreamError, match="--split_file"):
         downstream.main(downstream.parse_args(["--data_dir", str(synthetic_data_dir), "--object_class", "metal_nut",
                                                "--output_dir", str(tmp_path / "o")]))
 
 
 def test_synthetic_rows_made_from_the_test_set_are_counted(tmp_path):
-    import downstream_defectfill as downstream
-
     split = {"defect_types": {"color": {"train": ["metal_nut/test/color/000.png"], "heldout": ["metal_nut/test/color/003.png"]}}}
     rows = [
         {"source_mask": "data/metal_nut/ground_truth/color/003_mask.png", "source_image": "data/metal_nut/train/good/001.png"},
@@ -238,29 +244,27 @@ def test_synthetic_rows_made_from_the_test_set_are_counted(tmp_path):
     ]
     (tmp_path / METADATA_FILENAME).write_text("".join(
         json.dumps({"file_name": f"images/{i}.png", "mask_file_name": f"masks/{i}.png", **row}) + "\n" for i, row in enumerate(rows)))
-    source = downstream.SyntheticSource("s", [tmp_path], [None])
-    assert downstream.count_test_set_reuse(source, split) == {"masks": 1, "images": 1, "rows": 3}
+    source = SyntheticSource("s", [tmp_path], [None])
+    assert count_test_set_reuse(source, split) == {"masks": 1, "images": 1, "rows": 3}
 
 
 def test_augmentation_moves_image_and_mask_together():
     masks = torch.zeros(6, 8, 8)
     masks[:, 1:3, 2:7] = 1  # not symmetric under flips or turns
     images = masks[:, None].repeat(1, 3, 1, 1) * 0.8 + 0.1
-    out_images, out_masks = dd.augment_batch(images, masks, torch.Generator().manual_seed(0))
+    out_images, out_masks = augment_batch(images, masks, torch.Generator().manual_seed(0))
     assert not torch.equal(out_masks, masks)  # six draws: some flip or turn happened
     for image, mask in zip(out_images, out_masks):
         assert torch.equal(image[0] > image[0].mean(), mask.bool())
 
 
 def test_small_helpers_of_the_report():
-    import downstream_defectfill as downstream
-
-    assert downstream.parse_synthetic_entry("ours=a/x,a/y") == ("ours", [Path("a/x"), Path("a/y")])
-    assert downstream.parse_synthetic_entry("a/x") == ("x", [Path("a/x")])
-    assert downstream.summarize([0.5, 0.7, None]) == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1414213), "n": 2}
-    assert downstream.format_cell(downstream.summarize([0.5, 0.7])) == "60.0 ± 14.1"
+    assert parse_synthetic_entry("ours=a/x,a/y") == ("ours", [Path("a/x"), Path("a/y")])
+    assert parse_synthetic_entry("a/x") == ("x", [Path("a/x")])
+    assert summarize([0.5, 0.7, None]) == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1414213), "n": 2}
+    assert format_cell(summarize([0.5, 0.7])) == "60.0 ± 14.1"
     x = np.linspace(0, 1, 10001)
-    thin_x, thin_y = downstream.thin_curve(x, x ** 2, points=101)
+    thin_x, thin_y = thin_curve(x, x ** 2, points=101)
     assert len(thin_x) == 101 and thin_x[0] == 0 and thin_x[-1] == 1 and np.allclose(thin_y, thin_x ** 2)
 
 
@@ -268,17 +272,17 @@ def test_early_stopping_chooses_on_a_validation_set_carved_from_training(synthet
     import downstream_defectfill as downstream
 
     split = dm.few_shot_split(dm.load_mvtec_defects(synthetic_data_dir, "metal_nut"))
-    goods = dd.train_good_set(synthetic_data_dir, "metal_nut", 32)
-    real = dd.real_defects(synthetic_data_dir, "metal_nut", split, "train", 32)
-    defects = dd.copy_paste_set(real, goods, None, count=8, seed=0)
+    goods = train_good_set(synthetic_data_dir, "metal_nut", 32)
+    real = real_defects(synthetic_data_dir, "metal_nut", split, "train", 32)
+    defects = copy_paste_set(real, goods, None, count=8, seed=0)
     args = downstream.parse_args(["--resolution", "32", "--encoder", "resnet18", "--encoder_depth", "3",
                                   "--decoder_channels", "16", "16", "16", "--epochs", "3", "--samples_per_epoch", "8",
                                   "--validation_fraction", "0.25", "--patience", "1", "--no-progress"])
-    _, history = downstream.train_localizer(args, defects, goods, seed=0, device="cpu", augment=False, label="test")
+    _, history = train_localizer(args, defects, goods, seed=0, device="cpu", augment=False, label="test")
     assert 1 <= len(history["validation_pixel_ap"]) <= 3 and len(history["loss"]) == len(history["validation_pixel_ap"])
     best = int(np.argmax(history["validation_pixel_ap"])) + 1
     assert history["epoch_kept"] == best
-    train_part, validation_part = downstream.split_validation(defects, 0.25, seed=0)
+    train_part, validation_part = split_validation(defects, 0.25, seed=0)
     assert len(validation_part) == 2 and not set(train_part.names) & set(validation_part.names)
 
 

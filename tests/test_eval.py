@@ -10,7 +10,10 @@ import torch
 
 import eval_defectfill as ev
 import infer_defectfill as infer
-from synthesis import LpipsModel
+from defectfill import evaluation
+from defectfill.errors import EvaluationError
+from defectfill.evaluation import kid_score, stability_warnings
+from defectfill.scoring import LpipsModel
 
 
 class TinyFeatures(torch.nn.Module):
@@ -38,23 +41,23 @@ def l1_distance(a, b):
 
 def test_kid_of_a_set_against_itself_is_about_zero():
     images = random_images(12, 0)
-    same = ev.kid_score(images, images.clone(), TinyFeatures(), subsets=20)
-    different = ev.kid_score(images, random_images(12, 1, low=100, high=255), TinyFeatures(), subsets=20)
-    assert abs(same["kid"]) < 0.05 * different["kid"] and different["kid"] > 0  # measured: 0.0019 vs 0.082
+    same = kid_score(images, images.clone(), TinyFeatures(), subsets=20)
+    different = kid_score(images, random_images(12, 1, low=100, high=255), TinyFeatures(), subsets=20)
+    assert abs(same["kid"]) < 0.05 * different["kid"] and different["kid"] > 0
     assert (same["kid_subsets"], same["kid_subset_size"]) == (20, 12)  # min(real, generated, 1000)
-    capped = ev.kid_score(images, images.clone(), TinyFeatures(), subsets=3, max_subset_size=5)
+    capped = kid_score(images, images.clone(), TinyFeatures(), subsets=3, max_subset_size=5)
     assert capped["kid_subset_size"] == 5
 
 
 def test_kid_needs_two_images():
-    with pytest.raises(ev.EvaluationError, match="at least 2 real and 2 generated images.*1 real and 5 generated"):
-        ev.kid_score(random_images(1, 0), random_images(5, 1), TinyFeatures())
+    with pytest.raises(EvaluationError, match="at least 2 real and 2 generated images.*1 real and 5 generated"):
+        kid_score(random_images(1, 0), random_images(5, 1), TinyFeatures())
 
 
 def test_ic_lpips_of_identical_images_is_zero():
     image = random_images(1, 0).float() / 127.5 - 1
     generated = image.repeat(4, 1, 1, 1)
-    result = ev.ic_lpips(generated, image.repeat(2, 1, 1, 1), l1_distance)
+    result = evaluation.ic_lpips(generated, image.repeat(2, 1, 1, 1), l1_distance)
     assert result["ic_lpips"] == 0 and np.isnan(result["ic_lpips_nonzero"])
 
 
@@ -64,11 +67,11 @@ def test_ic_lpips_as_dfmgan_defines_it_by_hand():
     all centres, and 0.4 over the non-zero clusters."""
     centres = torch.stack([torch.full((3, 8, 8), v) for v in (-1.0, 1.0, 0.0)])
     generated = torch.stack([torch.full((3, 8, 8), v) for v in (-0.9, -0.5, 0.9)])
-    result = ev.ic_lpips(generated, centres, l1_distance)
+    result = evaluation.ic_lpips(generated, centres, l1_distance)
     assert result["cluster_sizes"] == [2, 1, 0]
     assert result["ic_lpips"] == pytest.approx(0.4 / 3) and result["ic_lpips_nonzero"] == pytest.approx(0.4)
     # A cluster keeps its first members only (DFMGAN caps at 200).
-    assert ev.ic_lpips(generated, centres, l1_distance, max_cluster_size=1)["cluster_sizes"] == [1, 1, 0]
+    assert evaluation.ic_lpips(generated, centres, l1_distance, max_cluster_size=1)["cluster_sizes"] == [1, 1, 0]
 
 
 def test_ic_lpips_with_the_real_lpips_network():
@@ -77,12 +80,12 @@ def test_ic_lpips_with_the_real_lpips_network():
     a, b = random_images(2, 3, size=32).float() / 127.5 - 1
     expected = lpips_distance(a[None], b[None]).item()
     assert expected > 0
-    assert ev.ic_lpips(torch.stack([a, b]), a[None] * 0.5, lpips_distance)["ic_lpips"] == pytest.approx(expected, rel=1e-5)
+    assert evaluation.ic_lpips(torch.stack([a, b]), a[None] * 0.5, lpips_distance)["ic_lpips"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_too_few_images_are_flagged():
-    assert len(ev.stability_warnings(4, 4, 2)) == 2
-    assert ev.stability_warnings(1000, 120, 20) == []
+    assert len(stability_warnings(4, 4, 2)) == 2
+    assert stability_warnings(1000, 120, 20) == []
 
 
 def test_evaluation_of_an_inference_folder(tiny_run, tmp_path, capsys):
@@ -100,6 +103,6 @@ def test_evaluation_of_an_inference_folder(tiny_run, tmp_path, capsys):
 
 
 def test_folder_that_is_not_an_inference_output(tmp_path):
-    with pytest.raises(ev.EvaluationError, match="has no metadata.jsonl"):
+    with pytest.raises(EvaluationError, match="has no metadata.jsonl"):
         ev.main(ev.parse_args(["--generated", str(tmp_path), "--real_dir", str(tmp_path)]), feature=TinyFeatures(),
                 distance=l1_distance)

@@ -10,14 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import infer_defectfill as infer
-import run_files as rf
-import synthesis
-from synthesis import SynthesisError
-from tests.conftest import SYNTHETIC_DATA, TINY_MODEL
+from defectfill import synthesis
+from defectfill.errors import DatasetError, RunFileError, SynthesisError
+from defectfill.runs.files import LORA_FILENAME, METADATA_FILENAME, PREVIEW_FILENAME, RUN_FILENAME, SYNTHESIS_FILENAME
+from defectfill.runs.folder import read_metadata
+from defectfill.runs.records import RunRecord, SynthesisRecord
+from defectfill.scoring import LpipsModel
+from defectfill.synthesis import select_candidate
+from tests.conftest import REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL
 
 FAST = ("--num_inference_steps", "2", "--num_candidates", "3")
 
@@ -50,7 +55,7 @@ def small_pair(tmp_path, size=64):
 def test_single_mode_selects_argmax_and_keeps_background(tiny_run, tmp_path):
     image_path, mask_path = small_pair(tmp_path)
     out = run(tiny_run, tmp_path / "out", "--image_path", str(image_path), "--mask_path", str(mask_path), "--save_candidates")
-    row = json.loads((out / rf.METADATA_FILENAME).read_text().splitlines()[0])
+    row = json.loads((out / METADATA_FILENAME).read_text().splitlines()[0])
     assert row["candidate"] == 1 and row["lpips"] == pytest.approx(0.9) and row["prompt"] == "A metal nut with sks"
     generated = np.asarray(Image.open(out / row["file_name"]))
     clean = np.asarray(Image.open(image_path).convert("RGB"))
@@ -77,7 +82,7 @@ def test_batch_mode_from_the_run_split_full_resolution(tiny_run, tmp_path):
         mask = np.asarray(row["mask"]) > 127
         assert generated.shape == clean.shape == (128, 128, 3)  # full resolution, not the model's 64
         assert np.array_equal(generated[~mask], clean[~mask])
-    assert (out / rf.PREVIEW_FILENAME).is_file() and (out / rf.SYNTHESIS_FILENAME).is_file()
+    assert (out / PREVIEW_FILENAME).is_file() and (out / SYNTHESIS_FILENAME).is_file()
 
 
 def test_same_seed_same_images_whatever_the_batch_size(tiny_run, tmp_path):
@@ -105,12 +110,13 @@ def test_rerun_skips_existing_outputs(tiny_run, tmp_path, monkeypatch):
     before = {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
     calls = []
     real = synthesis.generate_candidates
-    monkeypatch.setattr(synthesis, "generate_candidates", lambda pipe, jobs, s, *rest: calls.append(len(jobs)) or real(pipe, jobs, s, *rest))
+    monkeypatch.setattr(synthesis, "generate_candidates",
+                        lambda pipe, jobs, s, *rest: calls.append(len(jobs)) or real(pipe, jobs, s, *rest))
     run(tiny_run, out, "--num_images", "3")
     assert calls == [] and {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == before
     (out / "images" / "00001.png").unlink()
     run(tiny_run, out, "--num_images", "3")
-    assert calls == [1] and len(rf.read_metadata(out)) == 3
+    assert calls == [1] and len(read_metadata(out)) == 3
 
 
 def test_interrupted_run_leaves_no_partial_files(tiny_run, tmp_path, monkeypatch):
@@ -129,11 +135,11 @@ def test_interrupted_run_leaves_no_partial_files(tiny_run, tmp_path, monkeypatch
     assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png"]
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["00000_mask.png"]
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
-    assert list(rf.read_metadata(out)) == ["images/00000.png"]
+    assert list(read_metadata(out)) == ["images/00000.png"]
 
 
 def test_lpips_scorer_sees_only_the_mask():
-    scorer = synthesis.LpipsModel("alex", pretrained_backbone=False).masked_scores  # real lpips code, random backbone (offline)
+    scorer = LpipsModel("alex", pretrained_backbone=False).masked_scores  # real lpips code, random backbone (offline)
     rng = np.random.default_rng(0)
     clean = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
     mask = np.zeros((64, 64), dtype=np.uint8)
@@ -147,12 +153,12 @@ def test_lpips_scorer_sees_only_the_mask():
     # Deep LPIPS features see a little past the mask's edge; with --composite (the default) candidates
     # equal the clean image outside the mask anyway.
     assert scores[1] > 5 * max(scores[2], 1e-6)
-    assert synthesis.select_candidate(scores) == 1
+    assert select_candidate(scores) == 1
 
 
 def test_without_crop_the_whole_image_is_resized(tiny_run, tmp_path):
     out = run(tiny_run, tmp_path / "out", "--num_images", "1", "--no-crop_to_mask")
-    row = json.loads((out / rf.METADATA_FILENAME).read_text())
+    row = json.loads((out / METADATA_FILENAME).read_text())
     assert row["crop_box"] == [0, 0, 128, 128]
     assert Image.open(out / row["file_name"]).size == (128, 128)
 
@@ -162,7 +168,7 @@ def test_single_candidate_needs_no_scorer(tiny_run, tmp_path):
     args = infer.parse_args(["--lora", str(tiny_run), "--output_dir", str(tmp_path / "o"), "--num_inference_steps", "2",
                              "--num_candidates", "1", "--image_path", str(image_path), "--mask_path", str(mask_path)])
     out = infer.main(args)  # no LPIPS model is built
-    assert json.loads((out / rf.METADATA_FILENAME).read_text())["candidate"] == 0
+    assert json.loads((out / METADATA_FILENAME).read_text())["candidate"] == 0
 
 
 def test_push_to_hub_uploads_a_dataset_repo(tiny_run, tmp_path, monkeypatch):
@@ -206,7 +212,7 @@ def test_folders_without_images_cannot_be_paired(tiny_run, tmp_path):
 
 def test_run_folder_without_lora_weights(tmp_path):
     (tmp_path / "run").mkdir()
-    with pytest.raises(SynthesisError, match="has no pytorch_lora_weights.safetensors"):
+    with pytest.raises(RunFileError, match="has no pytorch_lora_weights.safetensors"):
         infer.main(infer.parse_args(["--lora", str(tmp_path / "run")]))
 
 
@@ -239,7 +245,7 @@ def test_base_that_is_not_inpainting_is_rejected(tiny_run, tmp_path, tiny_model_
 
 def test_lora_that_is_neither_folder_nor_reachable_repo(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SynthesisError, match="--lora someone/missing-run is not a local folder"):
+    with pytest.raises(RunFileError, match="--lora someone/missing-run is not a local folder"):
         infer.main(infer.parse_args(["--lora", "someone/missing-run", "--output_dir", str(tmp_path / "o")]))
 
 
@@ -253,25 +259,26 @@ def test_lpips_without_backbone_weights_says_how_to_provide_them(monkeypatch):
 
     monkeypatch.setattr(torchvision.models, "alexnet", offline)
     with pytest.raises(SynthesisError, match=r"backbone weights.*\$TORCH_HOME/hub/checkpoints.*--num_candidates 1"):
-        synthesis.LpipsModel("alex")
+        LpipsModel("alex")
 
 
 # ------------------------------------------------------------------------------------ training scale
 
 
 def test_synthesis_follows_the_scale_the_run_trained_at(tiny_run, tmp_path):
-    record = rf.RunRecord.read(tiny_run)
-    assert (record.defect_crop_probability, record.crop_context, record.max_scale) == (0.75, 0.5, 1.125)  # configs/tiny.yaml
+    record = RunRecord.read(tiny_run)
+    config = yaml.safe_load((REPO_ROOT / "configs" / "tiny.yaml").read_text())
+    assert record.defect_crop_probability == config["defect_crop_probability"] > 0 and record.max_scale == config["max_scale"]
     out = run(tiny_run, tmp_path / "out", "--num_images", "1")
-    synthesis_record = rf.SynthesisRecord.read(out)
-    assert synthesis_record.crop_to_mask and synthesis_record.crop_context == 0.5
+    synthesis_record = SynthesisRecord.read(out)
+    assert synthesis_record.crop_to_mask and synthesis_record.crop_context == record.crop_context
     assert synthesis_record.scale_source == "the run's training scale"
-    row = json.loads((out / rf.METADATA_FILENAME).read_text())
-    assert row["crop_box"] != [0, 0, 128, 128]  # a crop around the mask, as the run trained half its samples
+    row = json.loads((out / METADATA_FILENAME).read_text())
+    assert row["crop_box"] != [0, 0, 128, 128]  # a crop around the mask, as the run trained some of its samples
 
     flagged = run(tiny_run, tmp_path / "flags", "--num_images", "1", "--no-crop_to_mask")
-    assert rf.SynthesisRecord.read(flagged).scale_source == "flags"
-    assert not rf.SynthesisRecord.read(flagged).crop_to_mask
+    assert SynthesisRecord.read(flagged).scale_source == "flags"
+    assert not SynthesisRecord.read(flagged).crop_to_mask
 
 
 def test_a_run_trained_on_whole_images_is_applied_to_whole_images(tiny_run, tmp_path):
@@ -281,21 +288,21 @@ def test_a_run_trained_on_whole_images_is_applied_to_whole_images(tiny_run, tmp_
                          ("old", {"defect_crop_probability": None, "crop_context": None, "max_scale": None, "version": 1})):
         other = tmp_path / name
         shutil.copytree(tiny_run, other, ignore=shutil.ignore_patterns("checkpoint-*"))
-        payload = json.loads((other / rf.RUN_FILENAME).read_text())
+        payload = json.loads((other / RUN_FILENAME).read_text())
         payload.update(change)
         payload = {k: v for k, v in payload.items() if v is not None}
-        (other / rf.RUN_FILENAME).write_text(json.dumps(payload))
+        (other / RUN_FILENAME).write_text(json.dumps(payload))
         out = run(other, tmp_path / f"out-{name}", "--num_images", "1")
-        assert not rf.SynthesisRecord.read(out).crop_to_mask, name
-        assert json.loads((out / rf.METADATA_FILENAME).read_text())["crop_box"] == [0, 0, 128, 128], name
+        assert not SynthesisRecord.read(out).crop_to_mask, name
+        assert json.loads((out / METADATA_FILENAME).read_text())["crop_box"] == [0, 0, 128, 128], name
 
 
 def test_prompt_without_a_run_file_names_the_missing_flag(tiny_run, tmp_path):
     """A LoRA trained elsewhere (no defectfill_run.json): --prompt alone cannot find the good images."""
     bare = tmp_path / "bare"
     bare.mkdir()
-    shutil.copy(tiny_run / rf.LORA_FILENAME, bare / rf.LORA_FILENAME)
+    shutil.copy(tiny_run / LORA_FILENAME, bare / LORA_FILENAME)
     args = infer.parse_args(["--lora", str(bare), "--pretrained_model_name_or_path", str(TINY_MODEL), "--prompt", "A metal nut with sks",
                              "--data_dir", str(SYNTHETIC_DATA), "--output_dir", str(tmp_path / "o"), *FAST])
-    with pytest.raises(SynthesisError, match="--object_class is needed"):
+    with pytest.raises(DatasetError, match="--object_class is needed"):
         infer.main(args, scorer=FixedScorer([0.1, 0.9, 0.3]))

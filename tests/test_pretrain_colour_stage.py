@@ -1,4 +1,4 @@
-"""The later stages of scripts/pretrain_tiny_model.py (issue #17): the colour stage (the VAE learns near-flat
+"""The later stages of scripts/pretrain_tiny_model.py: the colour stage (the VAE learns near-flat
 surfaces of every colour, with thin lines, blobs and patterns on them, and keeps the latents the UNet was trained
 on) and the v-prediction stage (the UNet turned into a velocity predictor); each gives the same weights (up to float
 rounding) whether it runs after the stages before it or on their saved output (--init_from)."""
@@ -13,21 +13,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scripts import defect_families as families
-from scripts import pretrain_tiny_model as pretrain
+from defectfill.tiny.families import UNSEEN_HUE_BANDS
+from defectfill.tiny.pretrain import COLOUR_SETTINGS, FROM_SCRATCH_SETTINGS, main, surface_crop
 from tests.conftest import TINY_MODEL
 
 
 def test_surface_crops_are_images_that_cover_the_hue_bands_no_caption_names():
     rng = np.random.default_rng(0)
-    crops = [pretrain.surface_crop(rng, 32) for _ in range(300)]
+    crops = [surface_crop(rng, 32) for _ in range(300)]
     assert all(crop.shape == (32, 32, 3) and crop.min() >= 0 and crop.max() <= 255 for crop in crops)
     hues = []
     for crop in crops:
         hue, saturation, value = colorsys.rgb_to_hsv(*(np.median(crop.reshape(-1, 3), axis=0) / 255))
         if saturation > 0.4 and value > 0.3:
             hues.append(hue * 360)
-    for low, high in families.UNSEEN_HUE_BANDS:  # the VAE sees the colours the families' defects are made of
+    for low, high in UNSEEN_HUE_BANDS:  # the VAE sees the colours the families' defects are made of
         assert sum(low <= hue <= high for hue in hues) >= 5, (low, high)
     # some are near-flat (the surfaces the first VAE stage got wrong), some carry a line, a blob or a pattern
     spreads = np.array([crop.std(axis=(0, 1)).max() for crop in crops])
@@ -35,8 +35,8 @@ def test_surface_crops_are_images_that_cover_the_hue_bands_no_caption_names():
 
 
 def test_surface_crops_are_deterministic_for_a_seed():
-    first = [pretrain.surface_crop(np.random.default_rng(3), 16) for _ in range(3)]
-    second = [pretrain.surface_crop(np.random.default_rng(3), 16) for _ in range(3)]
+    first = [surface_crop(np.random.default_rng(3), 16) for _ in range(3)]
+    second = [surface_crop(np.random.default_rng(3), 16) for _ in range(3)]
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
 
 
@@ -59,13 +59,13 @@ def weights(model_dir):
 @pytest.mark.slow  # five short pre-training runs, about 40 s
 def test_later_stages_on_a_saved_model_give_the_weights_of_a_run_from_scratch(tmp_path):
     few = ["--vae_steps", "2", "--unet_steps", "2", "--batch_size", "8"]
-    first = pretrain.main([*few, "--colour_vae_steps", "0", "--v_prediction_steps", "0", "--output_dir", str(tmp_path / "first")])
-    coloured = pretrain.main([*few, "--colour_vae_steps", "2", "--v_prediction_steps", "0", "--init_from", str(first),
+    first = main([*few, "--colour_vae_steps", "0", "--v_prediction_steps", "0", "--output_dir", str(tmp_path / "first")])
+    coloured = main([*few, "--colour_vae_steps", "2", "--v_prediction_steps", "0", "--init_from", str(first),
                               "--output_dir", str(tmp_path / "coloured")])
     stages = ["--colour_vae_steps", "2", "--v_prediction_steps", "2"]
-    resumed = pretrain.main([*few, *stages, "--init_from", str(coloured), "--output_dir", str(tmp_path / "resumed")])
-    both = pretrain.main([*few, *stages, "--init_from", str(first), "--output_dir", str(tmp_path / "both")])
-    scratch = pretrain.main([*few, *stages, "--output_dir", str(tmp_path / "scratch")])
+    resumed = main([*few, *stages, "--init_from", str(coloured), "--output_dir", str(tmp_path / "resumed")])
+    both = main([*few, *stages, "--init_from", str(first), "--output_dir", str(tmp_path / "both")])
+    scratch = main([*few, *stages, "--output_dir", str(tmp_path / "scratch")])
     before, middle, reference = weights(first), weights(coloured), weights(scratch)
     for model in (resumed, both):
         after = weights(model)
@@ -90,27 +90,27 @@ def test_later_stages_on_a_saved_model_give_the_weights_of_a_run_from_scratch(tm
     assert "| VAE on near-flat surfaces of any colour" in readme and "| UNet + text encoder, inpainting (velocity MSE) | 2 |" in readme
 
     with pytest.raises(SystemExit, match="v-prediction stage already"):
-        pretrain.main([*few, *stages, "--init_from", str(scratch), "--output_dir", str(tmp_path / "twice")])
+        main([*few, *stages, "--init_from", str(scratch), "--output_dir", str(tmp_path / "twice")])
     with pytest.raises(SystemExit, match="its colour stage used"):
-        pretrain.main([*few, "--colour_vae_steps", "3", "--init_from", str(coloured), "--output_dir", str(tmp_path / "recoloured")])
+        main([*few, "--colour_vae_steps", "3", "--init_from", str(coloured), "--output_dir", str(tmp_path / "recoloured")])
     with pytest.raises(SystemExit, match="from-scratch stages used"):
-        pretrain.main(["--init_from", str(first), "--output_dir", str(tmp_path / "other")])
+        main(["--init_from", str(first), "--output_dir", str(tmp_path / "other")])
     with pytest.raises(SystemExit, match="no pretraining.json"):
-        pretrain.main(["--init_from", str(tmp_path), "--output_dir", str(tmp_path / "none")])
+        main(["--init_from", str(tmp_path), "--output_dir", str(tmp_path / "none")])
     assert not any((tmp_path / name).exists() for name in ("twice", "recoloured", "other", "none"))
 
 
 def test_colour_stage_refuses_a_batch_without_room_for_a_surface_crop(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        pretrain.main(["--batch_size", "1", "--output_dir", str(tmp_path / "out")])
+        main(["--batch_size", "1", "--output_dir", str(tmp_path / "out")])
     assert "--batch_size must be at least 2 with the colour stage" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_help_lists_every_stage_setting(capsys):
     with pytest.raises(SystemExit) as exit_info:  # "5 % warmup" in a help string once made --help crash
-        pretrain.main(["--help"])
+        main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in (*pretrain.FROM_SCRATCH_SETTINGS, *pretrain.COLOUR_SETTINGS, "v_prediction_steps", "v_prediction_lr", "init_from"):
+    for flag in (*FROM_SCRATCH_SETTINGS, *COLOUR_SETTINGS, "v_prediction_steps", "v_prediction_lr", "init_from"):
         assert f"--{flag}" in text, flag

@@ -23,9 +23,15 @@ from safetensors.torch import load_file
 
 import dataset_mvtec as dm
 import infer_defectfill as infer
-import run_files as rf
 import train_defectfill as train
-from synthesis import SynthesisError
+from defectfill.errors import SynthesisError, TrainingError
+from defectfill.runs.files import LORA_FILENAME, RUN_FILENAME
+from defectfill.runs.folder import SynthesisFolder, read_metadata
+from defectfill.runs.records import RunRecord, SynthesisRecord
+from defectfill.training import setup as training_setup
+from defectfill.training import validation as training_validation
+from defectfill.training.checkpoints import list_checkpoints
+from defectfill.training.outputs import save_model_card
 from tests.conftest import REPO_ROOT, SYNTHETIC_DATA
 from tests.test_train import tiny_args
 
@@ -33,7 +39,7 @@ FAKE_TOKEN = "hf_FAKEsecretTOKEN0123456789"
 
 
 def lora_state(output_dir: Path) -> dict:
-    return load_file(output_dir / rf.LORA_FILENAME)
+    return load_file(output_dir / LORA_FILENAME)
 
 
 def assert_same_lora(a: Path, b: Path) -> None:
@@ -74,7 +80,7 @@ def test_a_crash_inside_a_checkpoint_save_resumes_from_the_last_complete_one(tmp
     train.main(tiny_args(straight, *common))
 
     crashed = tmp_path / "crashed"
-    real_save, saves = rf.save_lora, []
+    real_save, saves = training_setup.save_lora, []
 
     def crash_in_second_checkpoint(directory, unet, text_encoder=None, fold_alpha=True):
         if not fold_alpha:
@@ -84,12 +90,12 @@ def test_a_crash_inside_a_checkpoint_save_resumes_from_the_last_complete_one(tmp
                 raise KeyboardInterrupt("killed while saving")
         return real_save(directory, unet, text_encoder, fold_alpha)
 
-    monkeypatch.setattr(rf, "save_lora", crash_in_second_checkpoint)
+    monkeypatch.setattr(training_setup, "save_lora", crash_in_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train.main(tiny_args(crashed, *common))
-    monkeypatch.setattr(rf, "save_lora", real_save)
+    monkeypatch.setattr(training_setup, "save_lora", real_save)
     # The interrupted save left no checkpoint-2, and the limit did not delete checkpoint-1 first.
-    assert [p.name for p in rf.list_checkpoints(crashed)] == ["checkpoint-1"]
+    assert [p.name for p in list_checkpoints(crashed)] == ["checkpoint-1"]
     assert (crashed / ".checkpoint-2.partial").is_dir()
     (crashed / "checkpoint-7").mkdir()  # an empty folder as older versions could leave: skipped, named
 
@@ -105,27 +111,27 @@ def test_killed_at_random_points_the_resumed_run_ends_with_the_uninterrupted_lor
     """SIGKILL the real script at seeded random moments, resume with 'latest' until it finishes."""
     flags = ["--config", str(REPO_ROOT / "configs" / "tiny.yaml"), "--max_train_steps", "6", "--train_batch_size", "1",
              "--checkpointing_steps", "1", "--validation_steps", "0", "--report_to", "none", "--checkpoints_total_limit", "2"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     straight = tmp_path / "straight"
     subprocess.run([sys.executable, str(REPO_ROOT / "train_defectfill.py"), *flags, "--output_dir", str(straight)],
                    cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=600)
     killed = tmp_path / "killed"
     rng = random.Random(0)
     kills = 0
-    for attempt in range(8):
+    for _ in range(8):
         command = [sys.executable, str(REPO_ROOT / "train_defectfill.py"), *flags, "--output_dir", str(killed),
                    "--resume_from_checkpoint", "latest"]
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if kills < 2:
             started = time.monotonic()
-            while time.monotonic() - started < 600 and not rf.list_checkpoints(killed) and process.poll() is None:
+            while time.monotonic() - started < 600 and not list_checkpoints(killed) and process.poll() is None:
                 time.sleep(0.05)  # wait until it trains (model loading is not the interesting part)
             time.sleep(rng.uniform(0.0, 3.0))
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
                 kills += 1
         process.wait(timeout=600)
-        if (killed / rf.LORA_FILENAME).exists() and process.returncode == 0:
+        if (killed / LORA_FILENAME).exists() and process.returncode == 0:
             break
     assert kills >= 1
     assert_same_lora(straight, killed)
@@ -135,11 +141,11 @@ def test_a_failing_final_validation_keeps_the_trained_run(tmp_path, monkeypatch,
     def broken(*args, **kwargs):
         raise RuntimeError("the VAE cannot decode this size")
 
-    monkeypatch.setattr(train, "validation_images", broken)
+    monkeypatch.setattr(training_validation, "validation_images", broken)
     out = tmp_path / "run"
     with caplog.at_level("ERROR", logger="defectfill"):
         train.main(tiny_args(out, "--max_train_steps", "1", "--validation_steps", "5", "--num_validation_images", "1"))
-    assert (out / rf.LORA_FILENAME).is_file() and (out / rf.RUN_FILENAME).is_file() and (out / "README.md").is_file()
+    assert (out / LORA_FILENAME).is_file() and (out / RUN_FILENAME).is_file() and (out / "README.md").is_file()
     assert "the final validation failed (the trained LoRA is saved)" in caplog.text
 
 
@@ -151,16 +157,16 @@ def test_a_failing_final_validation_keeps_the_trained_run(tmp_path, monkeypatch,
     (("--resume_from_checkpoint", "/nonexistent/checkpoint-3"), "is not a checkpoint folder"),
 ])
 def test_bad_flags_fail_before_anything_loads_or_is_written(tmp_path, monkeypatch, extra, message):
-    monkeypatch.setattr(train, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(training_setup, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
     out = tmp_path / "run"
-    with pytest.raises(train.TrainingError, match=message):
+    with pytest.raises(TrainingError, match=message):
         train.main(tiny_args(out, *extra))
     assert not out.exists()
 
 
 def test_output_dir_that_is_a_file_names_the_flag(tmp_path, tiny_run):
     (tmp_path / "file").write_text("")
-    with pytest.raises(train.TrainingError, match="--output_dir .* exists and is not a folder"):
+    with pytest.raises(TrainingError, match="--output_dir .* exists and is not a folder"):
         train.main(tiny_args(tmp_path / "file"))
     with pytest.raises(SynthesisError, match="--output_dir .* exists and is not a folder"):
         infer.main(infer.parse_args(["--lora", str(tiny_run), "--output_dir", str(tmp_path / "file"), "--num_candidates", "1"]))
@@ -180,7 +186,7 @@ def test_a_float_for_an_integer_option_in_a_config_is_refused(tmp_path, capsys):
 def test_corrupt_training_image_is_named_before_the_models_load(copy_of_data, tmp_path, monkeypatch):
     image = copy_of_data / "metal_nut" / "test" / "color" / "001.png"
     image.write_bytes(image.read_bytes()[:300])  # truncated
-    monkeypatch.setattr(train, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(training_setup, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
     args = tiny_args(tmp_path / "run", "--data_dir", str(copy_of_data))
     with pytest.raises(dm.DatasetError, match=r"image .*color/001\.png cannot be read as an image"):
         train.main(args)
@@ -217,10 +223,10 @@ def test_a_folder_made_with_other_settings_is_not_resumed(tiny_run, tmp_path):
     infer.main(infer.parse_args(base))
     with pytest.raises(SynthesisError, match=r"made with other settings \(seed: 0 -> 5\).*--overwrite"):
         infer.main(infer.parse_args([*base, "--seed", "5"]))
-    assert rf.SynthesisRecord.read(out).seed == 0  # untouched
+    assert SynthesisRecord.read(out).seed == 0  # untouched
     infer.main(infer.parse_args([*base, "--seed", "5", "--overwrite"]))
-    assert rf.SynthesisRecord.read(out).seed == 5
-    assert {row["seed"] for row in rf.read_metadata(out).values()} == {5}
+    assert SynthesisRecord.read(out).seed == 5
+    assert {row["seed"] for row in read_metadata(out).values()} == {5}
 
 
 def _add_rows(folder: str, start: int, count: int) -> None:
@@ -229,7 +235,7 @@ def _add_rows(folder: str, start: int, count: int) -> None:
         for relative in (name, f"masks/{index:05d}_mask.png"):
             Path(folder, relative).parent.mkdir(parents=True, exist_ok=True)
             Path(folder, relative).write_bytes(b"x")
-        rf.add_metadata_rows(folder, [{"file_name": name, "mask_file_name": f"masks/{index:05d}_mask.png"}])
+        SynthesisFolder(folder).add_rows([{"file_name": name, "mask_file_name": f"masks/{index:05d}_mask.png"}])
 
 
 def test_concurrent_writers_lose_no_metadata_rows(tmp_path):
@@ -240,18 +246,18 @@ def test_concurrent_writers_lose_no_metadata_rows(tmp_path):
     for writer in writers:
         writer.join(timeout=120)
     assert all(w.exitcode == 0 for w in writers)
-    assert len(rf.read_metadata(tmp_path)) == 80
+    assert len(read_metadata(tmp_path)) == 80
 
 
 # --------------------------------------------------------------------------------- run file and card
 
 
 def test_run_file_stores_absolute_local_paths_and_the_card_quotes_its_strings(tiny_run, tmp_path):
-    record = rf.RunRecord.read(tiny_run)
+    record = RunRecord.read(tiny_run)
     assert Path(record.base_model).is_absolute() and Path(record.data_dir).is_absolute()
     record.object_class, record.token = "o'ring", 'x"y'
     record.object_prompt = f"A {record.object_class} with {record.token}"
-    train.save_model_card(tmp_path, record, None)
+    save_model_card(tmp_path, record, None)
     card = (tmp_path / "README.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     ast.parse(snippet)  # valid Python whatever the quotes

@@ -8,7 +8,9 @@ import re
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, TINY_MODEL
+
+TINY_MODEL_README = TINY_MODEL / "README.md"
 
 
 def readme_commands() -> list[str]:
@@ -91,27 +93,100 @@ def test_pretraining_script_writes_a_loadable_pipeline(tmp_path):
 
 
 ENTRY_SCRIPTS = ("train_defectfill", "infer_defectfill", "eval_defectfill", "downstream_defectfill", "app_defectfill",
-                  "build_dataset_defectfill")
+                  "build_dataset_defectfill", "dataset_mvtec", "attention_processor")
+PACKAGE = REPO_ROOT / "defectfill"
 
 
-def imported_modules(path) -> set[str]:
+def imported_modules(path, full: bool = False) -> set[str]:
+    """The modules a file imports (the top-level names, or with `full` the dotted names; `from a import b` also
+    counts a.b, which may be a module)."""
     import ast
 
     tree = ast.parse(path.read_text())
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(alias.name if full else alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.split(".")[0])
+            names.add(node.module if full else node.module.split(".")[0])
+            if full:
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
 
+def package_modules() -> dict[str, set[str]]:
+    """{module: the defectfill modules it imports} for every module of the package."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(REPO_ROOT).with_suffix("")
+        name = ".".join(relative.parts[:-1] if relative.name == "__init__" else relative.parts)
+        modules[name] = {m for m in imported_modules(path, full=True) if m.split(".")[0] == "defectfill"}
+    return {name: {m for m in imports if m in modules or m.rsplit(".", 1)[0] in modules} for name, imports in modules.items()}
+
+
+def closure(modules: dict[str, set[str]], start: str) -> set[str]:
+    """Every defectfill module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for imported in modules.get(todo.pop(), ()):
+            target = imported if imported in modules else imported.rsplit(".", 1)[0]
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
 def test_no_entry_script_imports_another():
-    """Scripts share modules, never each other (tests may import them: they are the scripts' users)."""
+    """Scripts share the package, never each other (tests may import them: they are the scripts' users)."""
     sources = [p for p in REPO_ROOT.glob("*.py")] + list((REPO_ROOT / "scripts").glob("*.py")) + list((REPO_ROOT / "bench").glob("*.py"))
+    sources += list(PACKAGE.rglob("*.py"))
     offenders = {p.name: sorted(imported_modules(p) & (set(ENTRY_SCRIPTS) - {p.stem})) for p in sources}
     assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def test_the_package_imports_point_one_way():
+    """The method, mask, error and attention modules import nothing of ours; synthesis does not need the dataset
+    loader; nothing outside the builder and the downstream check imports them."""
+    modules = package_modules()
+    for leaf in ("defectfill.method", "defectfill.masks", "defectfill.errors", "defectfill.attention"):
+        assert modules[leaf] == set(), (leaf, modules[leaf])
+    synthesis_needs = closure(modules, "defectfill.synthesis")
+    assert not any(m.startswith("defectfill.data") for m in synthesis_needs), synthesis_needs
+    for part in ("defectfill.build", "defectfill.downstream"):
+        users = {name for name, imports in modules.items() if not name.startswith(part) and any(m.startswith(part) for m in imports)}
+        assert users == set(), (part, users)
+
+
+def test_no_file_edits_sys_path_and_the_package_imports_from_another_folder(tmp_path):
+    import subprocess
+    import sys
+
+    edits = [str(p) for p in REPO_ROOT.rglob("*.py") if ".git" not in p.parts and p.name != "test_repo.py"
+             and re.search(r"sys\.path\.(insert|append)", p.read_text())]
+    assert edits == []
+    result = subprocess.run([sys.executable, "-c", "from defectfill import synthesis; print(synthesis.__file__)"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_code_and_docs_cite_nothing_a_user_has_not_seen():
+    """No issue numbers of this project's tracker, no section names of its internal method notes."""
+    files = [p for p in REPO_ROOT.rglob("*") if p.suffix in (".py", ".md", ".yaml", ".toml") and ".git" not in p.parts
+             and "outputs" not in p.parts and p.name != "test_repo.py"]
+    cited = {str(p.relative_to(REPO_ROOT)) for p in files if re.search(r"issue #\d+|\bSPEC\b", p.read_text())}
+    assert cited == set()
+
+
+def test_every_measured_block_names_the_script_that_writes_it():
+    """Figures quoted from a measurement live in `<!-- measured:NAME -->` blocks, and each block is written by a
+    script: its name appears in the code that writes it."""
+    from defectfill.docs import block_names, read_block
+
+    code = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
+    for doc in (REPO_ROOT / "README.md", REPO_ROOT / "docs" / "downstream.md", TINY_MODEL_README):
+        for name in block_names(doc):
+            assert read_block(doc, name).strip(), (doc.name, name)
+            assert re.search(rf"[\"']{re.escape(name)}[\"']", code), f"no code writes the {name} block of {doc.name}"
 
 
 def test_readme_speed_ratios_come_from_the_benchmark_results():

@@ -7,11 +7,15 @@ import json
 
 import pytest
 
-import run_files as rf
+from defectfill.errors import RunFileError
+from defectfill.runs.files import METADATA_FILENAME, RUN_FILENAME
+from defectfill.runs.folder import SynthesisFolder, read_metadata
+from defectfill.runs.records import RUN_RECORD_VERSION, RunRecord, SynthesisRecord
+from defectfill.training.checkpoints import checkpoint_name, checkpoint_step, list_checkpoints
 
 
-def run_record() -> rf.RunRecord:
-    return rf.RunRecord(base_model="/models/sd2", token="sks", object_class="metal_nut", defect_type="color",
+def run_record() -> RunRecord:
+    return RunRecord(base_model="/models/sd2", token="sks", object_class="metal_nut", defect_type="color",
                         defect_prompt="A photo of sks", object_prompt="A metal nut with sks", resolution=512,
                         split={"defect_types": {"color": {"train": ["a.png"], "heldout": ["b.png"]}}},
                         defect_crop_probability=0.0, crop_context=0.5)
@@ -20,20 +24,20 @@ def run_record() -> rf.RunRecord:
 def test_records_round_trip_with_their_version(tmp_path):
     record = run_record()
     record.write(tmp_path)
-    assert json.loads((tmp_path / rf.RUN_FILENAME).read_text())["version"] == rf.RUN_RECORD_VERSION
-    assert rf.RunRecord.read(tmp_path) == record
-    synthesis = rf.SynthesisRecord("/models/sd2", "A metal nut with sks", 512, seed=3, crop_to_mask=True)
+    assert json.loads((tmp_path / RUN_FILENAME).read_text())["version"] == RUN_RECORD_VERSION
+    assert RunRecord.read(tmp_path) == record
+    synthesis = SynthesisRecord("/models/sd2", "A metal nut with sks", 512, seed=3, crop_to_mask=True)
     synthesis.write(tmp_path)
-    assert rf.SynthesisRecord.read(tmp_path) == synthesis
-    assert rf.SynthesisRecord.read(tmp_path / "elsewhere") is None  # a folder made by another tool
+    assert SynthesisRecord.read(tmp_path) == synthesis
+    assert SynthesisRecord.read(tmp_path / "elsewhere") is None  # a folder made by another tool
 
 
 def test_a_version_1_run_file_still_loads(tmp_path):
     """Written before the version field and the training scale existed."""
     payload = {k: v for k, v in run_record().to_dict().items()
                if k not in ("version", "defect_crop_probability", "crop_context", "max_scale")}
-    (tmp_path / rf.RUN_FILENAME).write_text(json.dumps({**payload, "an_old_field": 1}))
-    record = rf.RunRecord.read(tmp_path)
+    (tmp_path / RUN_FILENAME).write_text(json.dumps({**payload, "an_old_field": 1}))
+    record = RunRecord.read(tmp_path)
     assert record.object_prompt == "A metal nut with sks" and record.defect_crop_probability is None
 
 
@@ -43,23 +47,23 @@ def test_a_version_1_run_file_still_loads(tmp_path):
     ({"split": {"train": []}}, "is not a few-shot split"),
 ])
 def test_bad_run_files_are_named(tmp_path, change, message):
-    (tmp_path / rf.RUN_FILENAME).write_text(json.dumps({**run_record().to_dict(), **change}))
-    with pytest.raises(rf.RunFileError, match=message):
-        rf.RunRecord.read(tmp_path)
+    (tmp_path / RUN_FILENAME).write_text(json.dumps({**run_record().to_dict(), **change}))
+    with pytest.raises(RunFileError, match=message):
+        RunRecord.read(tmp_path)
 
 
 def test_metadata_rows_and_a_broken_line(tmp_path):
     rows = {"images/00000.png": {"file_name": "images/00000.png", "mask_file_name": "masks/00000_mask.png", "seed": 0}}
-    rf.write_metadata(tmp_path, rows)
-    assert rf.read_metadata(tmp_path) == {}  # the files do not exist: not counted as done
-    assert rf.read_metadata(tmp_path, require_files=False) == rows
-    (tmp_path / rf.METADATA_FILENAME).write_text('{"file_name": "x"}\nnot json\n')
-    with pytest.raises(rf.RunFileError, match="line 1: a row needs 'file_name' and 'mask_file_name'"):
-        rf.read_metadata(tmp_path)
+    SynthesisFolder(tmp_path).write_rows(rows)
+    assert read_metadata(tmp_path) == {}  # the files do not exist: not counted as done
+    assert read_metadata(tmp_path, require_files=False) == rows
+    (tmp_path / METADATA_FILENAME).write_text('{"file_name": "x"}\nnot json\n')
+    with pytest.raises(RunFileError, match="line 1: a row needs 'file_name' and 'mask_file_name'"):
+        read_metadata(tmp_path)
 
 
 def test_checkpoint_names(tmp_path):
     for name in ("checkpoint-10", "checkpoint-2", "checkpoint-x", ".checkpoint-3.partial"):
         (tmp_path / name).mkdir()
-    assert [p.name for p in rf.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
-    assert rf.checkpoint_step(tmp_path / rf.checkpoint_name(7)) == 7 and rf.checkpoint_step("checkpoint-x") is None
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    assert checkpoint_step(tmp_path / checkpoint_name(7)) == 7 and checkpoint_step("checkpoint-x") is None

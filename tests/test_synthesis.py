@@ -9,12 +9,14 @@ import torch
 from PIL import Image
 
 import dataset_mvtec as dm
-import defectfill_method as method
-import defectfill_step as ds
-import synthesis
+from defectfill import masks
+from defectfill.masks import model_mask
+from defectfill.models import load_models
+from defectfill.step import DefectFillStep
+from defectfill.synthesis import SynthesisSettings, generate_candidates, load_pipeline, prepare_job, synthesize
 from tests.conftest import SYNTHETIC_DATA
 
-SETTINGS = synthesis.SynthesisSettings("A metal nut with sks", resolution=64, num_candidates=1, num_inference_steps=2,
+SETTINGS = SynthesisSettings("A metal nut with sks", resolution=64, num_candidates=1, num_inference_steps=2,
                                        crop_to_mask=False)
 
 
@@ -32,34 +34,34 @@ def scratch_mask(size: int = 128, width: int = 3, column: int = 61) -> np.ndarra
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_model_path):
-    return synthesis.load_pipeline(str(tiny_model_path), device="cpu")
+    return load_pipeline(str(tiny_model_path), device="cpu")
 
 
 def test_thin_scratch_is_regenerated_and_the_background_kept(pipeline):
     clean = clean_image()
     label = scratch_mask(width=1)  # 1 px at 128 px: half a pixel at the model's 64 px, a quarter at latent size
-    job = synthesis.prepare_job(clean, label, 0, SETTINGS)
+    job = prepare_job(clean, label, 0, SETTINGS)
     assert (np.asarray(job.region_mask) > 0).any()  # the resize kept it
-    [result] = synthesis.synthesize(pipeline, [job], SETTINGS)
+    [result] = synthesize(pipeline, [job], SETTINGS)
     out, reference = np.asarray(result.image).astype(int), np.asarray(clean).astype(int)
     assert np.array_equal(out[~label], reference[~label])  # outside the label: the clean pixels exactly
     assert np.abs(out[label] - reference[label]).mean() > 5  # inside: regenerated
 
 
 def test_model_mask_is_the_training_mask_function(pipeline, monkeypatch, tiny_model_path):
-    """Synthesis hands the pipeline the mask that `defectfill_method.cover_latent_blocks` makes, the function
+    """Synthesis hands the pipeline the mask that `defectfill.masks.cover_latent_blocks` makes, the function
     the training step uses for its masked images: called from both, with the VAE's scale."""
     calls = []
-    real = method.cover_latent_blocks
-    monkeypatch.setattr(method, "cover_latent_blocks", lambda mask, scale: calls.append(scale) or real(mask, scale))
-    job = synthesis.prepare_job(clean_image(), scratch_mask(), 0, SETTINGS)
-    synthesis.generate_candidates(pipeline, [job], SETTINGS)
+    real = masks.cover_latent_blocks
+    monkeypatch.setattr(masks, "cover_latent_blocks", lambda mask, scale: calls.append(scale) or real(mask, scale))
+    job = prepare_job(clean_image(), scratch_mask(), 0, SETTINGS)
+    generate_candidates(pipeline, [job], SETTINGS)
     assert calls == [pipeline.vae_scale_factor] == [2]
-    covered = synthesis.model_mask(job.region_mask, 2)
+    covered = model_mask(job.region_mask, 2)
     assert np.all(np.asarray(covered)[np.asarray(job.region_mask) > 0] == 255)
 
-    models = ds.load_models(str(tiny_model_path))
-    step = ds.DefectFillStep.build(models, "metal_nut", capture=False)
+    models = load_models(str(tiny_model_path))
+    step = DefectFillStep.build(models, "metal_nut", capture=False)
     mask = torch.from_numpy(np.asarray(job.region_mask) > 0).float()[None, None]
     with torch.no_grad(), step({"pixel_values": torch.zeros(1, 3, 64, 64), "masks": mask}):
         pass
@@ -69,7 +71,7 @@ def test_model_mask_is_the_training_mask_function(pipeline, monkeypatch, tiny_mo
 def test_grayscale_source_stays_grayscale(pipeline):
     clean = clean_image("L")
     label = scratch_mask(width=6)
-    [result] = synthesis.synthesize(pipeline, [synthesis.prepare_job(clean, label, 0, SETTINGS)], SETTINGS)
+    [result] = synthesize(pipeline, [prepare_job(clean, label, 0, SETTINGS)], SETTINGS)
     assert result.image.mode == "L"
     out, reference = np.asarray(result.image), np.asarray(clean)
     assert np.array_equal(out[~label], reference[~label])
@@ -82,12 +84,12 @@ def test_sixteen_bit_images_are_scaled_not_clipped():
     assert converted.mode == "L"
     assert np.asarray(converted).max() == 255 and 100 < np.asarray(converted).mean() < 155  # not all white
     assert np.asarray(image.convert("L")).min() == 255 or np.asarray(image.convert("RGB")).mean() > 200  # PIL clips
-    job = synthesis.prepare_job(image, scratch_mask(64, 4, 20), 0, SETTINGS)
+    job = prepare_job(image, scratch_mask(64, 4, 20), 0, SETTINGS)
     assert job.mode == "L" and np.asarray(job.image).mean() < 200
 
 
 def test_mask_of_another_aspect_ratio_warns(caplog):
     mask = Image.fromarray((scratch_mask(128)[:, :64] * 255).astype(np.uint8))  # 64 x 128 for a 128 x 128 image
     with caplog.at_level("WARNING", logger="defectfill"):
-        synthesis.prepare_job(clean_image(), mask, 0, SETTINGS, mask_name="mask m.png")
+        prepare_job(clean_image(), mask, 0, SETTINGS, mask_name="mask m.png")
     assert "mask m.png is 64x128 but its image is 128x128" in caplog.text

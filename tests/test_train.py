@@ -13,10 +13,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import defectfill_method as method
-import defectfill_step as ds
-import run_files as rf
 import train_defectfill as train
+from defectfill.data.transform import PairTransform
+from defectfill.errors import RunFileError, TrainingError
+from defectfill.method import DEFAULT_TOKEN
+from defectfill.models import add_lora_adapters, load_models
+from defectfill.runs.files import LORA_FILENAME, RUN_FILENAME
+from defectfill.runs.lora import load_lora_into, lora_layers
+from defectfill.runs.records import RunRecord
+from defectfill.step import DefectFillStep, StepConfig
+from defectfill.training.checkpoints import resolve_resume_path
+from defectfill.training.data import augmentation_is_static, load_training_split
+from defectfill.training.setup import prepare_models
 from tests.conftest import REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL
 
 
@@ -32,7 +40,7 @@ def tiny_args(output_dir: Path, *extra: str):
 
 
 def read_run(output_dir: Path) -> dict:
-    return json.loads((output_dir / rf.RUN_FILENAME).read_text())
+    return json.loads((output_dir / RUN_FILENAME).read_text())
 
 
 # ---------------------------------------------------------------------------------------------- args
@@ -52,13 +60,13 @@ def test_paper_defaults_without_config():
     assert (args.learning_rate, args.text_encoder_lr, args.lr_warmup_steps) == (2e-4, 4e-5, 100)
     assert (args.num_boxes, args.box_min_fraction, args.box_max_fraction, args.object_alpha) == (30, 0.03, 0.25, 0.3)
     assert args.resolution == 512 and args.max_scale == 1.125 and not args.random_flip
-    assert args.token == method.DEFAULT_TOKEN and args.train_text_encoder and args.lr_scheduler == "constant_with_warmup"
+    assert args.token == DEFAULT_TOKEN and args.train_text_encoder and args.lr_scheduler == "constant_with_warmup"
 
 
 def test_sd2_config_matches_flag_defaults():
     """configs/sd2_inpainting.yaml restates the defaults: every value equals the flag's default."""
     parser = train.build_parser()
-    from cli_config import load_config
+    from defectfill.cli import load_config
 
     values = load_config(REPO_ROOT / "configs" / "sd2_inpainting.yaml", parser)
     defaults = train.parse_args(["--pretrained_model_name_or_path", "x", "--object_class", "bottle", "--data_dir", "d"])
@@ -110,7 +118,7 @@ def test_unknown_defect_type_and_ambiguous_class(tmp_path):
         train.main(tiny_args(tmp_path, "--defect_type", "crack"))
     args = tiny_args(tmp_path)
     args.defect_type = None
-    with pytest.raises(train.TrainingError, match="choose one with --defect_type"):
+    with pytest.raises(TrainingError, match="choose one with --defect_type"):
         train.main(args)
 
 
@@ -129,9 +137,9 @@ def trained_run(tmp_path_factory):
 
 def test_run_writes_diffusers_lora_and_metadata(trained_run):
     names = {p.name for p in trained_run.iterdir()}
-    assert {rf.LORA_FILENAME, rf.RUN_FILENAME, "few_shot_split.json", "README.md", "validation_0.png", "logs"} <= names
+    assert {LORA_FILENAME, RUN_FILENAME, "few_shot_split.json", "README.md", "validation_0.png", "logs"} <= names
     assert sorted(p.name for p in trained_run.glob("checkpoint-*")) == ["checkpoint-20"]  # total limit 1
-    state = load_file(trained_run / rf.LORA_FILENAME)
+    state = load_file(trained_run / LORA_FILENAME)
     assert all(k.startswith(("unet.", "text_encoder.")) for k in state)
     assert any(k.startswith("text_encoder.") for k in state) and any(k.startswith("unet.") for k in state)
     assert all(v.dtype == torch.float32 for v in state.values())
@@ -159,13 +167,13 @@ def test_lora_loads_in_diffusers_and_changes_the_output(trained_run, tiny_pipeli
     pipe = StableDiffusionInpaintPipeline.from_pretrained(TINY_MODEL)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(trained_run)
-    saved = load_file(trained_run / rf.LORA_FILENAME)
-    loaded = rf.lora_layers(pipe.unet, adapter_name=next(iter(pipe.unet.peft_config)))
+    saved = load_file(trained_run / LORA_FILENAME)
+    loaded = lora_layers(pipe.unet, adapter_name=next(iter(pipe.unet.peft_config)))
     assert {f"unet.{k}" for k in loaded} == {k for k in saved if k.startswith("unet.")}  # nothing missing or unexpected
     for key, value in loaded.items():
         torch.testing.assert_close(value, saved[f"unet.{key}"])
     scaling = {v for m in pipe.unet.modules() if hasattr(m, "scaling") for v in m.scaling.values()}
-    assert scaling == {1.0}  # alpha / rank (64 / 32 in configs/tiny.yaml) is folded into the weights: every loader applies the same LoRA
+    assert scaling == {1.0}  # alpha / rank is folded into the weights: every loader applies the same LoRA
     assert abs(generate(pipe) - base).max() > 1e-3
 
 
@@ -176,12 +184,12 @@ def test_lora_file_means_the_same_to_every_loader(trained_run, tmp_path):
     from diffusers import StableDiffusionInpaintPipeline
     from safetensors.torch import save_file
 
-    saved = load_file(trained_run / rf.LORA_FILENAME)
+    saved = load_file(trained_run / LORA_FILENAME)
     text_keys = [k for k in saved if k.startswith("text_encoder.")]
     assert text_keys and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in text_keys)
     bare = tmp_path / "no_metadata"
     bare.mkdir()
-    save_file(saved, bare / rf.LORA_FILENAME)  # no adapter metadata: loaders take alpha = rank
+    save_file(saved, bare / LORA_FILENAME)  # no adapter metadata: loaders take alpha = rank
     ids = torch.tensor([list(range(1, 9))])
     latents = torch.randn(1, 9, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -197,11 +205,11 @@ def test_lora_file_means_the_same_to_every_loader(trained_run, tmp_path):
         results[name] = outputs(pipe.text_encoder, pipe.unet)
     base = StableDiffusionInpaintPipeline.from_pretrained(TINY_MODEL)
     results["base"] = outputs(base.text_encoder, base.unet)
-    record = rf.RunRecord.read(trained_run)
+    record = RunRecord.read(trained_run)
     assert record.lora_alpha != record.rank  # so a scale left out of the weights would show
-    models = ds.load_models(str(TINY_MODEL))
-    ds.add_lora_adapters(models, record.rank, record.lora_alpha)
-    rf.load_lora_into(trained_run, models.unet, models.text_encoder)
+    models = load_models(str(TINY_MODEL))
+    add_lora_adapters(models, record.rank, record.lora_alpha)
+    load_lora_into(trained_run, models.unet, models.text_encoder)
     results["ours"] = outputs(models.text_encoder, models.unet)
     for name in ("no_metadata", "ours"):
         for a, b in zip(results[name], results["metadata"]):
@@ -213,36 +221,36 @@ def test_lora_of_another_model_is_refused_on_resume_for_either_component(trained
     for component in ("unet.", "text_encoder."):
         other = tmp_path / component.rstrip(".")
         other.mkdir()
-        state = load_file(trained_run / rf.LORA_FILENAME)
+        state = load_file(trained_run / LORA_FILENAME)
         key = next(k for k in state if k.startswith(component))
         state[key.replace("layers.0.", "layers.9.").replace("down_blocks.0.", "down_blocks.7.")] = state[key].clone()
         from safetensors.torch import save_file
 
-        save_file(state, other / rf.LORA_FILENAME)
-        models = ds.load_models(str(TINY_MODEL))
-        record = rf.RunRecord.read(trained_run)
-        ds.add_lora_adapters(models, record.rank, record.lora_alpha)
-        with pytest.raises(rf.RunFileError, match="keys the model does not have"):
-            rf.load_lora_into(other, models.unet, models.text_encoder)
+        save_file(state, other / LORA_FILENAME)
+        models = load_models(str(TINY_MODEL))
+        record = RunRecord.read(trained_run)
+        add_lora_adapters(models, record.rank, record.lora_alpha)
+        with pytest.raises(RunFileError, match="keys the model does not have"):
+            load_lora_into(other, models.unet, models.text_encoder)
 
 
 def test_lora_files_are_readable_by_others(trained_run):
-    assert (trained_run / rf.LORA_FILENAME).stat().st_mode & 0o044 == 0o044
+    assert (trained_run / LORA_FILENAME).stat().st_mode & 0o044 == 0o044
 
 
 def fixed_seed_defect_loss(run_dir: Path | None, tmp_path: Path, rank: int | None = None) -> float:
     """The defect loss of the tiny config's training images at a fixed seed, with the run's LoRA loaded (or
     fresh adapters, whose zero-initialised B makes them the base model; rank: the config's unless given)."""
     args = tiny_args(tmp_path)
-    rows, _ = train.load_training_split(args, "color")
-    transform = train.dm.PairTransform(64)
+    rows, _ = load_training_split(args, "color")
+    transform = PairTransform(64)
     pairs = [transform(r["image"], r["mask"]) for r in rows]
     batch = {"pixel_values": torch.stack([p[0] for p in pairs] * 4), "masks": torch.stack([p[1] for p in pairs] * 4)}
-    models = ds.load_models(args.pretrained_model_name_or_path)
-    ds.add_lora_adapters(models, rank or args.rank, args.lora_alpha)
+    models = load_models(args.pretrained_model_name_or_path)
+    add_lora_adapters(models, rank or args.rank, args.lora_alpha)
     if run_dir is not None:
-        rf.load_lora_into(run_dir, models.unet, models.text_encoder)
-    step = ds.DefectFillStep.build(models, "metal_nut", "sks", ds.StepConfig.from_args(args), capture=False)
+        load_lora_into(run_dir, models.unet, models.text_encoder)
+    step = DefectFillStep.build(models, "metal_nut", "sks", StepConfig.from_args(args), capture=False)
     torch.manual_seed(1234)
     with torch.no_grad(), step(batch) as output:
         return output.losses["defect"].item()
@@ -250,7 +258,7 @@ def fixed_seed_defect_loss(run_dir: Path | None, tmp_path: Path, rank: int | Non
 
 def test_training_lowers_the_defect_loss(trained_run, tmp_path):
     before, after = fixed_seed_defect_loss(None, tmp_path), fixed_seed_defect_loss(trained_run, tmp_path)
-    assert after < 0.95 * before, (before, after)  # measured: 0.0092 -> 0.0044 (rank 32, the v-prediction base)
+    assert after < 0.95 * before, (before, after)
 
 
 def test_8bit_adam_trains_with_8bit_state_and_resumes_exactly(tmp_path):
@@ -279,7 +287,7 @@ def test_8bit_adam_trains_with_8bit_state_and_resumes_exactly(tmp_path):
 
 
 def lora_state(output_dir: Path) -> dict:
-    return load_file(output_dir / rf.LORA_FILENAME)
+    return load_file(output_dir / LORA_FILENAME)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -300,8 +308,8 @@ def test_resume_latest_picks_the_newest_checkpoint(tmp_path, caplog):
     out = tmp_path / "run"
     train.main(tiny_args(out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--train_batch_size", "1"))
     args = tiny_args(out, "--max_train_steps", "2", "--train_batch_size", "1", "--resume_from_checkpoint", "latest")
-    assert train.resolve_resume_path(args, out).name == "checkpoint-2"
-    with pytest.raises(train.TrainingError, match="is not a checkpoint folder"):
+    assert resolve_resume_path(args, out).name == "checkpoint-2"
+    with pytest.raises(TrainingError, match="is not a checkpoint folder"):
         train.main(tiny_args(out, "--resume_from_checkpoint", str(tmp_path / "nope")))
 
 
@@ -309,7 +317,7 @@ def test_resume_latest_picks_the_newest_checkpoint(tmp_path, caplog):
 
 
 def test_nonfinite_losses_are_skipped_and_counted(tmp_path, monkeypatch):
-    real = ds.DefectFillStep.losses
+    real = DefectFillStep.losses
     calls = {"n": 0}
 
     def sometimes_nan(self, batch):
@@ -319,7 +327,7 @@ def test_nonfinite_losses_are_skipped_and_counted(tmp_path, monkeypatch):
             output.losses["loss"] = output.losses["loss"] * float("nan")
         return output
 
-    monkeypatch.setattr(ds.DefectFillStep, "losses", sometimes_nan)
+    monkeypatch.setattr(DefectFillStep, "losses", sometimes_nan)
     out = tmp_path / "run"
     train.main(tiny_args(out))
     summary = read_run(out)["training_summary"]
@@ -328,25 +336,25 @@ def test_nonfinite_losses_are_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_too_many_nonfinite_losses_stop_the_run(tmp_path, monkeypatch):
-    real = ds.DefectFillStep.losses
+    real = DefectFillStep.losses
 
     def always_nan(self, batch):
         output = real(self, batch)
         output.losses["loss"] = output.losses["loss"] * float("inf")
         return output
 
-    monkeypatch.setattr(ds.DefectFillStep, "losses", always_nan)
-    with pytest.raises(train.TrainingError, match="3 non-finite losses in a row"):
+    monkeypatch.setattr(DefectFillStep, "losses", always_nan)
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row"):
         train.main(tiny_args(tmp_path / "run", "--max_nonfinite_steps", "3"))
-    assert not (tmp_path / "run" / rf.LORA_FILENAME).exists()
+    assert not (tmp_path / "run" / LORA_FILENAME).exists()
 
 
 def test_missing_gpu_extras_give_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
-    with pytest.raises(train.TrainingError, match="--use_8bit_adam needs the bitsandbytes package: pip install -r requirements.txt"):
+    with pytest.raises(TrainingError, match="--use_8bit_adam needs the bitsandbytes package: pip install -r requirements.txt"):
         train.main(tiny_args(tmp_path / "a", "--use_8bit_adam"))
     monkeypatch.setitem(sys.modules, "xformers", None)
-    with pytest.raises(train.TrainingError, match="--enable_xformers_memory_efficient_attention needs the xformers package"):
+    with pytest.raises(TrainingError, match="--enable_xformers_memory_efficient_attention needs the xformers package"):
         train.main(tiny_args(tmp_path / "b", "--enable_xformers_memory_efficient_attention"))
 
 
@@ -380,16 +388,16 @@ def test_push_to_hub_offline_fails_clearly_and_keeps_the_run(tmp_path, monkeypat
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     out = tmp_path / "run"
-    with pytest.raises(train.TrainingError, match="saved in .*run, but pushing it to the Hub failed"):
+    with pytest.raises(TrainingError, match="saved in .*run, but pushing it to the Hub failed"):
         train.main(tiny_args(out, "--push_to_hub", "--max_train_steps", "1"))
-    assert (out / rf.LORA_FILENAME).exists() and (out / "README.md").exists()
+    assert (out / LORA_FILENAME).exists() and (out / "README.md").exists()
 
 
 def test_all_defect_types_train_one_run_each(tmp_path):
     out = tmp_path / "runs"
     runs = train.main(tiny_args(out, "--defect_type", "all", "--max_train_steps", "1"))
     assert [p.name for p in runs] == ["color", "scratch"]
-    assert read_run(out / "scratch")["defect_type"] == "scratch" and (out / "color" / rf.LORA_FILENAME).exists()
+    assert read_run(out / "scratch")["defect_type"] == "scratch" and (out / "color" / LORA_FILENAME).exists()
 
 
 # ------------------------------------------------------------------------------- accelerate launch
@@ -403,7 +411,7 @@ def test_accelerate_launch_two_cpu_processes_match_one_process(tmp_path):
     out = tmp_path / "ddp"
     # accelerate's --cpu flag takes its single-process (or MPI) launcher; torchrun-style processes on
     # the CPU (gloo) are --multi_gpu with ACCELERATE_USE_CPU.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "ACCELERATE_USE_CPU": "true"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     flags = ["--config", str(REPO_ROOT / "configs" / "tiny.yaml"), "--max_train_steps", "2", "--validation_steps", "0",
              "--checkpointing_steps", "2", "--report_to", "none", "--logging_steps", "1"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -411,7 +419,7 @@ def test_accelerate_launch_two_cpu_processes_match_one_process(tmp_path):
                *flags, "--output_dir", str(out), "--train_batch_size", "1"]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (out / rf.LORA_FILENAME).exists() and read_run(out)["training_summary"]["global_step"] == 2
+    assert (out / LORA_FILENAME).exists() and read_run(out)["training_summary"]["global_step"] == 2
     assert (out / "checkpoint-2" / "random_states_1.pkl").exists()  # both processes saved their RNG state
 
     single = tmp_path / "single"
@@ -427,7 +435,7 @@ def test_mixed_precision_keeps_trainable_lora_in_fp32(tmp_path):
     from types import SimpleNamespace
 
     accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision="bf16")
-    models = train.prepare_models(accelerator, tiny_args(tmp_path, "--mixed_precision", "bf16"))
+    models = prepare_models(accelerator, tiny_args(tmp_path, "--mixed_precision", "bf16"))
     for model in (models.unet, models.text_encoder):
         trainable = [p for p in model.parameters() if p.requires_grad]
         frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -438,11 +446,11 @@ def test_mixed_precision_keeps_trainable_lora_in_fp32(tmp_path):
 
 def test_latent_cache_only_without_augmentation():
     args = train.parse_args(["--pretrained_model_name_or_path", "x", "--object_class", "b", "--data_dir", "d"])
-    assert not train.augmentation_is_static(args)  # the paper's random resize changes pixels every epoch
+    assert not augmentation_is_static(args)  # the paper's random resize changes pixels every epoch
     args.max_scale = 1.0
-    assert train.augmentation_is_static(args)
+    assert augmentation_is_static(args)
     args.random_flip = True
-    assert not train.augmentation_is_static(args)
+    assert not augmentation_is_static(args)
 
 
 def test_resume_with_cached_latents_reproduces_the_uninterrupted_run(tmp_path):

@@ -3,6 +3,7 @@ tensor functions of the paper's training objective.
 
 Training, inference and the tests all import these definitions, so a prompt or a weight is changed
 in exactly one spot. Equation numbers refer to Song et al., *DefectFill*, CVPR 2025 (arXiv 2503.13985).
+How masks reach latent size is the mask contract of `defectfill.masks`. Nothing of ours is imported here.
 """
 
 from __future__ import annotations
@@ -40,20 +41,6 @@ DEFAULT_BOX_MIN_FRACTION = 0.03
 DEFAULT_BOX_MAX_FRACTION = 0.25
 
 
-class InpaintingModelError(ValueError):
-    """A base model that is not a 9-channel inpainting model."""
-
-
-def check_inpainting_unet(unet, name: str) -> None:
-    """DefectFill needs an inpainting UNet: 9 input channels (latents, mask, masked-image latents)."""
-    channels = unet.config.in_channels
-    if channels != 9:
-        raise InpaintingModelError(
-            f"{name} has a UNet with {channels} input channels; DefectFill needs an inpainting model "
-            "(9 channels: latents, mask, masked-image latents), e.g. stabilityai/stable-diffusion-2-inpainting"
-        )
-
-
 def readable_object_name(object_class: str) -> str:
     """MVTec folder names are snake_case ("metal_nut"); prompts use the readable words ("metal nut")."""
     return object_class.replace("_", " ").strip()
@@ -70,7 +57,7 @@ def object_prompt(object_class: str, token: str = DEFAULT_TOKEN) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Masks
+# The object branch's random mask and loss weight
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -103,31 +90,6 @@ def random_box_mask(
     inside_cols = (cols >= left[..., None, None]) & (cols < (left + box_w)[..., None, None])
     union = (inside_rows & inside_cols).any(dim=1, keepdim=True)
     return union.float().to(device)
-
-
-def vae_scale_factor(vae) -> int:
-    """Pixels per latent pixel along a side: 8 for SD's VAE, 2 for the bundled tiny one."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def cover_latent_blocks(mask: torch.Tensor, scale: int) -> torch.Tensor:
-    """The mask the model sees, at pixel resolution: every `scale` x `scale` block (one latent pixel) that holds
-    any defect pixel, whole. Training (the masked image and the mask channel) and synthesis (the mask handed
-    to the pipeline) both use it, so a defect a few pixels wide is never dropped at latent size, where a
-    nearest-neighbour resize keeps one pixel in every block (ours; the pipeline's own resize is nearest).
-    (B, 1, H, W) in {0, 1} -> same shape; a block-aligned mask is returned unchanged."""
-    height, width = mask.shape[-2:]
-    blocks = F.max_pool2d(mask.float(), kernel_size=scale, stride=scale, ceil_mode=True)
-    covered = blocks.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)[..., :height, :width]
-    return covered.to(mask.dtype)
-
-
-def mask_to_latent(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
-    """The mask at latent size, a latent pixel masked when any pixel of its block is (max pooling): the
-    masks the losses weigh (L_def, M', the attention target) cover every defect pixel. For a block-aligned
-    mask (`cover_latent_blocks`) this equals the nearest-neighbour resize of the inpainting pipeline's
-    `prepare_mask_latents`, so training and inference see masks alike."""
-    return F.adaptive_max_pool2d(mask.float(), tuple(latent_size)).to(mask.dtype)
 
 
 def object_loss_weight(defect_mask: torch.Tensor, alpha: float = DEFAULT_OBJECT_ALPHA) -> torch.Tensor:

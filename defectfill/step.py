@@ -1,7 +1,7 @@
-"""The models DefectFill trains and one training step: `DefectFillStep` holds the models, the prompt ids,
-the step's settings, the latent cache and the [V*] attention store, and `step(batch)` gives the paper's
-three losses (SPEC "One training step") inside a context that records the [V*] maps and stops
-recording when it exits, so no caller resets the store by hand.
+"""One DefectFill training step: `DefectFillStep` holds the models, the prompt ids, the step's settings, the
+latent cache and the [V*] attention store, and `step(batch)` gives the paper's three losses (defect, object,
+attention; `defectfill.method`) inside a context that records the [V*] maps and stops recording when it
+exits, so no caller resets the store by hand.
 
     step = DefectFillStep.build(models, object_class="metal_nut", token="sks", config=StepConfig())
     with step(batch) as output:          # records the object branch's [V*] maps
@@ -19,67 +19,9 @@ from typing import Iterator
 
 import torch
 
-import defectfill_method as method
-from attention_processor import VStarAttentionStore, install_vstar_capture, token_piece_ids, token_weights
-
-UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Models:
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
-    unet: torch.nn.Module
-    noise_scheduler: object
-
-
-def load_models(name: str, revision: str | None = None, variant: str | None = None, cache_dir: str | None = None) -> Models:
-    """The frozen components of a diffusers-format SD inpainting model (Hub id or local folder)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    source = dict(revision=revision, cache_dir=cache_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **source)
-    text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=variant, **source)
-    vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **source)
-    unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=variant, **source)
-    method.check_inpainting_unet(unet, name)
-    noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **source)
-    for model in (text_encoder, vae, unet):
-        model.requires_grad_(False)
-    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler)
-
-
-def add_lora_adapters(models: Models, rank: int, lora_alpha: int, train_text_encoder: bool = True) -> None:
-    from peft import LoraConfig
-
-    models.unet.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS))
-    if train_text_encoder:
-        models.text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
-                                                   target_modules=TEXT_ENCODER_LORA_TARGETS))
-
-
-def set_memory_format(models: Models, channels_last: bool) -> None:
-    """NHWC convolution weights (their convolutions then run NHWC whatever the input's layout); the step's
-    time both ways is in bench/RESULTS.md (bench/train_step.py: ours vs ours_contiguous)."""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    models.unet.to(memory_format=memory_format)
-    models.vae.to(memory_format=memory_format)
-
-
-def compile_models(models: Models) -> None:
-    """In place (`nn.Module.compile`): accelerate's hooks, the LoRA state dicts and the attention processors
-    keep seeing the same modules. bench/train_step.py measures the gain (ours_compiled)."""
-    models.unet.compile()
-    models.vae.encoder.compile()
-
+from defectfill import masks, method
+from defectfill.attention import VStarAttentionStore, install_vstar_capture, token_piece_ids, token_weights
+from defectfill.models import Models
 
 # ----------------------------------------------------------------------------------------------------
 # Prompts, latents and the step's random draws
@@ -184,13 +126,14 @@ class LatentCache:
     def __init__(self) -> None:
         self.posteriors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def posterior(self, vae, images: torch.Tensor, masks: torch.Tensor, row_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def posterior(self, vae, images: torch.Tensor, defect_masks: torch.Tensor,
+                  row_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of cat([I, (1 - M) I]) for the batch, encoding only rows not seen before."""
         rows = row_index.tolist()
         missing = [i for i, row in enumerate(rows) if row not in self.posteriors]
         if missing:
             picked = images[missing]
-            mean, std = encode_posterior(vae, torch.cat([picked, picked * (1 - masks[missing])]))
+            mean, std = encode_posterior(vae, torch.cat([picked, picked * (1 - defect_masks[missing])]))
             for k, i in enumerate(missing):
                 self.posteriors[rows[i]] = (mean[[k, k + len(missing)]], std[[k, k + len(missing)]])
         mean = torch.stack([self.posteriors[row][0] for row in rows], dim=1).flatten(0, 1)  # I rows, then (1 - M) I rows
@@ -265,13 +208,13 @@ class DefectFillStep:
                 self.store.reset()
 
     def losses(self, batch: dict) -> StepOutput:
-        images, masks = batch["pixel_values"], batch["masks"]
+        images, defect_masks = batch["pixel_values"], batch["masks"]
         b, _, height, width = images.shape
         draw = RandomDraws(batch.get("sample_seed"), images.device)
         random_masks = draw.box_masks(b, height, width, self.config).to(images.dtype)
         # The inputs the UNet sees use the masks grown to whole latent blocks (thin defects survive).
-        scale = method.vae_scale_factor(self.vae)
-        covered, random_covered = method.cover_latent_blocks(masks, scale), method.cover_latent_blocks(random_masks, scale)
+        scale = masks.vae_scale_factor(self.vae)
+        covered, random_covered = masks.cover_latent_blocks(defect_masks, scale), masks.cover_latent_blocks(random_masks, scale)
         latents, defect_background, object_background = self.encode(images, covered, random_covered, batch.get("row_index"), draw)
         latent_size = tuple(latents.shape[-2:])
 
@@ -279,8 +222,8 @@ class DefectFillStep:
         noise = draw.normal(latents.shape).to(latents.dtype)
         timesteps = draw.timesteps(b, self.noise_scheduler.config.num_train_timesteps).long()
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        defect_mask = method.mask_to_latent(masks, latent_size).to(latents.dtype)
-        random_mask = method.mask_to_latent(random_masks, latent_size).to(latents.dtype)
+        defect_mask = masks.mask_to_latent(defect_masks, latent_size).to(latents.dtype)
+        random_mask = masks.mask_to_latent(random_masks, latent_size).to(latents.dtype)
 
         # diffusers order: cat([noisy latents, mask, masked-image latents]); what the pretrained weights expect.
         unet_input = torch.cat([
@@ -305,13 +248,13 @@ class DefectFillStep:
         terms["loss"] = method.total_loss(terms, self.config.loss_weights)
         return StepOutput(terms, attention_map)
 
-    def encode(self, images, masks, random_masks, row_index, draw: RandomDraws):
+    def encode(self, images, defect_masks, random_masks, row_index, draw: RandomDraws):
         """(x0, b_def, b_rand) latents: the image, its defect background (1 - M) I and its random-box
         background (1 - M_rand) I (masks as the model sees them), drawn from their posteriors in one call."""
         if self.latent_cache is not None:
-            cached_mean, cached_std = self.latent_cache.posterior(self.vae, images, masks, row_index)
+            cached_mean, cached_std = self.latent_cache.posterior(self.vae, images, defect_masks, row_index)
             random_mean, random_std = encode_posterior(self.vae, images * (1 - random_masks))
             mean, std = torch.cat([cached_mean, random_mean]), torch.cat([cached_std, random_std])
         else:
-            mean, std = encode_posterior(self.vae, torch.cat([images, images * (1 - masks), images * (1 - random_masks)]))
+            mean, std = encode_posterior(self.vae, torch.cat([images, images * (1 - defect_masks), images * (1 - random_masks)]))
         return sample_latents(self.vae, mean, std, draw).chunk(3)

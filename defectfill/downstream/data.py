@@ -1,5 +1,5 @@
 """The image sets of the downstream protocol (`downstream_defectfill.py`), built from the project's own
-loaders (`dataset_mvtec`): the real test set (held-out defects of the saved few-shot split plus every
+loaders (`defectfill.data`): the real test set (held-out defects of the saved few-shot split plus every
 ``test/good`` image), the real training defects and good images, synthesis folders, and the copy-paste
 baseline (real training defects cut out with their masks and pasted onto good images).
 
@@ -17,7 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-import dataset_mvtec as dm
+from defectfill.data.mvtec import GOOD, list_good_images, load_mvtec_defects
+from defectfill.data.split import select_split
+from defectfill.errors import DatasetError
+from defectfill.masks import binarize_mask
 
 
 @dataclass
@@ -49,12 +52,12 @@ def concat_sets(sets: Iterable[ImageSet]) -> ImageSet:
 
 
 def resize_pair(image: Image.Image, mask: Image.Image | None, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """An image (bicubic) and its mask (nearest, then binarized at dm.MASK_THRESHOLD) as (R, R, 3) uint8
+    """An image (bicubic) and its mask (nearest, then binarized at MASK_THRESHOLD) as (R, R, 3) uint8
     and (R, R) bool arrays; no mask gives an empty one."""
     image_array = np.asarray(image.convert("RGB").resize((resolution, resolution), Image.BICUBIC))
     if mask is None:
         return image_array, np.zeros((resolution, resolution), dtype=bool)
-    return image_array, dm.binarize_mask(mask.convert("L").resize((resolution, resolution), Image.NEAREST))
+    return image_array, binarize_mask(mask.convert("L").resize((resolution, resolution), Image.NEAREST))
 
 
 def stack_set(pairs: list[tuple[np.ndarray, np.ndarray]], defect_types: list[str], names: list[str]) -> ImageSet:
@@ -82,36 +85,21 @@ def good_set(paths: Sequence[Path], resolution: int, data_dir: str | os.PathLike
         with Image.open(path) as image:
             pairs.append(resize_pair(image, None, resolution))
         names.append(Path(path).relative_to(data_dir).as_posix() if data_dir else str(path))
-    return stack_set(pairs, [dm.GOOD] * len(pairs), names)
+    return stack_set(pairs, [GOOD] * len(pairs), names)
 
 
 # ----------------------------------------------------------------------------------------------------
-# The saved split
+# The real sets of the saved split
 # ----------------------------------------------------------------------------------------------------
-
-
-def merge_splits(splits: Sequence[tuple[str, dict]]) -> dict:
-    """One split from several saved ones (each run saves the entry of its own defect type). `splits` is a
-    list of (where it came from, split). The same defect type in two with different lists is an error."""
-    merged: dict[str, dict] = {}
-    origin: dict[str, str] = {}
-    for where, split in splits:
-        for defect, entry in split["defect_types"].items():
-            entry = {"train": sorted(entry["train"]), "heldout": sorted(entry["heldout"])}
-            if defect in merged and merged[defect] != entry:
-                raise dm.DatasetError(f"the splits in {origin[defect]} and {where} differ for defect type {defect!r}; "
-                                      "every set compared must come from the same few-shot split")
-            merged[defect], origin[defect] = entry, where
-    return {"defect_types": dict(sorted(merged.items())), "sources": sorted(set(origin.values()))}
 
 
 def real_defects(data_dir: str | os.PathLike, object_class: str, split: dict, part: str, resolution: int) -> ImageSet:
     """The real defect images of the split's `part` ("train" or "heldout") of every defect type it holds."""
-    rows = dm.load_mvtec_defects(data_dir, object_class, sorted(split["defect_types"]))
-    chosen = dm.select_split(rows, split, part)
+    rows = load_mvtec_defects(data_dir, object_class, sorted(split["defect_types"]))
+    chosen = select_split(rows, split, part)
     wanted = sum(len(entry[part]) for entry in split["defect_types"].values())
     if len(chosen) != wanted:
-        raise dm.DatasetError(f"the split names {wanted} {part} images of {object_class} but {len(chosen)} are in "
+        raise DatasetError(f"the split names {wanted} {part} images of {object_class} but {len(chosen)} are in "
                               f"{data_dir}: is --data_dir the folder the split was made from?")
     return dataset_to_set(chosen, resolution)
 
@@ -119,16 +107,16 @@ def real_defects(data_dir: str | os.PathLike, object_class: str, split: dict, pa
 def real_test_set(data_dir: str | os.PathLike, object_class: str, split: dict, resolution: int) -> ImageSet:
     """The protocol's test set: the held-out real defects of the split plus every ``test/good`` image."""
     heldout = real_defects(data_dir, object_class, split, "heldout", resolution)
-    goods = good_set(dm.list_good_images(data_dir, object_class, splits=("test",)), resolution, data_dir)
+    goods = good_set(list_good_images(data_dir, object_class, splits=("test",)), resolution, data_dir)
     if len(goods) == 0:
-        raise dm.DatasetError(f"no test/good images of {object_class} under {data_dir}: image AUROC needs them")
+        raise DatasetError(f"no test/good images of {object_class} under {data_dir}: image AUROC needs them")
     return concat_sets([heldout, goods])
 
 
 def train_good_set(data_dir: str | os.PathLike, object_class: str, resolution: int) -> ImageSet:
-    paths = dm.list_good_images(data_dir, object_class, splits=("train",))
+    paths = list_good_images(data_dir, object_class, splits=("train",))
     if not paths:
-        raise dm.DatasetError(f"no train/good images of {object_class} under {data_dir}")
+        raise DatasetError(f"no train/good images of {object_class} under {data_dir}")
     return good_set(paths, resolution, data_dir)
 
 
@@ -177,14 +165,14 @@ def copy_paste_set(real: ImageSet, goods: ImageSet, targets: ImageSet | None, co
     for index, defect in enumerate(real.defect_types):
         by_type.setdefault(defect, []).append(index)
     if not by_type:
-        raise dm.DatasetError("copy-paste needs at least one real training defect")
+        raise DatasetError("copy-paste needs at least one real training defect")
     pairs, types, names = [], [], []
     for i in range(count):
         if targets is not None and len(targets):
             target = i % len(targets)
             defect_type = targets.defect_types[target]
             if defect_type not in by_type:
-                raise dm.DatasetError(f"the synthetic set has defect type {defect_type!r} but the split has no real "
+                raise DatasetError(f"the synthetic set has defect type {defect_type!r} but the split has no real "
                                       f"training defect of it (types: {', '.join(sorted(by_type))})")
             center = mask_center(targets.masks[target].numpy()) if targets.masks[target].any() else None
         else:

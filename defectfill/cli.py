@@ -1,18 +1,18 @@
-"""`--config file.yaml` for our argparse scripts: the parser is the one definition of every option;
-a YAML file supplies values for some of them (keys are the flags' names without dashes), and a value
-given on the command line overrides the file."""
+"""The command lines of the entry scripts: `--config file.yaml` over argparse (the parser is the one
+definition of every option; a YAML file supplies values for some of them, keys being the flags' names
+without dashes, and a value given on the command line overrides the file), the argument groups several
+scripts share, what of a run's options may be recorded (never a secret), and `run_main`, which every entry
+script calls so that any `DefectFillError` ends the command with its message and exit code 1."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the file and the key."""
+from defectfill.errors import ConfigError, DefectFillError
 
 
 def _actions_by_key(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -127,3 +127,12 @@ SECRET_OPTIONS = ("hub_token",)
 def public_options(args: argparse.Namespace) -> dict:
     """The scalar options of a run, secrets left out: what trackers (TensorBoard hparams, wandb config) record."""
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k not in SECRET_OPTIONS}
+
+
+def run_main(main: Callable[[argparse.Namespace], object], parse_args: Callable[[], argparse.Namespace]) -> None:
+    """`main(parse_args())`; a `DefectFillError` (bad input, a run that cannot go on) ends the command with
+    ``error: <message>`` and exit code 1 instead of a traceback."""
+    try:
+        main(parse_args())
+    except DefectFillError as error:
+        raise SystemExit(f"error: {error}") from None

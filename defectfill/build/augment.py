@@ -109,10 +109,10 @@ def place_shape(shape: np.ndarray, size: tuple[int, int], top: int, left: int) -
     """An (H, W) mask with `shape` at (top, left); parts outside the image are cut off."""
     height, width = size
     mask = np.zeros((height, width), dtype=bool)
-    t, l = max(top, 0), max(left, 0)
-    b, r = min(top + shape.shape[0], height), min(left + shape.shape[1], width)
-    if b > t and r > l:
-        mask[t:b, l:r] = shape[t - top : b - top, l - left : r - left]
+    first_row, first_col = max(top, 0), max(left, 0)
+    end_row, end_col = min(top + shape.shape[0], height), min(left + shape.shape[1], width)
+    if end_row > first_row and end_col > first_col:
+        mask[first_row:end_row, first_col:end_col] = shape[first_row - top : end_row - top, first_col - left : end_col - left]
     return mask
 
 
@@ -151,19 +151,6 @@ def touches_border(mask: np.ndarray, margin: int = 1) -> bool:
     inner = np.zeros_like(mask, dtype=bool)
     inner[margin:-margin, margin:-margin] = True
     return bool((mask & ~inner).any())
-
-
-def latent_mask(region_mask: Image.Image | np.ndarray, vae_scale_factor: int) -> np.ndarray:
-    """The mask the UNet gets at latent size for a region mask: synthesis hands the pipeline the mask grown to
-    whole latent blocks (`synthesis.model_mask`, the function training uses), whose nearest resize in the
-    pipeline is the max-pooled mask (`defectfill_method.mask_to_latent`): every block touching the mask."""
-    import defectfill_method as method
-
-    array = np.asarray(region_mask, dtype=np.float32)
-    array = array / 255.0 if array.max() > 1 else array
-    tensor = torch.from_numpy((array >= 0.5).astype(np.float32))[None, None]
-    size = (tensor.shape[2] // vae_scale_factor, tensor.shape[3] // vae_scale_factor)
-    return method.mask_to_latent(tensor, size)[0, 0].numpy() > 0
 
 
 def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:

@@ -3,10 +3,10 @@
     pipeline = load_pipeline(base_model, lora="runs/bottle-broken_large")
     settings = SynthesisSettings(prompt="A bottle with sks", resolution=512)
     job = prepare_job(clean_image, mask, index=0, settings=settings)
-    [result] = synthesize(pipeline, [job], settings, scorer=LpipsModel().masked_scores)
+    [result] = synthesize(pipeline, [job], settings, scorer=LpipsModel().masked_scores)  # defectfill.scoring
     result.image   # full resolution; outside the mask every pixel is the clean input's
 
-Steps (SPEC "Inference"): prepare a job (crop around the mask at full resolution, or the whole image,
+Steps: prepare a job (crop around the mask at full resolution, or the whole image,
 resized to the model's resolution), generate all candidates of all jobs in one pipeline call (one
 seeded generator per candidate), composite each candidate over the clean region, score it by LPIPS
 inside the mask and keep the highest (Low-Fidelity Selection), paste the region back at full
@@ -24,21 +24,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-import dataset_mvtec as dm
-import defectfill_method as method
+from defectfill import masks
+from defectfill.attention import StepAveragingStore, install_vstar_capture, remove_vstar_capture, token_piece_ids, token_weights
+from defectfill.errors import InpaintingModelError, SynthesisError
+from defectfill.images import to_8bit
+from defectfill.models import check_inpainting_unet, default_device
 
 logger = logging.getLogger("defectfill")
 
+# (clean region, candidate regions, region mask) -> one score per candidate; higher = more defect-like.
 Scorer = Callable[[Image.Image, list[Image.Image], Image.Image], list[float]]
-
-
-class SynthesisError(ValueError):
-    """Bad synthesis input; the message names the file or flag and what was expected."""
 
 
 @dataclass(frozen=True)
 class SynthesisSettings:
-    """How a (clean image, mask) becomes a defect image; defaults are the paper's (SPEC "Inference")."""
+    """How a (clean image, mask) becomes a defect image; the defaults are the paper's (8 candidates, 50 steps,
+    guidance 7.5, the clean image kept outside the mask)."""
 
     prompt: str
     resolution: int = 512
@@ -49,21 +50,6 @@ class SynthesisSettings:
     composite: bool = True
     crop_to_mask: bool = True
     crop_context: float = 0.5
-
-
-def crop_at_training_scale(defect_crop_probability: float, crop_context: float) -> tuple[bool, float]:
-    """(crop_to_mask, crop_context) that generate defects at the scale a LoRA learned them: in a crop around
-    the mask when training cropped around defects (probability > 0), else on the whole image resized."""
-    return defect_crop_probability > 0, crop_context
-
-
-def precision_dtype(name: str | None) -> torch.dtype:
-    """torch dtype of a mixed-precision name ("no", "fp16", "bf16")."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name or "no", torch.float32)
-
-
-def default_device(device: str | None = None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def round_robin(images: Sequence, masks: Sequence, count: int) -> list[tuple]:
@@ -102,40 +88,25 @@ def mask_at_image_size(mask: Image.Image | np.ndarray, size: tuple[int, int], na
             logger.warning("%s is %dx%d but its image is %dx%d: the mask is stretched to the image's aspect ratio",
                            name, *mask.size, *size)
         mask = mask.convert("L").resize(size, Image.NEAREST)
-    binary = dm.binarize_mask(mask)
+    binary = masks.binarize_mask(mask)
     if not binary.any():  # also when resizing emptied a tiny mask
-        raise SynthesisError(f"{name} is empty (no pixel >= {dm.MASK_THRESHOLD}); nothing to inpaint")
+        raise SynthesisError(f"{name} is empty (no pixel >= {masks.MASK_THRESHOLD}); nothing to inpaint")
     return binary
-
-
-def coverage_resize(mask: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """A boolean mask resized so that every output pixel that overlaps a masked input pixel is masked (box
-    filter, any coverage): a 3 px scratch stays visible at half the resolution."""
-    coverage = np.asarray(Image.fromarray(mask.astype(np.float32)).resize(size, Image.BOX))
-    return Image.fromarray(((coverage > 1e-6) * 255).astype(np.uint8))
 
 
 def prepare_job(image: Image.Image, mask: Image.Image | np.ndarray, index: int, settings: SynthesisSettings,
                 mask_name: str = "mask") -> Job:
     """Crop (with `crop_to_mask`, when the image is larger than the resolution) and resize to the model."""
     mode = "L" if image.mode in ("L", "LA", "I;16", "I;16B", "I;16L", "I", "F", "1") else "RGB"
-    image = dm.to_8bit(image).convert("RGB")
+    image = to_8bit(image).convert("RGB")
     binary = mask_at_image_size(mask, image.size, mask_name)
     box = (0, 0, *image.size)
     if settings.crop_to_mask and min(image.size) > settings.resolution:
-        box = dm.mask_crop_box(binary, settings.resolution, settings.crop_context) or box
+        box = masks.mask_crop_box(binary, settings.resolution, settings.crop_context) or box
     size = (settings.resolution, settings.resolution)
     left, top, right, bottom = box
     region = image.crop(box).resize(size, Image.BICUBIC)
-    return Job(index, image, binary, box, region, coverage_resize(binary[top:bottom, left:right], size), mode)
-
-
-def model_mask(region_mask: Image.Image, scale: int) -> Image.Image:
-    """The mask handed to the pipeline: the region mask grown to whole latent blocks, the function training
-    uses (`defectfill_method.cover_latent_blocks`), so the pipeline's nearest resize keeps every defect pixel."""
-    tensor = torch.from_numpy(np.asarray(region_mask) > 0).float()[None, None]
-    covered = method.cover_latent_blocks(tensor, scale)[0, 0].numpy()
-    return Image.fromarray((covered * 255).astype(np.uint8))
+    return Job(index, image, binary, box, region, masks.coverage_resize(binary[top:bottom, left:right], size), mode)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,7 +132,7 @@ def generate_candidates(pipeline, jobs: list[Job], settings: SynthesisSettings, 
     generators = [g for job in jobs for g in candidate_generators(settings.seed, job.index, n, pipeline.device, first_candidate)]
     result = pipeline(
         prompt=[settings.prompt] * (len(jobs) * n), image=[job.region for job in jobs for _ in range(n)],
-        mask_image=[model_mask(job.region_mask, pipeline.vae_scale_factor) for job in jobs for _ in range(n)],
+        mask_image=[masks.model_mask(job.region_mask, pipeline.vae_scale_factor) for job in jobs for _ in range(n)],
         height=settings.resolution, width=settings.resolution,
         num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale, generator=generators,
     ).images
@@ -223,51 +194,6 @@ def synthesize(pipeline, jobs: list[Job], settings: SynthesisSettings, scorer: S
 
 
 # ----------------------------------------------------------------------------------------------------
-# LPIPS (selection, IC-LPIPS)
-# ----------------------------------------------------------------------------------------------------
-
-
-class LpipsModel:
-    """The `lpips` package's LPIPS (AlexNet by default, as the IC-LPIPS papers use). `distance` gives the
-    standard per-pair LPIPS; `masked_scores` averages the spatial LPIPS map over a mask ("LPIPS inside the
-    mask" is the paper's phrase for Low-Fidelity Selection; the spatial map averaged over the mask is our
-    reading of it). `pretrained_backbone=False` is a random backbone: tests and offline runs only."""
-
-    def __init__(self, net: str = "alex", device: str | torch.device = "cpu", pretrained_backbone: bool = True):
-        import lpips
-
-        try:
-            self.model = lpips.LPIPS(net=net, pnet_rand=not pretrained_backbone, verbose=False).to(device).eval()
-        except Exception as error:  # the torchvision backbone download failed
-            raise SynthesisError(
-                f"LPIPS needs the torchvision '{net}' backbone weights, which could not be loaded ({error}). Put the "
-                f"checkpoint file in $TORCH_HOME/hub/checkpoints (run once with network access), or use --num_candidates 1"
-            ) from error
-        self.device = device
-
-    @torch.no_grad()
-    def distance_map(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """(N, 1, H, W) LPIPS map of paired batches in [-1, 1] (the `lpips` package's spatial output)."""
-        self.model.spatial = True
-        try:
-            return self.model(a.to(self.device), b.to(self.device))
-        finally:
-            self.model.spatial = False
-
-    @torch.no_grad()
-    def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """(N,) LPIPS of paired batches in [-1, 1], as the `lpips` package reports it."""
-        return self.model(a.to(self.device), b.to(self.device)).flatten().cpu()
-
-    def masked_scores(self, clean: Image.Image, candidates: list[Image.Image], mask: Image.Image) -> list[float]:
-        """Per candidate, the LPIPS map against `clean` averaged over the mask's pixels."""
-        batch = torch.stack([dm.to_signed_tensor(c) for c in candidates])
-        distance = self.distance_map(batch, dm.to_signed_tensor(clean)[None].expand_as(batch))
-        weights = torch.from_numpy(np.asarray(mask) > 0).float().to(distance.device)
-        return ((distance[:, 0] * weights).sum(dim=(1, 2)) / weights.sum().clamp_min(1)).tolist()
-
-
-# ----------------------------------------------------------------------------------------------------
 # The pipeline
 # ----------------------------------------------------------------------------------------------------
 
@@ -305,8 +231,8 @@ def load_pipeline(base_model: str, lora: str | None = None, trained_on: str | No
         base_model, revision=revision, variant=variant, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
     )
     try:
-        method.check_inpainting_unet(pipeline.unet, base_model)
-    except method.InpaintingModelError as error:
+        check_inpainting_unet(pipeline.unet, base_model)
+    except InpaintingModelError as error:
         raise SynthesisError(str(error)) from error
     if scheduler:
         scheduler_class = getattr(diffusers, scheduler, None)
@@ -325,42 +251,16 @@ def load_pipeline(base_model: str, lora: str | None = None, trained_on: str | No
 # ----------------------------------------------------------------------------------------------------
 
 
-def _step_averaging_store():
-    """A `VStarAttentionStore` that averages each layer's map over every UNet call while recording (the
-    training store keeps a layer's first map of a step; a denoising pass calls the UNet once per step)."""
-    from attention_processor import VStarAttentionStore
-
-    class StepAveragingStore(VStarAttentionStore):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls: dict[str, int] = {}
-
-        def record(self, layer_name: str, probabilities: torch.Tensor) -> None:
-            total = self.maps.pop(layer_name, None)
-            super().record(layer_name, probabilities)
-            current = self.maps[layer_name].detach().float()
-            self.maps[layer_name] = current if total is None else total + current
-            self.calls[layer_name] = self.calls.get(layer_name, 0) + 1
-
-        def aggregate(self) -> torch.Tensor:
-            self.maps = {name: total / self.calls[name] for name, total in self.maps.items()}
-            self.calls = {name: 1 for name in self.maps}
-            return super().aggregate()
-
-    return StepAveragingStore()
-
-
 def vstar_prompt_weights(tokenizer, prompt: str, token: str, rows: int) -> torch.Tensor:
     """(rows, K) `token_weights` of `prompt` tokenized as the pipeline encodes it (padded to the
     tokenizer's length); a prompt without the token is an error."""
-    from attention_processor import token_piece_ids, token_weights
-
     input_ids = tokenizer([prompt] * rows, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                           return_tensors="pt").input_ids
     try:
         return token_weights(input_ids, token_piece_ids(tokenizer, token))
     except ValueError as error:
-        raise SynthesisError(f"the prompt {prompt!r} does not contain the [V*] token {token!r}: there is no attention map to show") from error
+        raise SynthesisError(f"the prompt {prompt!r} does not contain the [V*] token {token!r}: "
+                             "there is no attention map to show") from error
 
 
 def synthesize_with_attention(pipeline, jobs: list[Job], settings: SynthesisSettings, token: str,
@@ -373,14 +273,12 @@ def synthesize_with_attention(pipeline, jobs: list[Job], settings: SynthesisSett
     token, are recorded. The images are those `synthesize` gives (recording computes the same attention).
     `on_step(done, total)` is called after each UNet call (one per denoising step; some schedulers, such as
     PNDM, take one more call than `num_inference_steps`: `total` is the scheduler's count)."""
-    from attention_processor import install_vstar_capture, remove_vstar_capture
-
     batch = len(jobs) * settings.num_candidates
     weights = vstar_prompt_weights(pipeline.tokenizer, settings.prompt, token, batch)
     guided = settings.guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
     rows = slice(batch, 2 * batch) if guided else slice(0, batch)
     latent = settings.resolution // pipeline.vae_scale_factor
-    store = _step_averaging_store()
+    store = StepAveragingStore()
     calls = [0]
 
     def count_call(module, inputs, output):
@@ -429,7 +327,7 @@ def attention_overlay(result: SynthesisResult, attention: torch.Tensor, opacity:
 def output_metadata_row(result: SynthesisResult, source_image: str, source_mask: str, settings: SynthesisSettings,
                         object_class: str | None, defect_type: str | None) -> dict:
     """The metadata row of one output, the fields `infer_defectfill.py` writes (file names are added by
-    `run_files.save_synthesis_result`)."""
+    `defectfill.runs.folder.SynthesisFolder.save_result`)."""
     return {
         "source_image": str(source_image), "source_mask": str(source_mask), "seed": settings.seed,
         "candidate": result.chosen, "lpips": result.scores[result.chosen], "candidate_scores": list(result.scores),

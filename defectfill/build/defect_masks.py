@@ -1,0 +1,136 @@
+"""The masks of a build: where each defect type's real masks come from (held-out, augmented from them, or a
+user's folder), where on a good image a defect may go (its foreground), and the masks of one item's defects,
+drawn from the item's own seed and checked the way synthesis will see them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+from PIL import Image
+
+from defectfill.build.augment import draw_mask, estimate_foreground, pick_mask
+from defectfill.build.plan import Item, item_rng
+from defectfill.data.mvtec import list_heldout_masks
+from defectfill.errors import BuildError, SynthesisError
+from defectfill.images import IMAGE_EXTENSIONS, image_files
+from defectfill.masks import MASK_THRESHOLD, binarize_mask, latent_mask, resize_mask
+from defectfill.runs.settings import RunPlan
+from defectfill.synthesis import SynthesisSettings, prepare_job
+
+if TYPE_CHECKING:
+    from defectfill.build.context import BuildContext
+
+
+def mask_sources(args, run: RunPlan, data_dir: str | None) -> list[Path]:
+    """The mask files a defect type draws from: the run's held-out masks, or the user's folder."""
+    if args.mask_source in ("heldout", "augment"):
+        if not data_dir:
+            raise BuildError(f"--mask_source {args.mask_source} needs --data_dir (the run {run.lora} records none)")
+        masks = list_heldout_masks(data_dir, run.record.split, run.defect_type)
+        if not masks:
+            raise BuildError(f"the split of {run.lora} holds no held-out mask of {run.defect_type}; give --mask_source DIR")
+        return masks
+    folder = Path(args.mask_source)
+    if not folder.is_dir():
+        raise BuildError(f"--mask_source {args.mask_source}: not heldout, augment or a folder of masks")
+    masks = image_files(folder / run.defect_type) or image_files(folder)
+    if not masks:
+        raise BuildError(f"--mask_source {folder} holds no mask for {run.defect_type} "
+                         f"(expected {folder / run.defect_type}/*.png or {folder}/*.png)")
+    return masks
+
+
+def load_mask_files(paths: Sequence[Path]) -> list[np.ndarray]:
+    """Boolean masks; an empty mask file is an error that names it (nothing is generated before)."""
+    masks = []
+    for path in paths:
+        with Image.open(path) as image:
+            mask = binarize_mask(image)
+        if not mask.any():
+            raise BuildError(f"mask {path} is empty (no pixel >= {MASK_THRESHOLD}); remove it or draw the defect")
+        masks.append(mask)
+    return masks
+
+
+def visible_at_latent_size(mask: np.ndarray, settings: SynthesisSettings, vae_scale_factor: int) -> bool:
+    """Whether the mask keeps a pixel at the UNet's latent size, through the same crop and resize as synthesis."""
+    blank = Image.new("RGB", mask.shape[::-1])
+    try:
+        job = prepare_job(blank, mask, 0, settings)
+    except SynthesisError:
+        return False
+    return bool(latent_mask(job.region_mask, vae_scale_factor).any())
+
+
+def find_foreground_file(folder: Path, image_path: Path, data_dir: str | None, object_class: str) -> Path | None:
+    """The object mask of a good image in --foreground_dir: same path relative to the class folder, else same stem."""
+    candidates = []
+    if data_dir:
+        try:
+            relative = image_path.relative_to(Path(data_dir) / object_class)
+            candidates += [folder / relative, folder / relative.with_name(f"{relative.stem}_mask{relative.suffix}")]
+        except ValueError:
+            pass
+    for ext in IMAGE_EXTENSIONS:
+        candidates += [folder / f"{image_path.stem}{ext}", folder / f"{image_path.stem}_mask{ext}"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def foreground_of(args, image: Image.Image, image_path: Path, texture: bool, data_dir: str | None,
+                  object_class: str) -> np.ndarray | None:
+    """Where on the image a defect may go; None for a texture (the whole image)."""
+    if texture:
+        return None
+    if args.foreground_dir:
+        path = find_foreground_file(Path(args.foreground_dir), image_path, data_dir, object_class)
+        if path is None:
+            raise BuildError(f"--foreground_dir {args.foreground_dir} has no object mask for {image_path} "
+                             f"(looked for the same relative path or {image_path.stem}[_mask].png)")
+        with Image.open(path) as mask_image:
+            return resize_mask(binarize_mask(mask_image), image.size)
+    return estimate_foreground(image)
+
+
+@dataclass
+class Defect:
+    """One defect of an item: its type, the mask used (the label), where it came from."""
+
+    defect_type: str
+    mask: np.ndarray
+    source_mask: str
+    augmented: bool
+
+
+def draw_item_masks(item: Item, image: Image.Image, context: "BuildContext") -> tuple[list[Defect], Counter, list[str]]:
+    """The masks of an item's defects, in painting order, never overlapping: (defects, mask rejections by
+    reason, defect types dropped because no mask fitted). Deterministic per item."""
+    rng = item_rng(context.args.seed, item.index, 2)
+    augment = context.args.mask_source == "augment"
+    foreground = foreground_of(context.args, image, item.image_path, context.texture, context.data_dir,
+                               context.object_class) if augment else None
+    taken = np.zeros(image.size[::-1], dtype=bool)
+    defects, rejected, dropped = [], Counter(), []
+    for slot, defect_type in enumerate(item.defect_types):
+        sources = [resize_mask(m, image.size) for m in context.masks[defect_type]]
+        settings = context.settings[defect_type]
+        checks = dict(visible_at_latent=lambda m, s=settings: visible_at_latent_size(m, s, context.vae_scale_factor),
+                      avoid=taken if taken.any() else None)
+        if augment:
+            checks.update(foreground=foreground, min_on_object=context.args.min_on_object)
+            mask, source, why = draw_mask(sources, rng, context.augment, context.args.mask_attempts, **checks)
+        else:
+            start = item.index % context.args.num_images if slot == 0 else int(rng.integers(len(sources)))
+            mask, source, why = pick_mask(sources, start % len(sources), **checks)
+        rejected.update({f"{defect_type}/{k}": v for k, v in why.items()})
+        if mask is None:
+            if slot == 0:  # the defect type the item is for: no image without it
+                return [], rejected, [defect_type]
+            dropped.append(defect_type)
+            continue
+        defects.append(Defect(defect_type, mask, str(context.mask_paths[defect_type][source]), context.args.mask_source == "augment"))
+        taken |= mask
+    return defects, rejected, dropped

@@ -1,0 +1,122 @@
+"""The LoRA file of a run: ``pytorch_lora_weights.safetensors`` in diffusers format, written from the peft
+adapters training holds and read back into them (resuming, measuring).
+
+Made for every loader users have: the text-encoder keys keep CLIP's ``text_model.`` level, and the final LoRA
+has its scale folded into the weights; checkpoints keep the raw adapter weights so resuming is exact."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from defectfill.errors import RunFileError
+from defectfill.runs.files import LORA_FILENAME
+
+TEXT_MODEL_PREFIX = "text_model."
+
+
+def lora_layers(model, adapter_name: str = "default", fold_alpha: bool = False) -> dict:
+    """The adapter's weights in diffusers format. With `fold_alpha`, the LoRA scale alpha / rank is multiplied
+    into the B (up) matrices, so the file means the same to a loader that reads the alpha from the file's
+    metadata and to one that ignores it (and applies alpha = rank)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    # save_embedding_layers=False: no embedding is adapted, and 'auto' looks the base model up on the Hub.
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+    if fold_alpha:
+        config = model.peft_config[adapter_name]
+        scale = config.lora_alpha / config.r
+        state = {key: value * scale if ".lora_B." in key else value for key, value in state.items()}
+    return convert_state_dict_to_diffusers(state)
+
+
+def _adapter_metadata(model, fold_alpha: bool) -> dict:
+    metadata = model.peft_config["default"].to_dict()
+    if fold_alpha:
+        metadata["lora_alpha"] = metadata["r"]
+    return metadata
+
+
+def save_lora(directory: str | os.PathLike, unet, text_encoder=None, fold_alpha: bool = True) -> None:
+    """`pytorch_lora_weights.safetensors` in diffusers format (keys `unet.` / `text_encoder.text_model.`), with
+    the adapter configs as metadata, readable by the usual file mode.
+
+    Made for every loader users have: the text-encoder keys keep CLIP's ``text_model.`` level (transformers 5
+    saves them without it, which older stacks silently drop: the learned [V*] is then gone), and with
+    `fold_alpha` (the final LoRA) the scale is inside the weights. Checkpoints keep the raw adapter weights
+    (`fold_alpha=False`) so that resuming is exact."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    kwargs = {"unet_lora_layers": lora_layers(unet, fold_alpha=fold_alpha),
+              "unet_lora_adapter_metadata": _adapter_metadata(unet, fold_alpha)}
+    if text_encoder is not None and getattr(text_encoder, "peft_config", None):
+        layers = lora_layers(text_encoder, fold_alpha=fold_alpha)
+        kwargs["text_encoder_lora_layers"] = {
+            key if key.startswith(TEXT_MODEL_PREFIX) else TEXT_MODEL_PREFIX + key: value for key, value in layers.items()
+        }
+        kwargs["text_encoder_lora_adapter_metadata"] = _adapter_metadata(text_encoder, fold_alpha)
+    StableDiffusionInpaintPipeline.save_lora_weights(directory, safe_serialization=True, **kwargs)
+    path = Path(directory) / LORA_FILENAME
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)  # safetensors writes 0600; others on a shared machine must be able to read it
+
+
+def _file_lora_scales(path: Path) -> dict[str, float]:
+    """{"unet": alpha / r, "text_encoder": ...} as the file's metadata records them (1.0 where it records none,
+    as loaders then take alpha = r)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata() or {}
+    adapters = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    scales = {}
+    for component in ("unet", "text_encoder"):
+        alpha, rank = adapters.get(f"{component}.lora_alpha"), adapters.get(f"{component}.r")
+        scales[component] = alpha / rank if alpha and rank else 1.0
+    return scales
+
+
+def _set_lora_state(model, peft_state: dict, file_scale: float, where: str) -> None:
+    """Put PEFT-format LoRA weights into a model's "default" adapter, rescaling B from the file's scale to the
+    adapter's; any key the model does not have is an error (a LoRA for another architecture)."""
+    from peft.utils import set_peft_model_state_dict
+
+    config = model.peft_config["default"]
+    factor = file_scale / (config.lora_alpha / config.r)
+    if factor != 1.0:
+        peft_state = {key: value * factor if ".lora_B." in key else value for key, value in peft_state.items()}
+    result = set_peft_model_state_dict(model, peft_state, adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise RunFileError(f"{where}: LoRA keys the model does not have, e.g. {unexpected[:3]}: is it a LoRA of another base model?")
+
+
+def load_lora_into(directory: str | os.PathLike, unet, text_encoder=None) -> None:
+    """Inverse of `save_lora` for models that already carry the adapters (resuming, measuring). UNet and
+    text-encoder keys are checked alike."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    path = Path(directory) / LORA_FILENAME
+    state_dict, _ = StableDiffusionInpaintPipeline.lora_state_dict(str(directory))
+    scales = _file_lora_scales(path)
+    unet_state = {k[len("unet."):]: v for k, v in state_dict.items() if k.startswith("unet.")}
+    _set_lora_state(unet, convert_unet_state_dict_to_peft(unet_state), scales["unet"], f"{path} (UNet)")
+    if text_encoder is not None and getattr(text_encoder, "peft_config", None):
+        from peft.utils import get_peft_model_state_dict
+
+        model_has_level = any(k.startswith(TEXT_MODEL_PREFIX) for k in get_peft_model_state_dict(text_encoder))
+        text_state = {}
+        for key, value in state_dict.items():
+            if key.startswith("text_encoder."):
+                key = key[len("text_encoder."):]
+                if not model_has_level and key.startswith(TEXT_MODEL_PREFIX):
+                    key = key[len(TEXT_MODEL_PREFIX):]
+                text_state[key] = value
+        from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+
+        _set_lora_state(text_encoder, convert_state_dict_to_peft(convert_state_dict_to_diffusers(text_state)),
+                        scales["text_encoder"], f"{path} (text encoder)")

@@ -1,0 +1,142 @@
+"""What a finished training run leaves: the LoRA (diffusers format), the run record synthesis reads, the
+few-shot split, a diffusers-style model card, and (on request) the upload of the folder to the Hub."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from defectfill.cli import public_options
+from defectfill.data.split import save_split
+from defectfill.errors import TrainingError
+from defectfill.fileio import save_image_atomic, write_text_atomic
+from defectfill.method import defect_prompt, object_prompt
+from defectfill.models import Models
+from defectfill.runs.files import CHECKPOINT_PREFIX, LORA_FILENAME, MODEL_CARD_FILENAME, SPLIT_FILENAME
+from defectfill.runs.hub import upload_folder_to_hub
+from defectfill.runs.lora import save_lora
+from defectfill.runs.records import RunRecord
+
+
+def resolved_if_local(name_or_path: str) -> str:
+    """An absolute path for a local folder (so the run works from any working directory); a Hub id as it is."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else str(name_or_path)
+
+
+# Options that say where things are or how a run is watched, not what the LoRA learns: left out of `training_options`.
+NOT_TRAINING_OPTIONS = ("pretrained_model_name_or_path", "data_dir", "dataset_name", "cache_dir", "output_dir", "split_file",
+                        "resume_from_checkpoint", "logging_dir", "report_to", "logging_steps", "push_to_hub", "hub_model_id",
+                        "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "num_validation_images",
+                        "num_inference_steps", "guidance_scale", "dataloader_num_workers", "config")
+
+
+def training_options(args) -> dict:
+    """The run's training options as the run record keeps them (`public_options`: never a secret)."""
+    return {key: value for key, value in public_options(args).items() if key not in NOT_TRAINING_OPTIONS}
+
+
+def run_record(args, defect_type: str, split: dict) -> RunRecord:
+    """What synthesis needs to use the run (defectfill_run.json next to the LoRA), the training-time scale included."""
+    return RunRecord(
+        base_model=resolved_if_local(args.pretrained_model_name_or_path), revision=args.revision, token=args.token,
+        object_class=args.object_class, defect_type=defect_type, defect_prompt=defect_prompt(args.token),
+        object_prompt=object_prompt(args.object_class, args.token), resolution=args.resolution, rank=args.rank,
+        lora_alpha=args.lora_alpha, train_text_encoder=args.train_text_encoder,
+        loss_weights={"defect": args.lambda_defect, "object": args.lambda_object, "attention": args.lambda_attention},
+        max_train_steps=args.max_train_steps, seed=args.seed, data_dir=resolved_if_local(args.data_dir) if args.data_dir else None,
+        dataset_name=args.dataset_name, split=split, max_scale=args.max_scale,
+        defect_crop_probability=args.defect_crop_probability, crop_context=args.defect_crop_context,
+        training_options=training_options(args),
+    )
+
+
+def training_scale_note(record: RunRecord) -> str:
+    """One sentence on the scale the defect was learned at, which synthesis follows."""
+    if record.defect_crop_probability:
+        return (f"{record.defect_crop_probability:.0%} of the training samples were square crops around the defect at full "
+                f"resolution (context {record.crop_context}), the rest whole images resized to {record.resolution} px: "
+                "`infer_defectfill.py` generates in a crop around each mask (`--crop_to_mask`), at the scale the LoRA learned.")
+    return (f"Whole images resized to {record.resolution} px (the paper's setting): `infer_defectfill.py` generates on the "
+            "whole image resized, at the scale the LoRA learned; `--crop_to_mask` would paint the defect larger than it was learned.")
+
+
+def save_model_card(output_dir: Path, record: RunRecord, repo_id: str | None, images: list | None = None) -> None:
+    """A diffusers-style model card (README.md): YAML metadata (base_model, tags, instance_prompt, widget)
+    and how to load the LoRA. Built locally: writing it needs no Hub access. Strings in the Python snippet
+    are written as Python literals, so a quote in a class name or token cannot break it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    widget = []
+    for index, image in enumerate(images or []):
+        save_image_atomic(image, output_dir / f"validation_{index}.png")
+        widget.append({"text": record.object_prompt, "output": {"url": f"validation_{index}.png"}})
+    n_train = sum(len(e["train"]) for e in record.split["defect_types"].values())
+    weights = record.loss_weights
+    data = ModelCardData(
+        license="openrail++", base_model=record.base_model, library_name="diffusers",
+        tags=["stable-diffusion", "stable-diffusion-diffusers", "diffusers", "inpainting", "lora", "defectfill",
+              "anomaly-detection", "template:sd-lora"],
+        instance_prompt=record.object_prompt, widget=widget or None,
+    )
+    lora_source = repo_id or output_dir.name
+    body = f"""
+# DefectFill LoRA: {record.object_class} / {record.defect_type}
+
+LoRA adapters for `{record.base_model}` trained with
+defectfill (DefectFill, CVPR 2025, arXiv 2503.13985) on {n_train} image(s) of the `{record.defect_type}`
+defect of `{record.object_class}`. The token `{record.token}` ([V*]) stands for the defect.
+
+Inference prompt: `{record.object_prompt}`; the mask marks where the defect is painted.
+
+```python
+from diffusers import StableDiffusionInpaintPipeline
+
+pipe = StableDiffusionInpaintPipeline.from_pretrained({record.base_model!r})
+pipe.load_lora_weights({lora_source!r})
+image = pipe({record.object_prompt!r}, image=clean_image, mask_image=defect_mask).images[0]
+```
+
+Or with Low-Fidelity Selection and an exact background: `python infer_defectfill.py --lora {lora_source} ...`.
+
+## Training
+
+| setting | value |
+|---|---|
+| steps | {record.max_train_steps} |
+| resolution | {record.resolution} |
+| defect scale | {record.defect_crop_probability or 0:.0%} defect crops (context {record.crop_context}), max resize {record.max_scale} |
+| LoRA rank / alpha | {record.rank} / {record.lora_alpha} |
+| text-encoder LoRA | {record.train_text_encoder} |
+| loss weights (defect, object, attention) | {weights['defect']}, {weights['object']}, {weights['attention']} |
+| seed | {record.seed} |
+
+Scale: {training_scale_note(record)}
+
+The few-shot split (training and held-out images) is in `few_shot_split.json`; everything inference
+needs is in `defectfill_run.json`.
+"""
+    write_text_atomic(output_dir / MODEL_CARD_FILENAME, str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")))
+
+
+def save_final_outputs(accelerator, models: Models, args, output_dir: Path, record: RunRecord, images=None) -> None:
+    """LoRA, run JSON, split and model card, each written to a temp name then moved into place."""
+    unet = accelerator.unwrap_model(models.unet)
+    text_encoder = accelerator.unwrap_model(models.text_encoder) if args.train_text_encoder else None
+    with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
+        save_lora(tmp, unet, text_encoder)
+        os.replace(Path(tmp) / LORA_FILENAME, output_dir / LORA_FILENAME)
+    record.write(output_dir)
+    save_split(record.split, output_dir / SPLIT_FILENAME)
+    save_model_card(output_dir, record, args.hub_model_id, images)
+
+
+def push_to_hub(output_dir: Path, args) -> str:
+    """Upload the run folder (LoRA, run JSON, split, model card, validation images, TensorBoard logs);
+    checkpoints stay local."""
+    try:
+        return upload_folder_to_hub(output_dir, args.hub_model_id, args.hub_token, commit_message="DefectFill LoRA",
+                                       ignore_patterns=[f"{CHECKPOINT_PREFIX}*/**", f"{CHECKPOINT_PREFIX}*"])
+    except Exception as error:  # offline, bad token, no write access: the run itself is safe on disk
+        raise TrainingError(f"the run is saved in {output_dir}, but pushing it to the Hub failed: {error}") from error

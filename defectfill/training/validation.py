@@ -1,0 +1,128 @@
+"""Validation during training: held-out good images inpainted with held-out masks through the synthesis core
+(as `infer_defectfill.py` paints with the run, one candidate each), and the [V*] attention map of the object
+branch next to its mask, logged to the trackers. Validation never changes what training draws next."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from defectfill.data.mvtec import list_good_images, list_heldout_masks
+from defectfill.data.transform import PairTransform
+from defectfill.models import Models
+from defectfill.runs.records import RunRecord
+from defectfill.runs.settings import plan_run
+from defectfill.step import DefectFillStep
+from defectfill.synthesis import SynthesisSettings, prepare_job, round_robin, synthesize
+
+logger = logging.getLogger("defectfill")
+
+
+@dataclass
+class Validation:
+    """The (good image, held-out mask) pairs validated (empty: validation off) and how they are painted."""
+
+    settings: SynthesisSettings
+    pairs: list[tuple[Path, Path]] = field(default_factory=list)
+
+
+def validation_setup(args, record: RunRecord, output_dir: Path) -> Validation:
+    """Held-out good images (`test/good`, else any good image) with the run's held-out masks, round-robin, painted
+    with the run's synthesis settings (`plan_run`: its prompt, resolution and training scale) and one candidate
+    per pair (no LPIPS model inside the training loop). No pairs when the data is not a local folder."""
+    settings = plan_run(str(output_dir), record, num_candidates=1, num_inference_steps=args.num_inference_steps,
+                        guidance_scale=args.guidance_scale, seed=args.seed).settings
+    if args.data_dir is None or args.validation_steps <= 0 or args.num_validation_images <= 0:
+        return Validation(settings)
+    goods = list_good_images(args.data_dir, args.object_class, splits=("test",)) or list_good_images(args.data_dir, args.object_class)
+    masks = list_heldout_masks(args.data_dir, record.split, record.defect_type)
+    if not goods or not masks:
+        return Validation(settings)
+    return Validation(settings, round_robin(goods, masks, args.num_validation_images))
+
+
+def log_validation(accelerator, models: Models, args, validation: Validation, step: int,
+                   defectfill_step: DefectFillStep | None) -> list:
+    """Inpaint the validation pairs with the current LoRA through the synthesis core and log the generated
+    regions (what synthesis pastes back) and the [V*] map. Runs on a fork of the random state: validating
+    never changes what training draws next, so a resumed run matches an uninterrupted one."""
+    if not validation.pairs:
+        return []
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    python_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(args.seed)
+            images = validation_images(accelerator, models, args, validation)
+            log_images(accelerator, "validation", images, step)
+            if defectfill_step is not None and defectfill_step.records_attention:
+                log_attention_preview(accelerator, args, validation.pairs[0], step, defectfill_step)
+            return images
+    finally:
+        random.setstate(python_state)
+
+
+def validation_images(accelerator, models: Models, args, validation: Validation) -> list:
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    pipeline = StableDiffusionInpaintPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, unet=accelerator.unwrap_model(models.unet),
+        text_encoder=accelerator.unwrap_model(models.text_encoder), vae=models.vae, tokenizer=models.tokenizer,
+        revision=args.revision, variant=args.variant, torch_dtype=models.vae.dtype, safety_checker=None,
+        requires_safety_checker=False, cache_dir=args.cache_dir,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    settings = validation.settings
+    jobs = []
+    for index, (image_path, mask_path) in enumerate(validation.pairs):
+        with Image.open(image_path) as image, Image.open(mask_path) as mask:
+            jobs.append(prepare_job(image, mask, index, settings, mask_name=f"mask {mask_path}"))
+    with torch.autocast(accelerator.device.type, enabled=accelerator.mixed_precision != "no"):
+        results = synthesize(pipeline, jobs, settings)
+    del pipeline
+    return [result.region for result in results]
+
+
+def final_validation(accelerator, models: Models, args, validation: Validation, step: int, defectfill_step: DefectFillStep) -> list:
+    """The last validation, after the run is saved: a failure is logged, and the run stays whole."""
+    if not validation.pairs:
+        return []
+    try:
+        return log_validation(accelerator, models, args, validation, step, defectfill_step)
+    except Exception as error:  # the LoRA and run file are already on disk; validation is a view of them
+        logger.error("the final validation failed (the trained LoRA is saved): %s: %s", type(error).__name__, error)
+        return []
+
+
+def log_images(accelerator, name: str, images: list, step: int) -> None:
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(name, np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: [wandb.Image(i) for i in images]}, step=step)
+
+
+def log_attention_preview(accelerator, args, pair, step: int, defectfill_step: DefectFillStep) -> None:
+    """The [V*] map of the object branch on a validation pair (a seeded random timestep), next to its mask."""
+    from PIL import Image
+
+    image, mask = PairTransform(args.resolution)(Image.open(pair[0]), Image.open(pair[1]))
+    dtype = defectfill_step.vae.dtype
+    batch = {"pixel_values": image[None].to(accelerator.device, dtype), "masks": mask[None].to(accelerator.device, dtype)}
+    preview = dataclasses.replace(defectfill_step, unet=accelerator.unwrap_model(defectfill_step.unet),
+                                  text_encoder=accelerator.unwrap_model(defectfill_step.text_encoder), latent_cache=None)
+    with torch.no_grad(), preview(batch) as output:
+        attention = F.interpolate(output.attention_map.float(), size=mask.shape[-2:], mode="bilinear")[0, 0]
+    attention = (attention / attention.max().clamp_min(1e-8)).cpu().numpy()
+    panel = np.concatenate([mask[0].numpy(), attention], axis=1)
+    log_images(accelerator, "vstar_attention", [Image.fromarray((panel * 255).astype(np.uint8)).convert("RGB")], step)
