@@ -15,10 +15,8 @@ import yaml
 from defectfill.runs.records import RunRecord
 from defectfill.tiny import measure
 from defectfill.tiny.paths import CONFIGS, DEMO_RUN
+from defectfill.training.outputs import NOT_TRAINING_OPTIONS
 from tests.conftest import TINY_MODEL
-
-# What a config holds that is not a training option: where the data and the run are.
-NOT_OPTIONS = ("pretrained_model_name_or_path", "data_dir", "output_dir")
 
 
 def test_the_bundled_demo_run_is_what_the_demo_config_trains():
@@ -27,7 +25,8 @@ def test_the_bundled_demo_run_is_what_the_demo_config_trains():
     config = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
     options = RunRecord.read(DEMO_RUN).training_options
     assert options is not None, "the demo run records no training options: retrain it (refresh_docs.py --only demo)"
-    stale = {key: (value, options.get(key)) for key, value in config.items() if key not in NOT_OPTIONS and options.get(key) != value}
+    stale = {key: (value, options.get(key)) for key, value in config.items()
+             if key not in NOT_TRAINING_OPTIONS and options.get(key) != value}
     assert stale == {}
 
 
