@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Sequence
 
 from defectfill.build.builder import build_dataset
+from defectfill.build.defect_masks import MASK_FROM
 from defectfill.build.plan import parse_defects_per_image
-from defectfill.cli import add_model_arguments, parse_args_with_config, run_main
-from defectfill.errors import BuildError
-from defectfill.synthesis import Scorer
+from defectfill.cli import add_model_arguments, add_selection_arguments, parse_args_with_config, run_main
+from defectfill.errors import DefectFillError
+from defectfill.synthesis import Scorer, check_selection
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -47,15 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defect_types", nargs="+", default=None, help="Only these defect types of the runs; default: all.")
     p.add_argument("--resolution", type=int, default=None, help="Generation resolution; default: the runs' training resolution.")
 
-    p.add_argument("--data_dir", default=None, help="MVTec AD root (good images, held-out masks); default: the runs'.")
+    p.add_argument("--data_dir", default=None, help="MVTec AD root (good images, the real masks); default: the runs'.")
     p.add_argument("--image_dir", default=None, help="A folder of defect-free images to paint on instead of the class's good images.")
     p.add_argument("--good_split", default="train", choices=("train", "test", "all"), help="Which MVTec good images to paint on.")
     p.add_argument("--num_images", type=int, default=10, help="Images per defect type (the type painted first).")
 
     masks = p.add_argument_group("masks")
     masks.add_argument("--mask_source", default="augment",
-                       help="heldout: the runs' held-out real masks as they are; augment: new masks drawn from them; "
-                            "or a folder of user-drawn masks (<DIR>/<defect_type>/*.png, or <DIR>/*.png for every type).")
+                       help="augment: new masks drawn from the runs' real masks (those of --mask_from); heldout (or real): "
+                            "those real masks as they are; or a folder of user-drawn masks (<DIR>/<defect_type>/*.png, or "
+                            "<DIR>/*.png for every type).")
+    masks.add_argument("--mask_from", default="train", choices=MASK_FROM,
+                       help="Which real masks of each run's few-shot split augment and heldout draw from: train (the "
+                            "default: a training set for a detector then holds no shape or position of its test defects) "
+                            "or heldout (the test set's masks; for looking at the generator, not for training a detector: "
+                            "downstream_defectfill.py refuses such a set unless --allow_test_leak).")
     masks.add_argument("--mask_max_rotation", type=float, default=180.0, help="augment: rotation in degrees, uniform in [-x, x].")
     masks.add_argument("--mask_scale", type=float, nargs=2, default=(0.75, 1.25), metavar=("MIN", "MAX"), help="augment: scale range.")
     masks.add_argument("--mask_elastic", type=float, default=0.04,
@@ -90,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--crop_to_mask", action=argparse.BooleanOptionalAction, default=None,
                      help="Generate in a crop around each mask at full resolution; default: each run's training scale.")
     gen.add_argument("--crop_context", type=float, default=None, help="Context around the mask in the crop; default: the run's.")
+    add_selection_arguments(gen)
     gen.add_argument("--lpips_net", default="alex", choices=("alex", "vgg", "squeeze"), help="LPIPS backbone.")
     gen.add_argument("--lpips_random_backbone", action="store_true",
                      help="LPIPS with a random backbone: offline tests and benchmarks only, never for a real dataset.")
@@ -121,7 +129,8 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--min_on_object is a fraction in [0, 1]")
     try:
         parse_defects_per_image(args.defects_per_image)
-    except BuildError as error:
+        check_selection(args.num_candidates, args.select_at, args.keep)
+    except DefectFillError as error:
         parser.error(str(error))
     return args
 

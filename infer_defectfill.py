@@ -24,7 +24,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from defectfill.cli import add_hub_arguments, add_model_arguments, parse_args_with_config, run_main
+from defectfill.cli import add_hub_arguments, add_model_arguments, add_selection_arguments, parse_args_with_config, run_main
 from defectfill.data.mvtec import good_images, list_heldout_masks
 from defectfill.errors import SynthesisError
 from defectfill.images import IMAGE_EXTENSIONS, image_files, open_checked
@@ -34,7 +34,20 @@ from defectfill.runs.hub import upload_folder_to_hub
 from defectfill.runs.records import read_run
 from defectfill.runs.settings import RunOverrides, RunPlan, plan_run
 from defectfill.scoring import LpipsModel
-from defectfill.synthesis import Job, Scorer, load_pipeline, mask_at_image_size, output_metadata_row, prepare_job, round_robin, synthesize
+from defectfill.synthesis import (
+    Job,
+    Scorer,
+    check_scheduler,
+    check_selection,
+    load_pipeline,
+    mask_at_image_size,
+    output_metadata_row,
+    planned_unet_passes,
+    prepare_job,
+    round_robin,
+    scheduler_calls,
+    synthesize,
+)
 
 logger = logging.getLogger("defectfill")
 
@@ -76,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
     p.add_argument("--scheduler", default=None,
                    help="A diffusers scheduler class name (e.g. DPMSolverMultistepScheduler); default: the base model's.")
+    add_selection_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="Seed; the same seed gives the same images.")
     p.add_argument("--composite", action=argparse.BooleanOptionalAction, default=True,
                    help="Keep every pixel outside the mask equal to the clean input (the mask stays an exact label).")
@@ -105,6 +119,10 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("give either --image_path/--mask_path (single) or --image_dir/--data_dir with --mask_dir (batch)")
     if args.num_candidates < 1 or args.batch_size < 1:
         parser.error("--num_candidates and --batch_size must be >= 1")
+    try:
+        check_selection(args.num_candidates, args.select_at, args.keep)
+    except SynthesisError as error:
+        parser.error(str(error))
     return args
 
 
@@ -112,7 +130,7 @@ def resolve_plan(args, run) -> RunPlan:
     """The run with the flags' overrides (`plan_run`): flags win over the run's record."""
     return plan_run(args.lora, run, RunOverrides.from_args(args), num_candidates=args.num_candidates,
                     num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                    composite=args.composite)
+                    composite=args.composite, select_at=args.select_at, keep=args.keep)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,7 +208,8 @@ def fingerprint(args, plan: RunPlan) -> dict:
     """The settings that decide what an output image is: a folder resumes only when they match."""
     record = plan.synthesis_record().to_dict()
     return {**{name: record[name] for name in LEGACY_FINGERPRINT_FIELDS}, "scheduler": args.scheduler,
-            "revision": args.revision, "variant": args.variant, "mixed_precision": args.mixed_precision}
+            "revision": args.revision, "variant": args.variant, "mixed_precision": args.mixed_precision,
+            "select_at": plan.settings.select_at, "keep": plan.settings.keep}
 
 
 def synthesize_to_folder(pipeline, pairs: list[Pair], plan: RunPlan, scorer, folder: SynthesisFolder, batch_size: int,
@@ -231,13 +250,19 @@ def main(args: argparse.Namespace, scorer: Scorer | None = None) -> Path:
     folder = SynthesisFolder(args.output_dir)
     outputs = fingerprint(args, plan)
     folder.check(outputs, args.overwrite, LEGACY_FINGERPRINT_FIELDS)  # before any model loads
+    scheduler = check_scheduler(args.scheduler, plan.base_model, plan.settings, args.revision)
     check_inputs(pairs)
     if scorer is None and plan.settings.num_candidates > 1:
         scorer = LpipsModel(args.lpips_net, device).masked_scores
     pipeline = load_pipeline(plan.base_model, plan.lora, run.base_model if run else None, args.revision, args.variant,
                              precision_dtype(args.mixed_precision), device, args.scheduler)
     folder.claim(outputs, args.overwrite, LEGACY_FINGERPRINT_FIELDS)
-    folder.write_record(plan.synthesis_record())  # before the first image: a killed run resumes on the same terms
+    passes = planned_unet_passes(plan.settings, scheduler_calls(pipeline, plan.settings.num_inference_steps))
+    logger.info("sampler %s, %d steps, %s: %d UNet passes per image", scheduler, plan.settings.num_inference_steps,
+                f"candidates scored after {plan.settings.select_at:.0%} of the steps" if plan.settings.select_at < 1
+                else "candidates scored finished", passes)
+    # before the first image: a killed run resumes on the same terms
+    folder.write_record(plan.synthesis_record(scheduler=scheduler, unet_passes_per_image=passes))
     rows = synthesize_to_folder(pipeline, pairs, plan, scorer, folder, args.batch_size, args.save_candidates)
     folder.save_preview(rows)
     logger.info("%d images in %s", len(rows), folder.path)

@@ -4,6 +4,7 @@ machines are noisy; always compare ratios measured in the same run)."""
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 from dataclasses import dataclass
@@ -43,9 +44,17 @@ CPU_UNET = {**SD2_UNET, "sample_size": 32, "block_out_channels": (64, 128, 256, 
             "cross_attention_dim": 256, "norm_num_groups": 32}
 CPU_VAE = {**SD2_VAE, "block_out_channels": (32, 64, 128, 128), "layers_per_block": 1, "sample_size": 256}
 
+def tiny_config(component: str) -> dict:
+    """The bundled tiny model's config of a component, without diffusers' bookkeeping keys."""
+    config = json.loads((TINY_MODEL / component / "config.json").read_text())
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
 PRESETS = {
     "cpu": Preset("cpu", 256, 1, torch.float32, CPU_UNET, CPU_VAE, 256, 4, 4),
     "sd2": Preset("sd2", 512, 4, torch.bfloat16, SD2_UNET, SD2_VAE, 1024, 23, 16),
+    # The bundled tiny model's shape (its text encoder: width 32, 3 layers, 4 heads): smoke runs of the GPU check.
+    "tiny": Preset("tiny", 64, 2, torch.float32, tiny_config("unet"), tiny_config("vae"), 32, 3, 4),
 }
 
 

@@ -1,10 +1,16 @@
 #!/usr/bin/env python
-"""Images per second of plain `StableDiffusionInpaintPipeline` against our synthesis
-(`infer_defectfill.synthesize`: crop, 8 candidates in one batched call, LPIPS selection, composite,
-atomic saves), per generated and per kept image.
+"""Synthesis timed, three parts (`--part`, default all):
+
+- `core`: images per second of plain `StableDiffusionInpaintPipeline` against the synthesis core
+  (`defectfill.synthesis.synthesize`: crop, 8 candidates in one batched call, LPIPS selection, composite), per
+  generated and per kept image;
+- `fast`: per kept image, the UNet passes and the wall time of the paper's settings (8 candidates x 50 steps of the
+  base model's scheduler, scored finished) against the fast defaults of `--fast_config` (a few-step solver, early
+  Low-Fidelity Selection), on the tiny model with its demo LoRA and on the SD2-inpainting shape with random weights;
+- `builder`: the dataset builder against the plain pipeline, and 2 processes against 1 (below).
 
     python bench/inference.py                      # the bundled tiny model, 64 px, on the CPU
-    python bench/inference.py --model stabilityai/stable-diffusion-2-inpainting --resolution 512   # a GPU
+    python bench/inference.py --part core --model stabilityai/stable-diffusion-2-inpainting --resolution 512   # a GPU
 
 Both sides run the same model, resolution, steps, guidance and number of images per call; timed
 interleaved, median over rounds. LPIPS runs with its real code; offline its AlexNet backbone is random
@@ -19,6 +25,7 @@ kept image; and its generation wall time on 2 processes (accelerate launch, one 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -30,17 +37,20 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO_ROOT, TINY_MODEL, machine_description, synchronize
+import yaml
+from common import PRESETS, REPO_ROOT, TINY_MODEL, build_components, machine_description, synchronize
 from PIL import Image
 
 from defectfill.scoring import LpipsModel
 from defectfill.synthesis import SynthesisSettings, prepare_job, synthesize
 
 DATA = REPO_ROOT / "data" / "synthetic_mvtec" / "metal_nut"
+PARTS = ("core", "fast", "builder")
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", nargs="+", choices=PARTS, default=list(PARTS), help="What to time (default: all).")
     parser.add_argument("--model", default=str(TINY_MODEL), help="Inpainting model (folder or Hub id).")
     parser.add_argument("--resolution", type=int, default=64, help="Generation resolution.")
     parser.add_argument("--num_candidates", type=int, default=8, help="Candidates per (image, mask).")
@@ -54,15 +64,40 @@ def main(argv=None) -> dict:
     parser.add_argument("--builder_images", type=int, default=4, help="Builder: images per defect type.")
     parser.add_argument("--builder_batch_size", type=int, default=2, help="Builder: images per pipeline call.")
     parser.add_argument("--builder_processes", type=int, default=2, help="Builder: also time this many processes (1 = skip).")
-    parser.add_argument("--only_builder", action="store_true", help="Time the builder alone (skip the synthesis-core rounds).")
+    parser.add_argument("--only_builder", action="store_true", help="Time the builder alone (the same as --part builder).")
+    parser.add_argument("--fast_config", default=str(REPO_ROOT / "configs" / "tiny_infer.yaml"),
+                        help="Fast part: the synthesis config whose scheduler, num_inference_steps, select_at and keep are "
+                             "the fast defaults timed against the paper's 8 x 50 finished candidates.")
+    parser.add_argument("--fast_repeats", type=int, default=3, help="Fast part: timed rounds on the tiny model.")
+    parser.add_argument("--paper_candidates", type=int, default=8, help="Fast part: candidates of both settings (the paper: 8).")
+    parser.add_argument("--paper_steps", type=int, default=50, help="Fast part: steps of the paper's setting (the paper: 50).")
+    parser.add_argument("--sd2_repeats", type=int, default=1, help="Fast part: timed rounds on the SD2 shape (0 = skip it).")
+    parser.add_argument("--sd2_resolution", type=int, default=256, help="Fast part: resolution of the SD2-shape rounds.")
     args = parser.parse_args(argv)
+    if args.only_builder:
+        args.part = ["builder"]
 
-    from diffusers import StableDiffusionInpaintPipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    if args.only_builder:
-        return {"builder": bench_builder(args, device, dtype)}
+    result = {}
+    if "core" in args.part:
+        result["core"] = bench_core(args, device, dtype)
+    if "fast" in args.part:
+        result["fast"] = bench_fast(args, device, dtype)
+    if "builder" in args.part:
+        if args.builder_lora and Path(args.builder_lora).exists():
+            result["builder"] = bench_builder(args, device, dtype)
+        else:
+            print(f"(builder not timed: --builder_lora {args.builder_lora} does not exist; train it with python "
+                  "train_defectfill.py --config configs/tiny.yaml --defect_type all --output_dir outputs/tiny-metal_nut)")
+    return result
+
+
+def bench_core(args, device, dtype) -> dict:
+    """Plain StableDiffusionInpaintPipeline against the synthesis core, per generated and per kept image."""
+    from diffusers import StableDiffusionInpaintPipeline
+
     pipeline = StableDiffusionInpaintPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
                                                               requires_safety_checker=False).to(device)
     pipeline.set_progress_bar_config(disable=True)
@@ -106,12 +141,101 @@ def main(argv=None) -> dict:
     print(f"| ours, per generated candidate | {result['ours_generated_per_s']:.2f} |")
     print(f"| ours, per kept image (1 of {n}) | {result['ours_kept_per_s']:.2f} |")
     print(f"time per generated image, ours / plain: {result['per_generated_ratio']:.2f}x   (target <= 1.05)")
-    if args.builder_lora and Path(args.builder_lora).exists():
-        result["builder"] = bench_builder(args, device, dtype)
-    else:
-        print(f"(builder not timed: --builder_lora {args.builder_lora} does not exist; train it with "
-              f"python train_defectfill.py --config configs/tiny.yaml --defect_type all --output_dir outputs/tiny-metal_nut)")
     return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fast synthesis: the paper's settings against the fast defaults, per kept image
+# ----------------------------------------------------------------------------------------------------
+
+
+def fast_settings(args) -> dict:
+    """The fast defaults: the scheduler, steps, selection point and kept candidates of --fast_config."""
+    config = yaml.safe_load(Path(args.fast_config).read_text())
+    return {"scheduler": config.get("scheduler"), "num_inference_steps": config["num_inference_steps"],
+            "select_at": config.get("select_at", 1.0), "keep": config.get("keep", 1)}
+
+
+def sd2_shape_pipeline(resolution: int, device, dtype):
+    """An SD2-inpainting-shaped pipeline with random weights (the real configs, `bench/common.py`), its own scheduler
+    SD2-inpainting's PNDM."""
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline
+
+    tokenizer, text_encoder, vae, unet, _ = build_components(PRESETS["sd2"], device)
+    for model in (text_encoder, vae, unet):
+        model.to(dtype=dtype)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                              steps_offset=1, set_alpha_to_one=False, prediction_type="epsilon")
+    pipeline = StableDiffusionInpaintPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                              scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                              requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def time_kept_image(pipeline, job_of, settings, scorer, repeats: int, device) -> tuple[float, float]:
+    """(median seconds, UNet passes) per kept image of `settings` on `pipeline`."""
+    times, passes = [], None
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        [result] = synthesize(pipeline, [job_of(settings)], settings, scorer)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        passes = result.unet_passes
+    return statistics.median(times), passes
+
+
+def bench_fast(args, device, dtype) -> dict:
+    """Per kept image, UNet passes and wall time: 8 candidates x 50 steps of the base scheduler scored finished (the
+    paper) against the fast defaults, on the tiny model (the bundled demo run) and the SD2-inpainting shape."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from defectfill.synthesis import load_pipeline, scheduler_class
+
+    fast = fast_settings(args)
+    scorer = LpipsModel("alex", device, pretrained_backbone=not args.lpips_random_backbone).masked_scores
+    image_path, mask_path = DATA / "test" / "good" / "000.png", DATA / "ground_truth" / "color" / "003_mask.png"
+    rows = {}
+    cases = [("tiny", 64, args.fast_repeats)] + ([("sd2", args.sd2_resolution, args.sd2_repeats)] if args.sd2_repeats else [])
+    for name, resolution, repeats in cases:
+        if name == "tiny":
+            base = load_pipeline(str(TINY_MODEL), lora=str(REPO_ROOT / "models" / "demo-lora-metal_nut-color"), device=str(device))
+        else:
+            base = sd2_shape_pipeline(resolution, device, dtype)
+        faster = StableDiffusionInpaintPipeline(**base.components)
+        faster.set_progress_bar_config(disable=True)
+        if fast["scheduler"]:
+            faster.scheduler = scheduler_class(fast["scheduler"]).from_config(base.scheduler.config)
+        candidates = args.paper_candidates
+        paper = SynthesisSettings("A metal nut with sks", resolution, num_candidates=candidates, num_inference_steps=args.paper_steps,
+                                  crop_to_mask=True)
+        quick = SynthesisSettings("A metal nut with sks", resolution, num_candidates=candidates, crop_to_mask=True,
+                                  num_inference_steps=fast["num_inference_steps"], select_at=fast["select_at"], keep=fast["keep"])
+
+        def job_of(settings):
+            with Image.open(image_path) as clean, Image.open(mask_path) as defect_mask:
+                return prepare_job(clean, defect_mask, 0, settings)
+
+        time_kept_image(base, job_of, dataclasses.replace(paper, num_inference_steps=2), scorer, 1, device)  # warm-up
+        rows[name] = {"resolution": resolution, "repeats": repeats}
+        rows[name]["paper"] = time_kept_image(base, job_of, paper, scorer, repeats, device)
+        rows[name]["fast"] = time_kept_image(faster, job_of, quick, scorer, repeats, device)
+        del base, faster
+    label = (f"{fast['scheduler'] or 'the base scheduler'}, {fast['num_inference_steps']} steps, {args.paper_candidates} "
+             f"candidates scored after {fast['select_at']:.0%} of the steps, {fast['keep']} finished")
+    print(f"\n## fast synthesis ({datetime.date.today()}, {machine_description(device)}): per kept image, "
+          f"{args.paper_candidates} candidates x {args.paper_steps} steps of the base scheduler scored finished (the paper's "
+          f"8 x 50), against {label} ({args.fast_config})")
+    print("| model | paper: UNet passes | paper: s | fast: UNet passes | fast: s | passes ratio | time ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        (paper_s, paper_passes), (fast_s, fast_passes) = row["paper"], row["fast"]
+        row.update(passes_ratio=paper_passes / fast_passes, time_ratio=paper_s / fast_s)
+        title = ("tiny model + demo LoRA, 64 px" if name == "tiny" else f"SD2-inpainting shape (random weights), {row['resolution']} px")
+        print(f"| {title} (median of {row['repeats']}) | {paper_passes:g} | {paper_s:.2f} | {fast_passes:g} | {fast_s:.2f} | "
+              f"{row['passes_ratio']:.2f}x | {row['time_ratio']:.2f}x |")
+    return {"settings": fast, "paper": {"candidates": args.paper_candidates, "steps": args.paper_steps}, "rows": rows}
 
 
 def run_builder(args, output_dir: Path, processes: int, threads: int | None) -> dict:

@@ -10,11 +10,11 @@ resolution and dtype, timed interleaved (one step of each per round; median over
   inpainting UNet pass, SDPA attention, MSE on the noise.
 - naive:    DefectFill as the public re-implementations write it: three separate VAE encodes, two UNet
   passes, the classic (non-SDPA) attention processor on every cross-attention layer, storing every map.
-- ours:     `defectfill_step.DefectFillStep` (imported, not copied): one VAE call for the three
+- ours:     `defectfill.step.DefectFillStep` (imported, not copied): one VAE call for the three
   images, one UNet call of batch 2B, [V*] capture on the decoder cross-attention of the object half only,
-  channels-last convolution weights (the training script's default, `defectfill_step.set_memory_format`).
+  channels-last convolution weights (the training script's default, `defectfill.models.set_memory_format`).
 - ours_contiguous: the same step with `--no-channels_last` (the layout baseline and naive use).
-- ours_compiled: the same step with `--torch_compile` (`defectfill_step.compile_models`), on a copy of the
+- ours_compiled: the same step with `--torch_compile` (`defectfill.models.compile_models`), on a copy of the
   models (compiling is in place); compiles in the warm-up rounds (`--no-compile` skips it).
 - ours_no_capture: the same with the attention loss off (capture overhead = ours / ours_no_capture - 1).
 Each step includes backward and an AdamW step.

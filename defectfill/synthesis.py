@@ -17,14 +17,14 @@ the evaluation and the tests call these functions and do their own I/O.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from defectfill import masks
+from defectfill import denoising, masks
 from defectfill.attention import StepAveragingStore, install_vstar_capture, remove_vstar_capture, token_piece_ids, token_weights
 from defectfill.errors import InpaintingModelError, SynthesisError
 from defectfill.images import to_8bit
@@ -39,7 +39,11 @@ Scorer = Callable[[Image.Image, list[Image.Image], Image.Image], list[float]]
 @dataclass(frozen=True)
 class SynthesisSettings:
     """How a (clean image, mask) becomes a defect image; the defaults are the paper's (8 candidates, 50 steps,
-    guidance 7.5, the clean image kept outside the mask)."""
+    guidance 7.5, the clean image kept outside the mask, the candidates scored when finished).
+
+    `select_at` < 1 is early Low-Fidelity Selection: every candidate denoises for that fraction of the UNet calls,
+    is scored on the clean image its step predicts, and only the best `keep` go on to the last step; among those,
+    the one whose finished image scores highest is the result."""
 
     prompt: str
     resolution: int = 512
@@ -50,6 +54,23 @@ class SynthesisSettings:
     composite: bool = True
     crop_to_mask: bool = True
     crop_context: float = 0.5
+    select_at: float = 1.0
+    keep: int = 1
+
+    def __post_init__(self) -> None:
+        check_selection(self.num_candidates, self.select_at, self.keep)
+
+
+def check_selection(num_candidates: int, select_at: float, keep: int) -> None:
+    """The selection flags, before anything loads: candidates >= 1, `--select_at` in (0, 1], `--keep` between 1 and
+    the candidates."""
+    if num_candidates < 1:
+        raise SynthesisError(f"--num_candidates must be >= 1, got {num_candidates}")
+    if not 0 < select_at <= 1:
+        raise SynthesisError(f"--select_at must be in (0, 1] (the fraction of the denoising steps after which the "
+                             f"candidates are scored; 1 = when finished), got {select_at}")
+    if not 1 <= keep <= num_candidates:
+        raise SynthesisError(f"--keep must be between 1 and --num_candidates ({num_candidates}), got {keep}")
 
 
 def round_robin(images: Sequence, masks: Sequence, count: int) -> list[tuple]:
@@ -126,17 +147,93 @@ def candidate_generators(seed: int, pair_index: int, count: int, device, first: 
     return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + pair_index * 1_009 + c) for c in range(first, first + count)]
 
 
-def generate_candidates(pipeline, jobs: list[Job], settings: SynthesisSettings, first_candidate: int = 0) -> list[list[Image.Image]]:
-    """All candidates of all jobs in one pipeline call; returns them per job."""
+@dataclass
+class CandidateSet:
+    """One job's part of a pipeline call: the finished candidates (raw pipeline output at model resolution) by
+    candidate number, every candidate when they all finished, the kept ones after an early selection; then also the
+    previews every candidate was scored on (the clean image predicted after `selected_after` UNet calls, composited)
+    and their scores. `unet_passes`: the job's UNet passes (a guided pair counted once)."""
+
+    finished: dict[int, Image.Image]
+    previews: list[Image.Image] | None = None
+    scores: list[float] | None = None
+    selected_after: int | None = None
+    unet_passes: float = 0.0
+
+
+@dataclass
+class EarlySelection:
+    """Low-Fidelity Selection part of the way through the denoising: after `after_calls` UNet calls, each job's
+    candidates are scored on the clean image their step predicts (composited over the clean region, as finished ones
+    are) and its best `keep` go on. `previews`, `scores` and `kept` (candidate numbers) are filled per job then."""
+
+    jobs: list[Job]
+    settings: SynthesisSettings
+    scorer: Scorer
+    after_calls: int
+    on_drop: Callable[[torch.Tensor], None] | None = None
+    previews: list[list[Image.Image]] = field(default_factory=list)
+    scores: list[list[float]] = field(default_factory=list)
+    kept: list[list[int]] = field(default_factory=list)
+
+    def choose(self, previews: list[Image.Image]) -> list[int]:
+        """The rows (in the call's batch) of every job's best `keep` candidates, in order."""
+        n, rows = self.settings.num_candidates, []
+        for j, job in enumerate(self.jobs):
+            mine = previews[j * n : (j + 1) * n]
+            if self.settings.composite:
+                mine = [composite(job.region, p, job.region_mask) for p in mine]
+            scores = [float(x) for x in self.scorer(job.region, mine, job.region_mask)]
+            best = sorted(np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[: self.settings.keep].tolist())
+            self.previews.append(mine)
+            self.scores.append(scores)
+            self.kept.append(best)
+            rows += [j * n + c for c in best]
+        return rows
+
+
+def early_selection_for(pipeline, jobs: list[Job], settings: SynthesisSettings, scorer: Scorer | None,
+                        on_drop: Callable[[torch.Tensor], None] | None = None) -> EarlySelection | None:
+    """The early selection `settings` ask for, or None (the candidates finish and are scored finished: `select_at` 1,
+    no more candidates than `keep`, no scorer, or a selection call that would be the last one)."""
+    if settings.select_at >= 1 or settings.num_candidates <= settings.keep or scorer is None:
+        return None
+    pipeline.scheduler.set_timesteps(settings.num_inference_steps, device=pipeline.device)
+    after = denoising.selection_call(len(pipeline.scheduler.timesteps), settings.select_at)
+    if after is None:
+        return None
+    if not denoising.can_predict_clean(pipeline.scheduler):
+        raise SynthesisError(f"--select_at {settings.select_at}: the scheduler {type(pipeline.scheduler).__name__} gives no "
+                             "clean-image prediction to score early; use --select_at 1 or another --scheduler")
+    return EarlySelection(jobs, settings, scorer, after, on_drop)
+
+
+def generate_candidates(pipeline, jobs: list[Job], settings: SynthesisSettings, first_candidate: int = 0,
+                        selection: EarlySelection | None = None) -> list[CandidateSet]:
+    """All candidates of all jobs in one pipeline call, each with its own seeded generator; with `selection`, the
+    candidates it does not keep stop after its UNet call. Returns each job's part."""
     n = settings.num_candidates
     generators = [g for job in jobs for g in candidate_generators(settings.seed, job.index, n, pipeline.device, first_candidate)]
-    result = pipeline(
-        prompt=[settings.prompt] * (len(jobs) * n), image=[job.region for job in jobs for _ in range(n)],
-        mask_image=[masks.model_mask(job.region_mask, pipeline.vae_scale_factor) for job in jobs for _ in range(n)],
-        height=settings.resolution, width=settings.resolution,
-        num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale, generator=generators,
-    ).images
-    return [result[i * n : (i + 1) * n] for i in range(len(jobs))]
+    guided = settings.guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
+    with denoising.watch_unet(pipeline.unet, guided) as calls:
+        extra = {}
+        if selection is not None:
+            callback = denoising.selection_callback(selection.after_calls, selection.choose, calls, settings.guidance_scale,
+                                                    generators, selection.on_drop)
+            extra = dict(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=list(denoising.LOOP_TENSORS))
+        images = pipeline(
+            prompt=[settings.prompt] * (len(jobs) * n), image=[job.region for job in jobs for _ in range(n)],
+            mask_image=[masks.model_mask(job.region_mask, pipeline.vae_scale_factor) for job in jobs for _ in range(n)],
+            height=settings.resolution, width=settings.resolution,
+            num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale, generator=generators,
+            **extra,
+        ).images
+    passes = calls.passes / len(jobs)
+    if selection is None:
+        return [CandidateSet(dict(enumerate(images[j * n : (j + 1) * n])), unet_passes=passes) for j in range(len(jobs))]
+    keep = settings.keep
+    return [CandidateSet(dict(zip(selection.kept[j], images[j * keep : (j + 1) * keep])), selection.previews[j],
+                         selection.scores[j], selection.after_calls, passes) for j in range(len(jobs))]
 
 
 def composite(clean: Image.Image, generated: Image.Image, mask: Image.Image | np.ndarray) -> Image.Image:
@@ -163,33 +260,50 @@ def select_candidate(scores: Sequence[float]) -> int:
 
 @dataclass
 class SynthesisResult:
-    """A job's outcome: `image` at full resolution; `candidates` are the (composited) regions at model
-    resolution with their `scores`; `chosen` indexes the kept one."""
+    """A job's outcome: `image` at full resolution. `candidates` are what the candidates were scored on, composited
+    regions at model resolution: the finished candidates, or with early selection the clean images their step
+    predicted; `scores` their LPIPS inside the mask; `chosen` the candidate kept (its number), `region` its finished
+    region and `final_score` that region's score. `kept`: the candidates that finished; `selected_after`: the UNet
+    calls before an early selection (None: scored finished); `unet_passes`: the job's passes."""
 
     job: Job
     image: Image.Image
     candidates: list[Image.Image]
     scores: list[float]
     chosen: int
-
-    @property
-    def region(self) -> Image.Image:
-        return self.candidates[self.chosen]
+    region: Image.Image
+    final_score: float
+    kept: list[int]
+    selected_after: int | None = None
+    unet_passes: float = 0.0
 
 
 def synthesize(pipeline, jobs: list[Job], settings: SynthesisSettings, scorer: Scorer | None = None, first_candidate: int = 0,
-               score_single: bool = False) -> list[SynthesisResult]:
+               score_single: bool = False, on_drop: Callable[[torch.Tensor], None] | None = None) -> list[SynthesisResult]:
     """Generate, composite, select and paste back every job (one pipeline call for all of them), with
     candidates `first_candidate` onwards. Without a scorer, or with one candidate (unless `score_single`:
-    the builder's `--min_lpips` needs a lone candidate's score), the first is kept (scores all 0)."""
+    the builder's `--min_lpips` needs a lone candidate's score), the first is kept (scores all 0). With
+    `settings.select_at` < 1 the selection happens early (`early_selection_for`); `on_drop` hears the rows kept."""
+    selection = early_selection_for(pipeline, jobs, settings, scorer, on_drop)
     results = []
-    for job, candidates in zip(jobs, generate_candidates(pipeline, jobs, settings, first_candidate)):
-        if settings.composite:
-            candidates = [composite(job.region, c, job.region_mask) for c in candidates]
-        scored = scorer is not None and (len(candidates) > 1 or score_single)
-        scores = scorer(job.region, candidates, job.region_mask) if scored else [0.0] * len(candidates)
-        chosen = select_candidate(scores)
-        results.append(SynthesisResult(job, paste_back(job, candidates[chosen], settings.composite), candidates, scores, chosen))
+    for job, part in zip(jobs, generate_candidates(pipeline, jobs, settings, first_candidate, selection)):
+        finished = {c: composite(job.region, image, job.region_mask) if settings.composite else image
+                    for c, image in part.finished.items()}
+        kept = sorted(finished)
+        if part.scores is None:  # scored finished, as the paper does
+            candidates = [finished[c] for c in kept]
+            scored = scorer is not None and (len(candidates) > 1 or score_single)
+            scores = scorer(job.region, candidates, job.region_mask) if scored else [0.0] * len(candidates)
+            scores = [float(x) for x in scores]
+            chosen = select_candidate(scores)
+            final_score = scores[chosen]
+        else:  # scored early; the best finished one of those kept
+            candidates, scores = part.previews, part.scores
+            final_scores = [float(x) for x in scorer(job.region, [finished[c] for c in kept], job.region_mask)]
+            chosen = kept[select_candidate(final_scores)]
+            final_score = max(final_scores)
+        results.append(SynthesisResult(job, paste_back(job, finished[chosen], settings.composite), candidates, scores, chosen,
+                                       finished[chosen], final_score, kept, part.selected_after, part.unet_passes))
     return results
 
 
@@ -220,11 +334,56 @@ def check_lora_fits(pipeline, lora: str, trained_on: str | None, base: str) -> N
             )
 
 
+def scheduler_class(name: str):
+    """The diffusers scheduler class `--scheduler` names."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not isinstance(cls, type) or not hasattr(cls, "from_config") or not name.endswith("Scheduler"):
+        raise SynthesisError(f"--scheduler {name} is not a diffusers scheduler class (e.g. DPMSolverMultistepScheduler, "
+                             "UniPCMultistepScheduler)")
+    return cls
+
+
+def check_scheduler(name: str | None, base_model: str, settings: SynthesisSettings, revision: str | None = None) -> str:
+    """Before any model loads: the scheduler `--scheduler` names (default: the base model's) exists and, for an early
+    selection, can predict the clean image at a step. Reads only the base model's scheduler config. Returns its name."""
+    from diffusers import DDPMScheduler
+
+    try:  # any scheduler class reads scheduler_config.json
+        config = DDPMScheduler.load_config(base_model, subfolder="scheduler", revision=revision)
+    except Exception as error:  # a path or Hub id without a scheduler config: the pipeline load will say more
+        if name is None and settings.select_at >= 1:
+            return "the base model's"
+        raise SynthesisError(f"cannot read the scheduler config of {base_model} ({error})") from error
+    cls = scheduler_class(name or config["_class_name"])
+    if settings.select_at < 1 and settings.num_candidates > settings.keep:
+        if not denoising.can_predict_clean(cls.from_config(config)):
+            raise SynthesisError(f"--select_at {settings.select_at}: the scheduler {cls.__name__} gives no clean-image "
+                                 "prediction to score early (it needs alphas_cumprod and an epsilon, v or sample prediction); "
+                                 "use --select_at 1 or another --scheduler")
+    return cls.__name__
+
+
+def planned_unet_passes(settings: SynthesisSettings, total_calls: int) -> int:
+    """UNet passes per (image, mask) the settings make (a guided pair counted once): every candidate for the calls
+    before an early selection, the kept ones for the rest; every candidate for every call without one."""
+    n, keep = settings.num_candidates, settings.keep
+    after = denoising.selection_call(total_calls, settings.select_at) if n > keep else None
+    return n * total_calls if after is None else n * after + keep * (total_calls - after)
+
+
+def scheduler_calls(pipeline, num_inference_steps: int) -> int:
+    """How many UNet calls the pipeline's scheduler makes for `num_inference_steps` (PNDM makes one more)."""
+    pipeline.scheduler.set_timesteps(num_inference_steps, device=pipeline.device)
+    return len(pipeline.scheduler.timesteps)
+
+
 def load_pipeline(base_model: str, lora: str | None = None, trained_on: str | None = None, revision: str | None = None,
                   variant: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None,
                   scheduler: str | None = None):
-    """The base inpainting pipeline with the LoRA loaded (`load_lora_weights`, as users load it)."""
-    import diffusers
+    """The base inpainting pipeline with the LoRA loaded (`load_lora_weights`, as users load it), and the scheduler
+    `scheduler` names (a diffusers scheduler class, made from the base model's scheduler config) in place of its own."""
     from diffusers import StableDiffusionInpaintPipeline
 
     pipeline = StableDiffusionInpaintPipeline.from_pretrained(
@@ -235,10 +394,7 @@ def load_pipeline(base_model: str, lora: str | None = None, trained_on: str | No
     except InpaintingModelError as error:
         raise SynthesisError(str(error)) from error
     if scheduler:
-        scheduler_class = getattr(diffusers, scheduler, None)
-        if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
-            raise SynthesisError(f"--scheduler {scheduler} is not a diffusers scheduler class")
-        pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
+        pipeline.scheduler = scheduler_class(scheduler).from_config(pipeline.scheduler.config)
     if lora is not None:
         check_lora_fits(pipeline, lora, trained_on, base_model)
         pipeline.load_lora_weights(lora)
@@ -290,13 +446,14 @@ def synthesize_with_attention(pipeline, jobs: list[Job], settings: SynthesisSett
     hook = pipeline.unet.register_forward_hook(count_call)
     try:
         with store.recording(weights, (latent, latent), rows):
-            results = synthesize(pipeline, jobs, settings, scorer)
+            results = synthesize(pipeline, jobs, settings, scorer, on_drop=lambda kept: store.keep_rows(kept, guided))
             maps = store.aggregate()[:, 0].cpu()
     finally:
         hook.remove()
         remove_vstar_capture(pipeline.unet)
-    n = settings.num_candidates
-    return results, [maps[i * n + result.chosen] for i, result in enumerate(results)]
+    # The store's rows are the candidates that finished (all, or those an early selection kept), job after job.
+    offsets = np.cumsum([0] + [len(result.kept) for result in results])
+    return results, [maps[offsets[i] + result.kept.index(result.chosen)] for i, result in enumerate(results)]
 
 
 def attention_in_mask(attention: torch.Tensor, region_mask: Image.Image | np.ndarray) -> float:
@@ -330,7 +487,8 @@ def output_metadata_row(result: SynthesisResult, source_image: str, source_mask:
     `defectfill.runs.folder.SynthesisFolder.save_result`)."""
     return {
         "source_image": str(source_image), "source_mask": str(source_mask), "seed": settings.seed,
-        "candidate": result.chosen, "lpips": result.scores[result.chosen], "candidate_scores": list(result.scores),
+        "candidate": result.chosen, "lpips": result.final_score, "candidate_scores": list(result.scores),
+        "unet_passes": result.unet_passes,
         "prompt": settings.prompt, "object_class": object_class, "defect_type": defect_type, "crop_box": list(result.job.box),
     }
 

@@ -130,7 +130,7 @@ def test_attention_overlay_and_share_inside_the_mask():
     mask = np.zeros((40, 40), bool)
     mask[10:20, 10:20] = True
     job = Job(0, image, mask, (8, 8, 24, 24), image.crop((8, 8, 24, 24)), Image.new("L", (16, 16)))
-    result = SynthesisResult(job, image, [image], [0.0], 0)
+    result = SynthesisResult(job, image, [image], [0.0], 0, image, 0.0, [0])
     attention = torch.zeros(4, 4)
     attention[1:3, 1:3] = 1.0
     overlay = np.asarray(attention_overlay(result, attention, opacity=0.5)).astype(int)

@@ -21,7 +21,7 @@ from defectfill.models import precision_dtype
 from defectfill.runs.files import SUMMARY_FILENAME
 from defectfill.runs.folder import SynthesisFolder, item_of_file
 from defectfill.scoring import LpipsModel
-from defectfill.synthesis import Scorer, load_named_adapters, load_pipeline
+from defectfill.synthesis import Scorer, check_scheduler, load_named_adapters, load_pipeline
 
 logger = logging.getLogger("defectfill")
 
@@ -43,6 +43,7 @@ def build_dataset(args: argparse.Namespace, scorer: Scorer | None = None) -> Pat
     folder = SynthesisFolder(args.output_dir)
     fingerprint = build_fingerprint(context, items)
     folder.check(fingerprint)  # on every process (read only): an error stops them all
+    context.scheduler = check_scheduler(args.scheduler, context.base_model, next(iter(context.settings.values())), args.revision)
     state.wait_for_everyone()
     if state.is_main_process:
         folder.claim(fingerprint)
@@ -82,10 +83,10 @@ def build_dataset(args: argparse.Namespace, scorer: Scorer | None = None) -> Pat
     progress.n = len(rows) + len(skipped)
     progress.close()
     folder.remove_orphans(folder.done())
-    write_synthesis_record(folder.path, context)
     folder.save_preview(preview_rows(rows, args.preview_rows), max_rows=args.preview_rows)
     made_now = sum(1 for name in rows if item_of_file(name) not in done)  # by every process, this run
     summary = summarize(rows, skipped, context, time.perf_counter() - started, made_now, generation_wall, done)
+    write_synthesis_record(folder.path, context, summary["unet_passes_per_kept_image"])
     write_json_atomic(folder.path / SUMMARY_FILENAME, summary)
     if args.export == "mvtec":
         export_dir = Path(args.export_dir) if args.export_dir else default_export_dir(folder.path)

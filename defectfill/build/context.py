@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from defectfill.build.augment import AugmentSettings, is_texture_class
-from defectfill.build.defect_masks import load_mask_files, mask_sources
+from defectfill.build.defect_masks import load_mask_files, mask_origin, mask_sources
 from defectfill.build.plan import Item, defect_index_table, discover_runs, parse_defects_per_image
 from defectfill.runs.files import LORA_FILENAME
 from defectfill.runs.settings import RunOverrides, RunPlan
@@ -35,6 +35,7 @@ class BuildContext:
     object_class: str
     base_model: str
     vae_scale_factor: int = 8  # read from the pipeline's VAE once it is loaded
+    scheduler: str = "the base model's"  # the sampler's class name, once checked
 
     @property
     def settings(self) -> dict[str, SynthesisSettings]:
@@ -58,7 +59,8 @@ def make_context(args) -> BuildContext:
     """The runs (`discover_runs`, with the flags' overrides) and every mask file, read and checked before anything
     is painted."""
     runs = discover_runs(args.lora, args.defect_types, RunOverrides.from_args(args), num_candidates=args.num_candidates,
-                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed)
+                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                         select_at=args.select_at, keep=args.keep)
     first = runs[0]
     base_model, data_dir, object_class = first.base_model, first.data_dir, first.object_class
     mask_paths = {r.defect_type: mask_sources(args, r, data_dir) for r in runs}
@@ -80,7 +82,8 @@ def build_fingerprint(context: BuildContext, items: Sequence[Item]) -> dict:
         "scheduler": a.scheduler, "object_class": context.object_class,
         "runs": {r.defect_type: lora_digest(r.lora) for r in context.runs},
         "settings": {d: asdict(s) for d, s in context.settings.items()},
-        "mask_source": a.mask_source, "augment": asdict(context.augment) if a.mask_source == "augment" else None,
+        "mask_source": a.mask_source, "mask_from": mask_origin(a),
+        "augment": asdict(context.augment) if a.mask_source == "augment" else None,
         "mask_attempts": a.mask_attempts, "foreground_dir": a.foreground_dir, "texture": context.texture,
         "min_on_object": a.min_on_object, "defects_per_image": parse_defects_per_image(a.defects_per_image),
         "min_lpips": a.min_lpips, "max_redraws": a.max_redraws, "lpips_net": a.lpips_net,

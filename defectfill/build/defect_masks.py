@@ -14,7 +14,7 @@ from PIL import Image
 
 from defectfill.build.augment import draw_mask, estimate_foreground, pick_mask
 from defectfill.build.plan import Item, item_rng
-from defectfill.data.mvtec import list_heldout_masks
+from defectfill.data.mvtec import list_split_masks
 from defectfill.errors import BuildError, SynthesisError
 from defectfill.images import IMAGE_EXTENSIONS, image_files
 from defectfill.masks import MASK_THRESHOLD, binarize_mask, latent_mask, resize_mask
@@ -25,18 +25,30 @@ if TYPE_CHECKING:
     from defectfill.build.context import BuildContext
 
 
+# Which real masks of a run's split the builder draws from (`--mask_from`); "dir" for a folder of the user's.
+MASK_FROM = ("train", "heldout")
+REAL_MASK_SOURCES = ("augment", "heldout", "real")
+
+
+def mask_origin(args) -> str:
+    """Where the build's masks come from, as rows and synthesis.json record it: "train", "heldout" or "dir"."""
+    return args.mask_from if args.mask_source in REAL_MASK_SOURCES else "dir"
+
+
 def mask_sources(args, run: RunPlan, data_dir: str | None) -> list[Path]:
-    """The mask files a defect type draws from: the run's held-out masks, or the user's folder."""
-    if args.mask_source in ("heldout", "augment"):
+    """The mask files a defect type draws from: the real masks of the run's split (`--mask_from`: its training part
+    or its held-out part), or the user's folder."""
+    if args.mask_source in REAL_MASK_SOURCES:
         if not data_dir:
             raise BuildError(f"--mask_source {args.mask_source} needs --data_dir (the run {run.lora} records none)")
-        masks = list_heldout_masks(data_dir, run.record.split, run.defect_type)
+        masks = list_split_masks(data_dir, run.record.split, run.defect_type, args.mask_from)
         if not masks:
-            raise BuildError(f"the split of {run.lora} holds no held-out mask of {run.defect_type}; give --mask_source DIR")
+            raise BuildError(f"the split of {run.lora} holds no {args.mask_from} mask of {run.defect_type}; "
+                             "give another --mask_from or --mask_source DIR")
         return masks
     folder = Path(args.mask_source)
     if not folder.is_dir():
-        raise BuildError(f"--mask_source {args.mask_source}: not heldout, augment or a folder of masks")
+        raise BuildError(f"--mask_source {args.mask_source}: not augment, heldout (real) or a folder of masks")
     masks = image_files(folder / run.defect_type) or image_files(folder)
     if not masks:
         raise BuildError(f"--mask_source {folder} holds no mask for {run.defect_type} "

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from defectfill.build.context import BuildContext
-from defectfill.build.defect_masks import Defect, draw_item_masks
+from defectfill.build.defect_masks import Defect, draw_item_masks, mask_origin
 from defectfill.build.plan import COMBINED, MAX_DEFECTS_PER_IMAGE, Item
 from defectfill.fileio import save_image_atomic
 from defectfill.runs.folder import SynthesisFolder
@@ -32,9 +32,10 @@ def semantic_mask_name(index: int) -> str:
 def paint_defects(pipeline, batch: list[tuple[Item, Image.Image, list[Defect]]], context: BuildContext,
                   scorer) -> list[dict]:
     """Paint every item's defects in order, one pipeline call per (slot, defect type) of the batch, redrawing
-    weak ones; returns per item {image, results (per slot, None if rejected), rejected candidates}."""
+    weak ones; returns per item {image, results (per slot, None if rejected), rejected candidates, UNet passes (every
+    draw's, a guided pair counted once)}."""
     args = context.args
-    states = [{"image": image, "slots": [None] * len(defects), "rejected": []} for _, image, defects in batch]
+    states = [{"image": image, "slots": [None] * len(defects), "rejected": [], "unet_passes": 0.0} for _, image, defects in batch]
     for slot in range(max((len(d) for _, _, d in batch), default=0)):
         groups: dict[str, list[int]] = {}
         for i, (_, _, defects) in enumerate(batch):
@@ -50,7 +51,8 @@ def paint_defects(pipeline, batch: list[tuple[Item, Image.Image, list[Defect]]],
                 results = synthesize(pipeline, jobs, settings, scorer, first, score_single=args.min_lpips > 0)
                 weak = []
                 for i, result in zip(todo, results):
-                    score = result.scores[result.chosen]
+                    states[i]["unet_passes"] += result.unet_passes
+                    score = result.final_score
                     if args.min_lpips > 0 and score < args.min_lpips:
                         states[i]["rejected"].append({"slot": slot, "defect_type": defect_type, "first_candidate": first,
                                                       "num_candidates": settings.num_candidates, "lpips": score})
@@ -87,9 +89,10 @@ def save_item(output_dir: Path, item: Item, defects: list[Defect], state: dict, 
         "defect_mask_file_names": names, "semantic_mask_file_name": semantic_mask_name(item.index),
         "source_masks": [d.source_mask for d, _ in kept], "augmented": [d.augmented for d, _ in kept],
         "prompts": [context.settings[t].prompt for t in types], "seed": context.args.seed,
-        "candidate": [r.chosen + first for _, (r, first) in kept], "lpips": [r.scores[r.chosen] for _, (r, _) in kept],
+        "candidate": [r.chosen + first for _, (r, first) in kept], "lpips": [r.final_score for _, (r, _) in kept],
         "crop_box": [list(r.job.box) for _, (r, _) in kept], "rejected_candidates": state["rejected"],
-        "mask_rejections": dict(rejections), "dropped_defects": dropped,
+        "mask_rejections": dict(rejections), "dropped_defects": dropped, "unet_passes": state["unet_passes"],
+        "mask_from": mask_origin(context.args),
     }
     candidates = [c for _, (r, _) in kept for c in r.candidates] if context.args.save_candidates else None
     return SynthesisFolder(output_dir).save_result(item.index, state["image"], union, row, candidates)
@@ -116,7 +119,7 @@ def build_batch(pipeline, items: list[Item], context: BuildContext, scorer, outp
         if state["slots"][0] is None:  # the defect the item is for stayed weak after every redraw
             skipped[str(item.index)] = {"reason": "weak_after_redraws", "defect_types": list(item.defect_types),
                                         "source_image": str(item.image_path), "mask_rejections": dict(rejections),
-                                        "rejected_candidates": state["rejected"]}
+                                        "rejected_candidates": state["rejected"], "unet_passes": state["unet_passes"]}
             logger.warning("item %d: every candidate of %s stayed below --min_lpips; skipped", item.index, item.defect_types[0])
             continue
         rows.append(save_item(output_dir, item, defects, state, context, rejections, dropped + weak, image.size))

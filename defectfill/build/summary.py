@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from defectfill.build.context import BuildContext
+from defectfill.build.defect_masks import mask_origin
 from defectfill.runs.folder import SynthesisFolder, item_of_file
 
 
@@ -16,6 +17,9 @@ def summarize(rows: dict[str, dict], skipped: dict[str, dict], context: BuildCon
     wall-clock (whole run, and the generation alone, all processes together) and process time (the sum of
     every process's batch time over the images it kept)."""
     new_rows = [r for name, r in rows.items() if item_of_file(name) not in (done_before or set())]
+    new_skipped = [entry for key, entry in skipped.items() if int(key) not in (done_before or set())]
+    passes = sum(r.get("unet_passes", 0.0) for r in new_rows) + sum(e.get("unet_passes", 0.0) for e in new_skipped)
+    settings = next(iter(context.settings.values()))
     process_seconds = sum(r.get("seconds", 0.0) for r in new_rows)
     drawn = sum(sum(r["num_candidates"] for r in row.get("rejected_candidates", [])) + context.args.num_candidates * row["num_defects"]
                 for row in new_rows)
@@ -45,6 +49,8 @@ def summarize(rows: dict[str, dict], skipped: dict[str, dict], context: BuildCon
         "generation_seconds_per_kept_image": round(generation_wall / made, 4) if made and generation_wall is not None else None,
         "process_seconds_per_kept_image": round(process_seconds / made, 4) if made else None,
         "candidates_drawn_per_kept_image": round(drawn / made, 3) if made else None,
+        "sampler": context.scheduler, "num_inference_steps": settings.num_inference_steps, "select_at": settings.select_at,
+        "keep": settings.keep, "unet_passes_per_kept_image": round(passes / made, 2) if made else None,
     }
 
 
@@ -60,6 +66,11 @@ def format_summary(summary: dict) -> str:
                      f"({summary['seconds_per_kept_image']:.3f} s per kept image; generation alone "
                      f"{summary['generation_seconds_per_kept_image']:.3f} s wall, {summary['process_seconds_per_kept_image']:.3f} s "
                      f"per process; {summary['candidates_drawn_per_kept_image']:g} candidates drawn per kept image)")
+    selection = (f"candidates scored after {summary['select_at']:.0%} of the steps, the best {summary['keep']} finished"
+                 if summary["select_at"] < 1 else "candidates scored finished")
+    passes = summary["unet_passes_per_kept_image"]
+    lines.append(f"sampler {summary['sampler']}, {summary['num_inference_steps']} steps, {selection}"
+                 + (f": {passes:g} UNet passes per kept image" if passes is not None else ""))
     return "\n".join(lines)
 
 
@@ -77,15 +88,16 @@ def preview_rows(rows: dict[str, dict], count: int) -> dict[str, dict]:
     return {name: rows[name] for name in chosen}
 
 
-def write_synthesis_record(output_dir: Path, context: BuildContext) -> None:
+def write_synthesis_record(output_dir: Path, context: BuildContext, unet_passes_per_image: float | None = None) -> None:
     """synthesis.json: the SynthesisRecord fields evaluation reads (the first run's settings, the base model the
     build used), plus the defect type index table and every run's LoRA and split."""
     first = context.runs[0]
     record = first.synthesis_record(
         pretrained_model_name_or_path=context.base_model, lora=",".join(r.lora for r in context.runs),
         defect_type=first.defect_type if len(context.runs) == 1 else None,
-        scale_source="each run's training scale, unless a flag overrides it",
+        scale_source="each run's training scale, unless a flag overrides it", scheduler=context.scheduler,
+        unet_passes_per_image=unet_passes_per_image,
     )
-    extra = {"defect_type_index": {"good": 0, **context.index_table},
+    extra = {"defect_type_index": {"good": 0, **context.index_table}, "mask_from": mask_origin(context.args),
              "runs": {r.defect_type: {"lora": r.lora, "split": r.split} for r in context.runs}}
     SynthesisFolder(output_dir).write_record(record, extra)

@@ -234,21 +234,27 @@ def list_good_images(data_dir: str | os.PathLike, object_class: str, splits: Seq
     return paths
 
 
-def list_heldout_masks(data_dir: str | os.PathLike, split: dict, defect_type: str) -> list[Path]:
-    """Mask files of the held-out images of `defect_type` in a saved split (local folders only)."""
+def list_split_masks(data_dir: str | os.PathLike, split: dict, defect_type: str, part: str) -> list[Path]:
+    """Mask files of the images of `defect_type` in the `part` ("train" or "heldout") of a saved split (local
+    folders only)."""
     entries = split["defect_types"]
     if defect_type not in entries:
         raise DatasetError(f"defect type {defect_type!r} not in the split; found: {', '.join(sorted(entries))}")
     root = Path(data_dir)
     masks = []
-    for relative in entries[defect_type]["heldout"]:
+    for relative in entries[defect_type][part]:
         image_path = root / relative
         _, masks_root, suffix = _defect_folders(root / Path(relative).parts[0])
         mask = mask_path_for(image_path, masks_root, suffix)
         if mask is None:
-            raise DatasetError(f"held-out image {image_path} has no mask under {masks_root}")
+            raise DatasetError(f"{'held-out' if part == 'heldout' else 'training'} image {image_path} has no mask under {masks_root}")
         masks.append(mask)
     return masks
+
+
+def list_heldout_masks(data_dir: str | os.PathLike, split: dict, defect_type: str) -> list[Path]:
+    """Mask files of the held-out images of `defect_type` in a saved split (the test set's masks)."""
+    return list_split_masks(data_dir, split, defect_type, "heldout")
 
 
 def good_images(data_dir: str | os.PathLike | None, object_class: str | None, good_split: str = "train",

@@ -143,6 +143,11 @@ class SynthesisRecord(_JsonRecord):
     data_dir: str | None = None
     split: dict | None = None
     scale_source: str | None = None
+    # The sampler and the selection point (select_at 1: scored finished), and what they cost per output image.
+    scheduler: str | None = None
+    select_at: float | None = None
+    keep: int | None = None
+    unet_passes_per_image: float | None = None
     version: int = SYNTHESIS_RECORD_VERSION
 
     REQUIRED = ("pretrained_model_name_or_path", "prompt", "resolution")

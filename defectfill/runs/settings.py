@@ -74,7 +74,7 @@ class RunPlan:
             token=self.token, object_class=self.object_class, defect_type=self.defect_type, num_candidates=s.num_candidates,
             num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, seed=s.seed, composite=s.composite,
             crop_to_mask=s.crop_to_mask, crop_context=s.crop_context, data_dir=self.data_dir, split=self.split,
-            scale_source=self.scale_source,
+            scale_source=self.scale_source, select_at=s.select_at, keep=s.keep,
         )
         return SynthesisRecord(**{**values, **fields_})
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -106,24 +107,44 @@ def mean_distances(per_run: list[dict[str, float]]) -> dict[str, float]:
     return {measure: float(np.mean([d[measure] for d in per_run])) for measure in per_run[0]}
 
 
+@dataclass
+class FamilyCase:
+    """What a family's measurement paints and compares against: the held-out masks on held-out clean images (`jobs`),
+    the real held-out defects (`real_jobs`) and their mean statistics (`reference`)."""
+
+    jobs: list[synthesis.Job]
+    real_jobs: list[synthesis.Job]
+    reference: RegionStatistics
+
+
+def family_case(data_dir: Path, record: RunRecord, settings: synthesis.SynthesisSettings) -> FamilyCase:
+    defects = heldout_defects(data_dir, record)
+    real = [RegionStatistics.of(Image.open(image), binarize_mask(Image.open(mask))) for image, mask in defects]
+    goods = list_good_images(data_dir, record.object_class, splits=("test",))
+    pairs = synthesis.round_robin(goods, [mask for _, mask in defects], len(defects))
+    jobs = [synthesis.prepare_job(Image.open(image), Image.open(mask), i, settings) for i, (image, mask) in enumerate(pairs)]
+    real_jobs = [synthesis.prepare_job(Image.open(image), Image.open(mask), i, settings) for i, (image, mask) in enumerate(defects)]
+    return FamilyCase(jobs, real_jobs, RegionStatistics.mean(real))
+
+
+def painted_statistics(pipeline, jobs: list[synthesis.Job], settings: synthesis.SynthesisSettings) -> list[RegionStatistics]:
+    """The statistics, inside each label, of what `pipeline` paints for the jobs."""
+    return [RegionStatistics.of(result.image, result.job.mask) for result in synthesis.synthesize(pipeline, jobs, settings)]
+
+
 def measure_family(model_path, data_dir: Path, run_dirs: list[Path]) -> dict:
     """The family's distances: the clean surface, the base model, the real defects through the VAE, and each run's
     LoRA ("trained": their mean; the runs differ only in their training seed, so their split and scale are one)."""
     record = RunRecord.read(run_dirs[0])
     settings = synthesis_settings(record)
-    defects = heldout_defects(data_dir, record)
-    real = [RegionStatistics.of(Image.open(image), binarize_mask(Image.open(mask))) for image, mask in defects]
-    reference = RegionStatistics.mean(real)
-    goods = list_good_images(data_dir, record.object_class, splits=("test",))
-    pairs = synthesis.round_robin(goods, [mask for _, mask in defects], len(defects))
-    jobs = [synthesis.prepare_job(Image.open(image), Image.open(mask), i, settings) for i, (image, mask) in enumerate(pairs)]
-    real_jobs = [synthesis.prepare_job(Image.open(image), Image.open(mask), i, settings) for i, (image, mask) in enumerate(defects)]
+    case = family_case(data_dir, record, settings)
+    jobs, real_jobs, reference = case.jobs, case.real_jobs, case.reference
 
-    def painted_statistics(pipeline) -> list[RegionStatistics]:
-        return [RegionStatistics.of(result.image, result.job.mask) for result in synthesis.synthesize(pipeline, jobs, settings)]
+    def painted(pipeline) -> list[RegionStatistics]:
+        return painted_statistics(pipeline, jobs, settings)
 
     base = synthesis.load_pipeline(str(model_path), device="cpu")
-    trained = [distances(painted_statistics(synthesis.load_pipeline(str(model_path), lora=str(run_dir), device="cpu")), reference)
+    trained = [distances(painted(synthesis.load_pipeline(str(model_path), lora=str(run_dir), device="cpu")), reference)
                for run_dir in run_dirs]
     round_trips = [vae_round_trip(base.vae, job.region) for job in real_jobs]  # the real defects through the VAE, once
     return {
@@ -131,7 +152,7 @@ def measure_family(model_path, data_dir: Path, run_dirs: list[Path]) -> dict:
         "real": {"colour": [round(float(v), 1) for v in reference.colour], "texture": reference.texture},
         "distance": {
             "clean": distances([RegionStatistics.of(job.image, job.mask) for job in jobs], reference),
-            "base": distances(painted_statistics(base), reference),
+            "base": distances(painted(base), reference),
             "trained": mean_distances(trained),
             "vae_round_trip": distances(vae_round_trip_statistics(real_jobs, round_trips), reference),
         },
@@ -164,6 +185,14 @@ def downstream_figures(run_dir: Path, work: Path, seeds: int) -> dict:
     return {name: {key: summary[name][key]["mean"] for key in DOWNSTREAM_KEYS} for name in DOWNSTREAM_SETS}
 
 
+def train_family_runs(model_path, work: Path, data_dir: Path, family: Family, seeds: int,
+                      train_flags: tuple[str, ...] = ()) -> list[Path]:
+    """`seeds` LoRAs of `configs/tiny.yaml` on the family (training seeds 0, 1, ...), trained as users train."""
+    return [train_demo_run(model_path, work / "runs" / family.name / f"seed-{seed}", "--object_class", family.object_class,
+                           "--defect_type", family.defect_type, "--seed", str(seed), *train_flags, data_dir=data_dir)
+            for seed in range(seeds)]
+
+
 def check(model_path=TINY_MODEL, work_dir: Path | None = None, families: tuple[Family, ...] = FAMILIES,
           train_flags: tuple[str, ...] = (), downstream_seeds: int = 0, train_seeds: int = 1) -> dict:
     """Write the families' data, train `train_seeds` LoRAs per family with configs/tiny.yaml (training seeds 0, 1,
@@ -173,10 +202,7 @@ def check(model_path=TINY_MODEL, work_dir: Path | None = None, families: tuple[F
         data_dir = write_families(work / "data")
         results = {}
         for family in families:
-            run_dirs = [train_demo_run(model_path, work / "runs" / family.name / f"seed-{seed}", "--object_class",
-                                       family.object_class, "--defect_type", family.defect_type, "--seed", str(seed),
-                                       *train_flags, data_dir=data_dir)
-                        for seed in range(train_seeds)]
+            run_dirs = train_family_runs(model_path, work, data_dir, family, train_seeds, train_flags)
             results[family.name] = {"object_class": family.object_class, "defect_type": family.defect_type,
                                     "headline": family.headline, "description": family.description,
                                     **measure_family(model_path, data_dir, run_dirs)}

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The GPU check on a lent GPU machine (no network): install the wheels carried in bench/wheels (diffusers, lpips,
+# torchvision and what they need; bench/RESULTS.md has the download command), then run bench/gpu_check.py.
+# The machine gets a copy of the working tree, not an install: the repository root goes on PYTHONPATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if compgen -G "bench/wheels/*.whl" > /dev/null; then
+  python -m pip install --no-index --no-deps --quiet bench/wheels/*.whl
+fi
+python -c "import diffusers, lpips; print('diffusers', diffusers.__version__)"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
+python bench/gpu_check.py --output_dir "${OUT:-outputs/gpu_check}" "$@"
