@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Sequence
 
 from defectfill.build.builder import build_dataset
-from defectfill.build.defect_masks import MASK_FROM
 from defectfill.build.plan import parse_defects_per_image
 from defectfill.cli import add_model_arguments, add_selection_arguments, parse_args_with_config, run_main
+from defectfill.data.mvtec import MASK_FROM
 from defectfill.errors import DefectFillError
 from defectfill.synthesis import Scorer, check_selection
 

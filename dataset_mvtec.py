@@ -31,6 +31,7 @@ from defectfill.data.mvtec import (
     list_defect_types,
     list_good_images,
     list_heldout_masks,
+    list_split_masks,
     load_defect_dataset,
     load_hub_defects,
     load_mvtec_defects,
@@ -47,7 +48,8 @@ from defectfill.masks import MASK_THRESHOLD, binarize_mask, mask_crop_box
 __all__ = [
     "GOOD", "IMAGE_EXTENSIONS", "MASK_THRESHOLD", "MVTEC_CATEGORIES", "REQUIRED_COLUMNS", "DatasetError", "PairTransform",
     "binarize_mask", "category_dir", "check_defect_types", "detect_layout", "few_shot_split", "good_images", "image_files",
-    "is_image_file", "list_categories", "list_defect_types", "list_good_images", "list_heldout_masks", "load_defect_dataset",
+    "is_image_file", "list_categories", "list_defect_types", "list_good_images", "list_heldout_masks", "list_split_masks",
+    "load_defect_dataset",
     "load_hub_defects", "load_mvtec_defects", "load_split", "load_synthetic", "mask_crop_box", "mask_path_for",
     "merge_splits", "num_train_images", "open_checked", "save_split", "select_split", "to_8bit", "to_signed_tensor",
     "validate_pair",

@@ -3,9 +3,11 @@
 classifier on synthetic defects, test them on the real held-out defects, next to baselines trained the
 same way.
 
-    python downstream_defectfill.py --data_dir /data/mvtec_ad --object_class bottle \
-        --synthetic defectfill=synthetic/bottle-broken_large,synthetic/bottle-contamination \
-        --encoder_weights imagenet
+    python downstream_defectfill.py --synthetic defectfill=synthetic/bottle --encoder_weights imagenet \
+        --synthetic_shares 1 2 4
+
+(`synthetic/bottle`: a build of `build_dataset_defectfill.py` with every defect type of the class, its masks
+augmented from the runs' training masks; or infer_defectfill.py folders, one per defect type, comma-separated.)
 
 The protocol is the one AnomalyDiffusion, DualAnoDiff and SeaS report (AnomalyDiffusion's
 train-localization.py / test-localization.py / train-classification.py), with these differences:
@@ -19,14 +21,19 @@ train-localization.py / test-localization.py / train-classification.py), with th
   epochs, on samples that are half ``train/good`` images with empty masks and half defect images with
   their masks. Image score: max of the 21x21 average-pooled map.
 - Classifier: a torchvision ResNet-34 trained on the defect images of every defect type of the class
-  (cross-entropy, Adam 1e-4), accuracy on the real held-out defects.
+  (cross-entropy, Adam 1e-4), accuracy on the real held-out defects. A builder's ``combined`` images (several
+  defect types in one) train the localizer (their union mask) and are left out of the classifier.
+- Nothing of the test set in training: a synthetic set painted in a held-out test mask (or a mask augmented
+  from one) or on a ``test/good`` image is refused unless ``--allow_test_leak`` (the title then says LEAKY).
 - No test-set model selection (AnomalyDiffusion keeps the epoch that scores best on the test set): the
   last epoch is reported, or, with ``--validation_fraction``, early stopping on a validation set carved
   out of the training data (never the real test images).
 - Several seeds in one command (mean and spread), and baselines with the same protocol and seeds:
   ``untrained`` (the random-init model, a floor), ``real_only`` (the few real training defects, augmented)
   and ``copy_paste`` (real training defects cut out with their masks and pasted onto good images at the
-  mask positions of the first synthetic set).
+  defect types and mask positions of the first synthetic set); with ``--with_real`` (default) also
+  ``real+copy_paste`` and ``real+NAME`` for each synthetic set: the real defects plus the generated ones, the
+  set a team would train on; ``--synthetic_shares`` sweeps how many generated images are added.
 
 The steps are `defectfill.downstream` (`sources`, `data`, `models`, `metrics`, `report`, `protocol`). Writes to
 ``--output_dir``: ``downstream_results.json``, ``downstream_table.md``, ``curves.png`` (image and
@@ -60,7 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Baselines trained and tested with the same protocol and seeds.")
     data.add_argument("--copy_paste_count", type=int, default=None,
                       help="Images in the copy-paste set. Default: as many as the first synthetic set (10 per real training "
-                           "defect without one).")
+                           "defect without one), and at least the largest --synthetic_shares.")
+    data.add_argument("--with_real", action=argparse.BooleanOptionalAction, default=True,
+                      help="Also train on each generated set (copy_paste, every --synthetic) with the real training defects "
+                           "added, as real+NAME: the training set a team would use.")
+    data.add_argument("--synthetic_shares", type=float, nargs="*", default=[],
+                      help="Size sweep, e.g. 1 2 4: the real training defects plus this many times as many generated images "
+                           "(copy-paste and the first --synthetic set), in a second table. Default: none.")
+    data.add_argument("--allow_test_leak", action="store_true",
+                      help="Run on a synthetic set made from the test set (a held-out test mask, a mask augmented from one, "
+                           "a test/good image), which is refused otherwise; the table's title then says LEAKY.")
     model = p.add_argument_group("models")
     model.add_argument("--resolution", type=int, default=256, help="Square side every image is resized to (protocol: 256).")
     model.add_argument("--encoder", default="resnet34", help="segmentation-models-pytorch encoder of the U-Net localizer.")
@@ -100,6 +116,8 @@ def parse_args(input_args=None) -> argparse.Namespace:
         raise SystemExit(f"error: --resolution {args.resolution} must be a multiple of 2**--encoder_depth = {2 ** args.encoder_depth}")
     if len(args.decoder_channels) != args.encoder_depth:
         raise SystemExit(f"error: --decoder_channels needs {args.encoder_depth} values (one per --encoder_depth stage)")
+    if any(share <= 0 for share in args.synthetic_shares):
+        raise SystemExit(f"error: --synthetic_shares must be positive, got {args.synthetic_shares}")
     if not 0 <= args.validation_fraction < 1:
         raise SystemExit(f"error: --validation_fraction must be in [0, 1), got {args.validation_fraction}")
     return args

@@ -25,7 +25,7 @@ from typing import Sequence
 from PIL import Image
 
 from defectfill.cli import add_hub_arguments, add_model_arguments, add_selection_arguments, parse_args_with_config, run_main
-from defectfill.data.mvtec import good_images, list_heldout_masks
+from defectfill.data.mvtec import MASK_FROM, good_images, list_split_masks
 from defectfill.errors import SynthesisError
 from defectfill.images import IMAGE_EXTENSIONS, image_files, open_checked
 from defectfill.models import default_device, precision_dtype
@@ -78,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Batch mode: MVTec AD root; good images of --object_class and held-out masks of the run's split. "
                         "Default: the run's.")
     p.add_argument("--good_split", default="train", choices=("train", "test", "all"), help="Which MVTec good images to paint on.")
-    p.add_argument("--mask_dir", default=None, help="Batch mode: a folder of masks; default: the held-out masks of the run's split.")
+    p.add_argument("--mask_dir", default=None, help="Batch mode: a folder of masks; default: the run's split's masks (--mask_from).")
+    p.add_argument("--mask_from", default="heldout", choices=MASK_FROM,
+                   help="Without --mask_dir, which masks of the run's split to paint in: 'heldout' (the test set's masks; "
+                        "what KID against the held-out defects compares) or 'train' (the generator's training masks: the "
+                        "only ones for a set a detector trains on, which downstream_defectfill.py accepts without "
+                        "--allow_test_leak).")
     p.add_argument("--pairing", default="round_robin", choices=("round_robin", "random"), help="How images and masks are paired.")
     p.add_argument("--num_images", type=int, default=None, help="Outputs in batch mode; default: one per mask.")
 
@@ -146,8 +151,8 @@ class Pair:
 
 
 def batch_sources(args, plan: RunPlan) -> tuple[list[Path], list[Path]]:
-    """(good images, masks) of batch mode: --image_dir or the class's good images; --mask_dir or the run's
-    held-out masks."""
+    """(good images, masks) of batch mode: --image_dir or the class's good images; --mask_dir or the masks of
+    the run's split (--mask_from)."""
     if not args.image_dir and not plan.data_dir:
         raise SynthesisError("batch mode needs --image_dir or --data_dir (or single mode: --image_path and --mask_path)")
     goods = good_images(plan.data_dir, plan.object_class, args.good_split, args.image_dir)
@@ -156,9 +161,9 @@ def batch_sources(args, plan: RunPlan) -> tuple[list[Path], list[Path]]:
         if not masks:
             raise SynthesisError(f"--mask_dir {args.mask_dir} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     elif plan.data_dir and plan.split:
-        masks = list_heldout_masks(plan.data_dir, plan.split, plan.defect_type)
+        masks = list_split_masks(plan.data_dir, plan.split, plan.defect_type, args.mask_from)
         if not masks:
-            raise SynthesisError(f"the run's split holds no held-out mask of {plan.defect_type}: give --mask_dir")
+            raise SynthesisError(f"the run's split holds no {args.mask_from} mask of {plan.defect_type}: give --mask_dir")
     else:
         raise SynthesisError("no masks: give --mask_dir (the run has no split with held-out masks)")
     return goods, masks
@@ -209,12 +214,19 @@ def fingerprint(args, plan: RunPlan) -> dict:
     record = plan.synthesis_record().to_dict()
     return {**{name: record[name] for name in LEGACY_FINGERPRINT_FIELDS}, "scheduler": args.scheduler,
             "revision": args.revision, "variant": args.variant, "mixed_precision": args.mixed_precision,
-            "select_at": plan.settings.select_at, "keep": plan.settings.keep}
+            "select_at": plan.settings.select_at, "keep": plan.settings.keep, "mask_from": mask_origin(args)}
+
+
+def mask_origin(args) -> str:
+    """Where the masks come from, as synthesis.json and every row record it (downstream_defectfill.py reads it):
+    the split's "heldout" or "train" masks, a --mask_dir ("dir") or the single --mask_path ("file")."""
+    return "file" if args.mask_path else "dir" if args.mask_dir else args.mask_from
 
 
 def synthesize_to_folder(pipeline, pairs: list[Pair], plan: RunPlan, scorer, folder: SynthesisFolder, batch_size: int,
-                         save_candidates: bool = False) -> dict[str, dict]:
-    """Generate, select and save every pair not already done; returns all metadata rows."""
+                         save_candidates: bool = False, mask_from: str | None = None) -> dict[str, dict]:
+    """Generate, select and save every pair not already done; returns all metadata rows (each with `mask_from`,
+    where its mask came from)."""
     from tqdm.auto import tqdm
 
     rows = folder.rows()
@@ -225,8 +237,8 @@ def synthesize_to_folder(pipeline, pairs: list[Pair], plan: RunPlan, scorer, fol
         batch = todo[start : start + batch_size]
         jobs = [prepare_pair(p, plan) for p in batch]
         done = [folder.save_result(pair.index, result.image, result.job.mask,
-                                   output_metadata_row(result, pair.image_path, pair.mask_path, plan.settings,
-                                                       plan.object_class, plan.defect_type),
+                                   {**output_metadata_row(result, pair.image_path, pair.mask_path, plan.settings,
+                                                          plan.object_class, plan.defect_type), "mask_from": mask_from},
                                    result.candidates if save_candidates else None)
                 for pair, result in zip(batch, synthesize(pipeline, jobs, plan.settings, scorer))]
         rows = folder.add_rows(done)
@@ -262,8 +274,9 @@ def main(args: argparse.Namespace, scorer: Scorer | None = None) -> Path:
                 f"candidates scored after {plan.settings.select_at:.0%} of the steps" if plan.settings.select_at < 1
                 else "candidates scored finished", passes)
     # before the first image: a killed run resumes on the same terms
-    folder.write_record(plan.synthesis_record(scheduler=scheduler, unet_passes_per_image=passes))
-    rows = synthesize_to_folder(pipeline, pairs, plan, scorer, folder, args.batch_size, args.save_candidates)
+    folder.write_record(plan.synthesis_record(scheduler=scheduler, unet_passes_per_image=passes, mask_from=mask_origin(args)))
+    rows = synthesize_to_folder(pipeline, pairs, plan, scorer, folder, args.batch_size, args.save_candidates,
+                                mask_origin(args))
     folder.save_preview(rows)
     logger.info("%d images in %s", len(rows), folder.path)
     if args.push_to_hub:

@@ -18,10 +18,10 @@ from defectfill.downstream.data import augment_batch, copy_paste_set, mask_cente
 from defectfill.downstream.metrics import au_pro, auroc, average_precision, f1_max, image_scores_from_maps, localization_metrics, pro_curve
 from defectfill.downstream.models import split_validation, train_localizer
 from defectfill.downstream.report import CURVES_FILENAME, MAPS_FILENAME, RESULTS_FILENAME, format_cell, summarize, thin_curve
-from defectfill.downstream.sources import SyntheticSource, count_test_set_reuse, parse_synthetic_entry
+from defectfill.downstream.sources import SyntheticSource, count_test_set_reuse, leak_error, parse_synthetic_entry
 from defectfill.errors import DownstreamError
 from defectfill.runs.files import METADATA_FILENAME
-from defectfill.runs.folder import output_names
+from defectfill.runs.folder import SynthesisFolder, output_names
 from defectfill.runs.records import SynthesisRecord
 from tests.conftest import REPO_ROOT
 
@@ -165,30 +165,61 @@ def test_merge_splits_refuses_two_different_splits_of_one_defect_type():
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def synthetic_folder(tmp_path_factory, synthetic_data_dir):
-    """A synthesis folder in infer_defectfill.py's layout, made without the diffusion model: each real
-    training defect of metal_nut (both types) pasted onto train/good images at the held-out masks'
-    positions, at full resolution, with synthesis.json carrying the ordered split."""
-    folder = tmp_path_factory.mktemp("synthetic") / "handmade-metal_nut"
-    split = dm.few_shot_split(dm.load_mvtec_defects(synthetic_data_dir, "metal_nut"))
-    real = real_defects(synthetic_data_dir, "metal_nut", split, "train", 128)
-    goods = train_good_set(synthetic_data_dir, "metal_nut", 128)
-    targets = real_defects(synthetic_data_dir, "metal_nut", split, "heldout", 128)
-    pasted = copy_paste_set(real, goods, targets, count=2 * len(targets), seed=1)
+def write_builder_folder(folder: Path, data_dir: Path, split: dict, leak: bool = False) -> Path:
+    """A folder in the builder's layout, made without the diffusion model: 9 images of metal_nut, each the
+    real training defects cut out and pasted onto a train/good image where they were (every third image holds
+    both types: `combined`, a union mask, one mask per defect); rows record the training masks as their
+    sources (`mask_from: train`). synthesis.json holds the first type's split as the record's and both under
+    "runs", as builds before the merged split did. `leak`: the first row's defect in a held-out test mask."""
+    real = real_defects(data_dir, "metal_nut", split, "train", 128)
+    goods = train_good_set(data_dir, "metal_nut", 128)
+    by_type = {t: [i for i, d in enumerate(real.defect_types) if d == t] for t in ("color", "scratch")}
+    train_masks = {t: [str(m) for m in dm.list_split_masks(data_dir, split, t, "train")] for t in by_type}
     rows = []
-    for index in range(len(pasted)):
+    for index in range(9):
+        types = ["color", "scratch"] if index % 3 == 2 else [("color", "scratch")[index % 2]]
+        image, union = goods.images[index % len(goods)].permute(1, 2, 0).numpy(), np.zeros((128, 128), dtype=bool)
         image_name, mask_name = output_names(index)
-        for name, array in ((image_name, pasted.images[index].permute(1, 2, 0).numpy()),
-                            (mask_name, pasted.masks[index].numpy().astype(np.uint8) * 255)):
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(array).save(folder / name)
+        part_names, sources = [], []
+        for slot, defect_type in enumerate(types):
+            source = by_type[defect_type][index % len(by_type[defect_type])]
+            image, part = copy_paste_module.copy_paste(image, real.images[source].permute(1, 2, 0).numpy(),
+                                                       real.masks[source].numpy())
+            union |= part
+            part_names.append(f"defect_masks/{index:05d}_{slot}_{defect_type}_mask.png")
+            sources.append(train_masks[defect_type][index % len(train_masks[defect_type])])
+            save(folder / part_names[-1], part.astype(np.uint8) * 255)
+        save(folder / image_name, image)
+        save(folder / mask_name, union.astype(np.uint8) * 255)
         rows.append({"file_name": image_name, "mask_file_name": mask_name, "object_class": "metal_nut",
-                     "defect_type": pasted.defect_types[index]})
+                     "defect_type": types[0] if len(types) == 1 else "combined", "defect_types": types,
+                     "defect_mask_file_names": part_names, "source_masks": sources, "augmented": [True] * len(types),
+                     "source_image": str(data_dir / "metal_nut" / "train" / "good" / f"{index % len(goods):03d}.png"),
+                     "mask_from": "train"})
+    if leak:
+        rows[0]["source_masks"] = [str(dm.list_split_masks(data_dir, split, rows[0]["defect_types"][0], "heldout")[0])]
     (folder / METADATA_FILENAME).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    SynthesisRecord(pretrained_model_name_or_path="none (hand-made)", prompt="", resolution=128, object_class="metal_nut",
-                    data_dir=str(synthetic_data_dir), split=split).write(folder)
+    entries = split["defect_types"]
+    record = SynthesisRecord(pretrained_model_name_or_path="none (hand-made)", prompt="", resolution=128, object_class="metal_nut",
+                             data_dir=str(data_dir), split={"defect_types": {"color": entries["color"]}}, mask_from="train")
+    runs = {t: {"lora": f"runs/{t}", "split": {"defect_types": {t: entries[t]}}} for t in entries}
+    SynthesisFolder(folder).write_record(record, {"runs": runs})
     return folder
+
+
+def save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture(scope="module")
+def metal_nut_split(synthetic_data_dir):
+    return dm.few_shot_split(dm.load_mvtec_defects(synthetic_data_dir, "metal_nut"))
+
+
+@pytest.fixture(scope="module")
+def synthetic_folder(tmp_path_factory, synthetic_data_dir, metal_nut_split):
+    return write_builder_folder(tmp_path_factory.mktemp("synthetic") / "handmade-metal_nut", synthetic_data_dir, metal_nut_split)
 
 
 def tiny_flags(synthetic_folder, output_dir, *extra: str) -> list[str]:
@@ -200,28 +231,72 @@ def tiny_flags(synthetic_folder, output_dir, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_end_to_end_writes_the_table_and_json_and_beats_random_init(tmp_path, synthetic_folder, capsys):
-    """main() as the CLI calls it: table on stdout, JSON and figures written; a localizer trained on copy-paste
-    defects beats the untrained one on pixel AP; the same seed again gives the same figures. (In-process: a
-    subprocess would pay torch's and the libraries' imports again.)"""
+def test_end_to_end_on_a_builder_folder(tmp_path, synthetic_folder, capsys):
+    """main() as the CLI calls it, on a builder-layout folder with two defect types and combined images: the
+    test set holds both types (every run's split merged), the table has the real+ sets and the size sweep,
+    the classifier leaves the combined images out, no leak note; JSON and figures written; a localizer trained
+    on copy-paste defects beats the untrained one on pixel AP; the same seed again gives the same figures.
+    (In-process: a subprocess would pay torch's and the libraries' imports again.)"""
     import downstream_defectfill as downstream
 
-    results = downstream.main(downstream.parse_args(tiny_flags(synthetic_folder, tmp_path / "run")))
+    results = downstream.main(downstream.parse_args(tiny_flags(synthetic_folder, tmp_path / "run", "--synthetic_shares", "1", "2")))
     printed = capsys.readouterr().out
-    for row in ("| untrained |", "| real_only |", "| copy_paste |", "| handmade |", "| SeaS (reported) |"):
+    for row in ("| untrained |", "| real_only |", "| copy_paste |", "| handmade |", "| real+copy_paste |",
+                "| real+handmade |", "| SeaS (reported) |", "| 0 (real_only) |", "| 4 (1x) |", "| 8 (2x) |"):
         assert row in printed
-    assert "random init" in printed
+    assert "random init" in printed and "LEAK" not in printed
+    assert "handmade: 9 images, masks from train (none is a held-out test mask" in printed
+    assert "classifier: 3 images of handmade with several defect types (combined) left out" in printed
     assert json.loads((tmp_path / "run" / RESULTS_FILENAME).read_text()) == json.loads(json.dumps(results))
     assert (tmp_path / "run" / CURVES_FILENAME).is_file() and (tmp_path / "run" / MAPS_FILENAME).is_file()
     assert results["test_set"] == {"color": 4, "good": 4, "scratch": 4} and results["classes"] == ["color", "scratch"]
+    assert not results["leaky"] and results["test_set_reuse"]["handmade"] == {"masks": 0, "images": 0, "rows": 9}
+    sets = results["training_sets"]
+    assert sets["real+handmade"] == {"images": 13, "augmented": 4, "defect_types": ["color", "combined", "scratch"]}
+    assert sets["copy_paste"]["images"] == 9 and sets["copy_paste"]["defect_types"] == ["color", "combined", "scratch"]
+    assert sets["real+handmade (2x)"]["images"] == 12 and sets["real+handmade (2x)"]["augmented"] == 4
+    assert results["sweep"] == {g: {"1": f"real+{g} (1x)", "2": f"real+{g} (2x)"} for g in ("copy_paste", "handmade")}
     summary = results["summary"]
     assert summary["copy_paste"]["pixel_ap"]["mean"] > summary["untrained"]["pixel_ap"]["mean"] + 0.02
     assert summary["untrained"]["classification_accuracy"]["mean"] is None
-    assert 0 <= summary["handmade"]["classification_accuracy"]["mean"] <= 1
+    assert 0 <= summary["real+handmade"]["classification_accuracy"]["mean"] <= 1
 
-    # The same seed again, without the baselines: the same figures.
-    again = downstream.main(downstream.parse_args(tiny_flags(synthetic_folder, tmp_path / "again", "--baselines")))
+    # The same seed again, the synthetic set alone: the same figures.
+    again = downstream.main(downstream.parse_args(tiny_flags(synthetic_folder, tmp_path / "again", "--baselines", "--no-with_real")))
     assert list(again["per_seed"]) == ["handmade"] and again["per_seed"]["handmade"] == results["per_seed"]["handmade"]
+
+
+def test_a_set_made_from_the_test_set_is_refused_unless_allowed(tmp_path, synthetic_data_dir, metal_nut_split, capsys):
+    import downstream_defectfill as downstream
+
+    leaky = write_builder_folder(tmp_path / "leaky", synthetic_data_dir, metal_nut_split, leak=True)
+    flags = tiny_flags(leaky, tmp_path / "out", "--baselines", "--no-with_real", "--epochs", "1", "--samples_per_epoch", "8")
+    with pytest.raises(DownstreamError, match=r"--synthetic handmade: 1 of 9 images have a defect painted in a held-out"):
+        downstream.main(downstream.parse_args(flags))
+    assert not (tmp_path / "out").exists()  # refused before anything was trained or written
+    results = downstream.main(downstream.parse_args([*flags, "--allow_test_leak"]))
+    table = (tmp_path / "out" / "downstream_table.md").read_text()
+    assert table.startswith("LEAKY") and "LEAK handmade: 1 of 9 images" in table and results["leaky"]
+
+
+def test_copy_paste_copies_every_defect_of_a_combined_target(synthetic_data_dir, synthetic_folder, metal_nut_split):
+    from defectfill.downstream.sources import load_synthetic_set, read_synthetic_sources
+
+    targets = load_synthetic_set(read_synthetic_sources([str(synthetic_folder)])[0], "metal_nut", 64)
+    assert targets.defect_types[2] == "combined" and [t for t, _ in targets.parts[2]] == ["color", "scratch"]
+    real = real_defects(synthetic_data_dir, "metal_nut", metal_nut_split, "train", 64)
+    goods = train_good_set(synthetic_data_dir, "metal_nut", 64)
+    pasted = copy_paste_set(real, goods, targets, count=len(targets), seed=0)
+    assert pasted.defect_types == targets.defect_types
+    assert [t for t, _ in pasted.parts[2]] == ["color", "scratch"] and " + " in pasted.names[2]
+    assert pasted.masks[2].sum() > max(pasted.masks[0].sum(), pasted.masks[1].sum()) * 0.9  # the union of two defects
+
+
+def test_every_runs_split_is_merged_for_the_test_set(synthetic_folder):
+    from defectfill.downstream.sources import collect_split, read_synthetic_sources
+
+    split = collect_split(None, read_synthetic_sources([str(synthetic_folder)]))
+    assert sorted(split["defect_types"]) == ["color", "scratch"]
 
 
 def test_bad_inputs_name_the_flag(tmp_path, synthetic_data_dir):
@@ -235,17 +310,36 @@ def test_bad_inputs_name_the_flag(tmp_path, synthetic_data_dir):
                                                "--output_dir", str(tmp_path / "o")]))
 
 
-def test_synthetic_rows_made_from_the_test_set_are_counted(tmp_path):
-    split = {"defect_types": {"color": {"train": ["metal_nut/test/color/000.png"], "heldout": ["metal_nut/test/color/003.png"]}}}
-    rows = [
-        {"source_mask": "data/metal_nut/ground_truth/color/003_mask.png", "source_image": "data/metal_nut/train/good/001.png"},
-        {"source_mask": "data/metal_nut/ground_truth/color/000_mask.png", "source_image": "data/metal_nut/test/good/002.png"},
-        {"source_mask": "masks/own.png", "source_image": "data/metal_nut/train/good/004.png"},
-    ]
-    (tmp_path / METADATA_FILENAME).write_text("".join(
+def write_rows(folder: Path, rows: list[dict]) -> SyntheticSource:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / METADATA_FILENAME).write_text("".join(
         json.dumps({"file_name": f"images/{i}.png", "mask_file_name": f"masks/{i}.png", **row}) + "\n" for i, row in enumerate(rows)))
-    source = SyntheticSource("s", [tmp_path], [None])
-    assert count_test_set_reuse(source, split) == {"masks": 1, "images": 1, "rows": 3}
+    return SyntheticSource(folder.name, [folder], [None])
+
+
+def test_synthetic_rows_made_from_the_test_set_are_counted(tmp_path, synthetic_data_dir):
+    """infer_defectfill.py's `source_mask`, the builder's `source_masks` (an augmented mask counts by the real
+    mask it came from) and a recorded `mask_from: heldout` all count; the training masks and a user's do not."""
+    split = dm.few_shot_split(dm.load_mvtec_defects(synthetic_data_dir, "metal_nut"))
+    heldout = [str(p) for p in dm.list_split_masks(synthetic_data_dir, split, "color", "heldout")]
+    train = [str(p) for p in dm.list_split_masks(synthetic_data_dir, split, "scratch", "train")]
+    moved = "/elsewhere/" + "/".join(Path(heldout[1]).parts[-4:])  # the data folder moved since: the same mask
+    rows = [
+        {"source_mask": heldout[0], "source_image": "data/metal_nut/train/good/001.png"},
+        {"source_mask": train[0], "source_image": "data/metal_nut/test/good/002.png"},
+        {"source_mask": "masks/own.png", "source_image": "data/metal_nut/train/good/004.png"},
+        {"source_masks": [train[0], moved], "augmented": [True, True], "source_image": "data/metal_nut/train/good/003.png"},
+        {"source_masks": [train[1]], "augmented": [True], "mask_from": "train", "source_image": "x/train/good/000.png"},
+        {"source_mask": "masks/copied.png", "mask_from": "heldout", "source_image": "x/train/good/000.png"},
+    ]
+    source = write_rows(tmp_path / "s", rows)
+    assert count_test_set_reuse(source, split, synthetic_data_dir) == {"masks": 3, "images": 1, "rows": 6}
+    message = leak_error("s", {"masks": 3, "images": 1, "rows": 6})
+    assert "3 of 6 images" in message and "1 of 6 images were painted on test/good" in message
+    assert "--mask_from train" in message and "--allow_test_leak" in message
+    clean = write_rows(tmp_path / "clean", rows[4:5])
+    assert count_test_set_reuse(clean, split, synthetic_data_dir) == {"masks": 0, "images": 0, "rows": 1}
+    assert leak_error("clean", {"masks": 0, "images": 0, "rows": 1}) is None
 
 
 def test_augmentation_moves_image_and_mask_together():
@@ -278,7 +372,7 @@ def test_early_stopping_chooses_on_a_validation_set_carved_from_training(synthet
     args = downstream.parse_args(["--resolution", "32", "--encoder", "resnet18", "--encoder_depth", "3",
                                   "--decoder_channels", "16", "16", "16", "--epochs", "3", "--samples_per_epoch", "8",
                                   "--validation_fraction", "0.25", "--patience", "1", "--no-progress"])
-    _, history = train_localizer(args, defects, goods, seed=0, device="cpu", augment=False, label="test")
+    _, history = train_localizer(args, defects, goods, seed=0, device="cpu", label="test")
     assert 1 <= len(history["validation_pixel_ap"]) <= 3 and len(history["loss"]) == len(history["validation_pixel_ap"])
     best = int(np.argmax(history["validation_pixel_ap"])) + 1
     assert history["epoch_kept"] == best
@@ -290,7 +384,26 @@ def test_the_readme_demo_config_parses_to_the_documented_settings():
     import downstream_defectfill as downstream
 
     args = downstream.parse_args(["--config", str(REPO_ROOT / "configs" / "tiny_downstream.yaml")])
-    assert args.synthetic == ["defectfill=outputs/tiny-synthetic-metal_nut-color"] and args.seeds == [0, 1, 2]
+    assert args.synthetic == ["defectfill=outputs/tiny-dataset-metal_nut"] and args.seeds == [0, 1, 2]
     assert (args.resolution, args.encoder, args.encoder_depth, args.decoder_channels) == (64, "resnet18", 3, [64, 32, 16])
     assert (args.epochs, args.samples_per_epoch, args.encoder_weights, args.validation_fraction) == (8, 48, "none", 0.0)
     assert "python downstream_defectfill.py --config configs/tiny_downstream.yaml" in (REPO_ROOT / "README.md").read_text()
+
+
+def test_only_the_images_marked_to_be_are_augmented(synthetic_data_dir, metal_nut_split):
+    """In real+NAME the real defects are augmented and the generated images are used as they are."""
+    from defectfill.downstream.data import concat_sets
+    from defectfill.downstream.models import localizer_batch
+
+    real = real_defects(synthetic_data_dir, "metal_nut", metal_nut_split, "train", 32)
+    goods = train_good_set(synthetic_data_dir, "metal_nut", 32)
+    generated = copy_paste_set(real, goods, None, count=4, seed=0)
+    mixed = concat_sets([real.augmented(), generated])
+    assert mixed.augment.tolist() == [True] * len(real) + [False] * 4
+    as_is = concat_sets([real, generated])
+    images, masks = localizer_batch(as_is, goods, 64, torch.Generator().manual_seed(0))
+    pool = torch.cat([as_is.images, goods.images]).float() / 255
+    assert all(any(torch.equal(image, p) for p in pool) for image in images)  # nothing was flipped or jittered
+    images, _ = localizer_batch(mixed, goods, 64, torch.Generator().manual_seed(0))
+    changed = [not any(torch.equal(image, p) for p in pool) for image in images]
+    assert any(changed) and not all(changed)

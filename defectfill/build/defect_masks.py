@@ -25,8 +25,7 @@ if TYPE_CHECKING:
     from defectfill.build.context import BuildContext
 
 
-# Which real masks of a run's split the builder draws from (`--mask_from`); "dir" for a folder of the user's.
-MASK_FROM = ("train", "heldout")
+# `--mask_source` values that draw from the real masks of the runs' split (`--mask_from` says which part).
 REAL_MASK_SOURCES = ("augment", "heldout", "real")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from defectfill.build.context import BuildContext
 from defectfill.build.defect_masks import mask_origin
+from defectfill.data.split import merge_splits
 from defectfill.runs.folder import SynthesisFolder, item_of_file
 
 
@@ -88,6 +89,13 @@ def preview_rows(rows: dict[str, dict], count: int) -> dict[str, dict]:
     return {name: rows[name] for name in chosen}
 
 
+def merged_split(context: BuildContext) -> dict | None:
+    """Every run's few-shot split in one (each run saves the entry of its own defect type): the test set of a
+    build is the held-out part of all its defect types."""
+    splits = [(r.lora, r.split) for r in context.runs if r.split]
+    return merge_splits(splits) if splits else None
+
+
 def write_synthesis_record(output_dir: Path, context: BuildContext, unet_passes_per_image: float | None = None) -> None:
     """synthesis.json: the SynthesisRecord fields evaluation reads (the first run's settings, the base model the
     build used), plus the defect type index table and every run's LoRA and split."""
@@ -96,8 +104,10 @@ def write_synthesis_record(output_dir: Path, context: BuildContext, unet_passes_
         pretrained_model_name_or_path=context.base_model, lora=",".join(r.lora for r in context.runs),
         defect_type=first.defect_type if len(context.runs) == 1 else None,
         scale_source="each run's training scale, unless a flag overrides it", scheduler=context.scheduler,
-        unet_passes_per_image=unet_passes_per_image,
+        unet_passes_per_image=unet_passes_per_image, mask_from=mask_origin(context.args),
+        # every run's split, merged: the test set of a build is the held-out part of all its defect types
+        split=merged_split(context),
     )
-    extra = {"defect_type_index": {"good": 0, **context.index_table}, "mask_from": mask_origin(context.args),
+    extra = {"defect_type_index": {"good": 0, **context.index_table},
              "runs": {r.defect_type: {"lora": r.lora, "split": r.split} for r in context.runs}}
     SynthesisFolder(output_dir).write_record(record, extra)

@@ -234,6 +234,11 @@ def list_good_images(data_dir: str | os.PathLike, object_class: str, splits: Seq
     return paths
 
 
+# The parts of a saved split whose masks synthesis may paint in (`--mask_from`): the generator's training third,
+# or the held-out two thirds, which are the downstream test set's masks.
+MASK_FROM = ("train", "heldout")
+
+
 def list_split_masks(data_dir: str | os.PathLike, split: dict, defect_type: str, part: str) -> list[Path]:
     """Mask files of the images of `defect_type` in the `part` ("train" or "heldout") of a saved split (local
     folders only)."""

@@ -22,15 +22,27 @@ from defectfill.data.split import select_split
 from defectfill.errors import DatasetError
 from defectfill.masks import binarize_mask
 
+# One defect of an image: its type and the centre (row, column) of its mask at the set's resolution.
+Part = tuple[str, tuple[int, int]]
+
 
 @dataclass
 class ImageSet:
-    """Images (N, 3, R, R) uint8, masks (N, R, R) bool, a defect type per image ("good" for none) and a name."""
+    """Images (N, 3, R, R) uint8, masks (N, R, R) bool, a defect type per image ("good" for none) and a name.
+    `augment` (N,) bool: which images training augments (the few real defects; synthetic images are used as
+    they are). `parts`: per image its defects, (type, mask centre) each; a `combined` image of the builder has
+    several, any other one (its own type, its mask's centre)."""
 
     images: torch.Tensor
     masks: torch.Tensor
     defect_types: list[str]
     names: list[str] = field(default_factory=list)
+    augment: torch.Tensor | None = None
+    parts: list[list[Part]] | None = None
+
+    def __post_init__(self):
+        if self.augment is None:
+            self.augment = torch.zeros(len(self.defect_types), dtype=torch.bool)
 
     def __len__(self) -> int:
         return len(self.defect_types)
@@ -38,7 +50,19 @@ class ImageSet:
     def select(self, indices: Sequence[int]) -> "ImageSet":
         indices = list(indices)
         return ImageSet(self.images[indices], self.masks[indices], [self.defect_types[i] for i in indices],
-                        [self.names[i] for i in indices] if self.names else [])
+                        [self.names[i] for i in indices] if self.names else [], self.augment[indices],
+                        [self.parts[i] for i in indices] if self.parts is not None else None)
+
+    def augmented(self, flag: bool = True) -> "ImageSet":
+        """The same images, all marked to be augmented (or not) in training."""
+        return ImageSet(self.images, self.masks, self.defect_types, self.names,
+                        torch.full((len(self),), flag, dtype=torch.bool), self.parts)
+
+    def defect_parts(self, index: int) -> list[Part]:
+        """The defects of image `index`: its recorded parts, else one of its type at its mask's centre."""
+        if self.parts is not None and self.parts[index]:
+            return self.parts[index]
+        return [(self.defect_types[index], mask_center(self.masks[index].numpy()))]
 
     @property
     def is_defective(self) -> torch.Tensor:
@@ -47,8 +71,12 @@ class ImageSet:
 
 def concat_sets(sets: Iterable[ImageSet]) -> ImageSet:
     sets = list(sets)
+    parts = None
+    if any(s.parts is not None for s in sets):
+        parts = [p for s in sets for p in (s.parts if s.parts is not None else [[] for _ in range(len(s))])]
     return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]),
-                    [d for s in sets for d in s.defect_types], [n for s in sets for n in s.names])
+                    [d for s in sets for d in s.defect_types], [n for s in sets for n in s.names],
+                    torch.cat([s.augment for s in sets]), parts)
 
 
 def resize_pair(image: Image.Image, mask: Image.Image | None, resolution: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,7 +85,12 @@ def resize_pair(image: Image.Image, mask: Image.Image | None, resolution: int) -
     image_array = np.asarray(image.convert("RGB").resize((resolution, resolution), Image.BICUBIC))
     if mask is None:
         return image_array, np.zeros((resolution, resolution), dtype=bool)
-    return image_array, binarize_mask(mask.convert("L").resize((resolution, resolution), Image.NEAREST))
+    return image_array, square_mask(mask, resolution)
+
+
+def square_mask(mask: Image.Image, resolution: int) -> np.ndarray:
+    """A mask at (R, R), nearest, binarized at MASK_THRESHOLD."""
+    return binarize_mask(mask.convert("L").resize((resolution, resolution), Image.NEAREST))
 
 
 def stack_set(pairs: list[tuple[np.ndarray, np.ndarray]], defect_types: list[str], names: list[str]) -> ImageSet:
@@ -156,35 +189,48 @@ def copy_paste(good: np.ndarray, defect: np.ndarray, defect_mask: np.ndarray,
 
 
 def copy_paste_set(real: ImageSet, goods: ImageSet, targets: ImageSet | None, count: int, seed: int) -> ImageSet:
-    """The copy-paste baseline: `count` images, each a real training defect pasted onto a good image.
-    With `targets` (a synthetic set), image i takes the defect type and mask position of target i (cycled),
-    so both sets put defects at the same places; without, each defect keeps its own position. Which real
-    defect (of that type) and which good image are drawn with `seed`."""
+    """The copy-paste baseline: `count` images, each real training defects pasted onto a good image.
+    With `targets` (a synthetic set), image i copies target i (cycled): its defect type and, defect by defect
+    (several for a builder's `combined` image), the type and mask position, so both sets put the same defects
+    at the same places; without, each image is one defect at its own position, the types in turn. Which real
+    defect (of each type) and which good image are drawn with `seed`."""
     rng = np.random.default_rng(seed)
     by_type: dict[str, list[int]] = {}
     for index, defect in enumerate(real.defect_types):
         by_type.setdefault(defect, []).append(index)
     if not by_type:
         raise DatasetError("copy-paste needs at least one real training defect")
-    pairs, types, names = [], [], []
+    pairs, types, names, all_parts = [], [], [], []
     for i in range(count):
         if targets is not None and len(targets):
             target = i % len(targets)
             defect_type = targets.defect_types[target]
-            if defect_type not in by_type:
-                raise DatasetError(f"the synthetic set has defect type {defect_type!r} but the split has no real "
-                                      f"training defect of it (types: {', '.join(sorted(by_type))})")
-            center = mask_center(targets.masks[target].numpy()) if targets.masks[target].any() else None
+            parts = targets.defect_parts(target) if targets.masks[target].any() else [(defect_type, None)]
         else:
-            defect_type, center = sorted(by_type)[i % len(by_type)], None
-        source = int(rng.choice(by_type[defect_type]))
+            defect_type = sorted(by_type)[i % len(by_type)]
+            parts = [(defect_type, None)]
+        for part_type, _ in parts:
+            if part_type not in by_type:
+                raise DatasetError(f"the synthetic set has defect type {part_type!r} but the split has no real "
+                                   f"training defect of it (types: {', '.join(sorted(by_type))})")
         good = int(rng.integers(len(goods)))
-        image, mask = copy_paste(goods.images[good].permute(1, 2, 0).numpy(), real.images[source].permute(1, 2, 0).numpy(),
-                                 real.masks[source].numpy(), center)
+        image = goods.images[good].permute(1, 2, 0).numpy()
+        mask = np.zeros(image.shape[:2], dtype=bool)
+        sources, pasted_parts = [], []
+        for part_type, center in parts:
+            source = int(rng.choice(by_type[part_type]))
+            image, part_mask = copy_paste(image, real.images[source].permute(1, 2, 0).numpy(), real.masks[source].numpy(),
+                                          center)
+            mask |= part_mask
+            sources.append(real.names[source])
+            pasted_parts.append((part_type, mask_center(part_mask)))
         pairs.append((image, mask))
         types.append(defect_type)
-        names.append(f"copy_paste/{i:05d} ({real.names[source]} on {goods.names[good]})")
-    return stack_set(pairs, types, names)
+        names.append(f"copy_paste/{i:05d} ({' + '.join(sources)} on {goods.names[good]})")
+        all_parts.append(pasted_parts)
+    pasted = stack_set(pairs, types, names)
+    pasted.parts = all_parts
+    return pasted
 
 
 # ----------------------------------------------------------------------------------------------------

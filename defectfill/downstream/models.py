@@ -80,20 +80,30 @@ def split_validation(data: ImageSet, fraction: float, seed: int) -> tuple[ImageS
     return data.select(sorted(order[count:])), data.select(sorted(order[:count]))
 
 
-def localizer_batch(defects: ImageSet, goods: ImageSet, size: int, augment: bool, generator: torch.Generator):
+def augment_where(images: torch.Tensor, masks: torch.Tensor, flags: torch.Tensor, generator: torch.Generator):
+    """`augment_batch` on the samples whose flag is set; the others as they are."""
+    if not flags.any():
+        return images, masks
+    images, masks = images.clone(), masks.clone()
+    chosen = flags.nonzero()[:, 0]
+    images[chosen], masks[chosen] = augment_batch(images[chosen], masks[chosen], generator)
+    return images, masks
+
+
+def localizer_batch(defects: ImageSet, goods: ImageSet, size: int, generator: torch.Generator):
     """A batch of `size` samples, each a good image (empty mask) or a defect image with probability 1/2:
-    float images in [0, 1] (B, 3, R, R) and float masks (B, R, R)."""
+    float images in [0, 1] (B, 3, R, R) and float masks (B, R, R). A defect sample is augmented when its image
+    is marked to be (`ImageSet.augment`: the real defects); good samples are, in a set that augments any."""
     is_defect = torch.rand(size, generator=generator) < 0.5
     good_index = torch.randint(len(goods), (size,), generator=generator)
     defect_index = torch.randint(len(defects), (size,), generator=generator)
     images = torch.where(is_defect[:, None, None, None], defects.images[defect_index], goods.images[good_index]).float() / 255
     masks = torch.where(is_defect[:, None, None], defects.masks[defect_index], goods.masks[good_index]).float()
-    if augment:
-        images, masks = augment_batch(images, masks, generator)
-    return images, masks
+    flags = torch.where(is_defect, defects.augment[defect_index], bool(defects.augment.any()))
+    return augment_where(images, masks, flags, generator)
 
 
-def train_localizer(args, defects: ImageSet, goods: ImageSet, seed: int, device, augment: bool, label: str):
+def train_localizer(args, defects: ImageSet, goods: ImageSet, seed: int, device, label: str):
     """A U-Net trained on `defects` and `goods`; returns (model, history). With a validation part carved out
     (--validation_fraction), the epoch with the best validation pixel AP is restored."""
     import segmentation_models_pytorch as smp
@@ -115,7 +125,7 @@ def train_localizer(args, defects: ImageSet, goods: ImageSet, seed: int, device,
         total = 0.0
         for step in range(steps):
             size = min(args.batch_size, args.samples_per_epoch - step * args.batch_size)
-            images, masks = localizer_batch(train_defects, train_goods, size, augment, generator)
+            images, masks = localizer_batch(train_defects, train_goods, size, generator)
             loss = focal(model(normalize(images, device)), masks[:, None].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -138,8 +148,9 @@ def train_localizer(args, defects: ImageSet, goods: ImageSet, seed: int, device,
     return model, history
 
 
-def train_classifier(args, defects: ImageSet, classes: list[str], seed: int, device, augment: bool, label: str):
-    """A ResNet trained to tell the defect types `classes` apart on `defects`."""
+def train_classifier(args, defects: ImageSet, classes: list[str], seed: int, device, label: str):
+    """A ResNet trained to tell the defect types `classes` apart on the images of `defects` of one of those
+    types (a `combined` image, several types in one, is left out); images marked to be are augmented."""
     from tqdm.auto import tqdm
 
     keep = [i for i, d in enumerate(defects.defect_types) if d in classes]
@@ -154,9 +165,7 @@ def train_classifier(args, defects: ImageSet, classes: list[str], seed: int, dev
         order = torch.cat([torch.randperm(len(data), generator=generator) for _ in range(args.classifier_repeats)])
         for start in range(0, len(order), args.batch_size):
             index = order[start:start + args.batch_size]
-            images = data.images[index].float() / 255
-            if augment:
-                images, _ = augment_batch(images, data.masks[index], generator)
+            images, _ = augment_where(data.images[index].float() / 255, data.masks[index], data.augment[index], generator)
             loss = F.cross_entropy(model(normalize(images, device)), labels[index].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from defectfill.data.mvtec import GOOD
-from defectfill.downstream.data import ImageSet, copy_paste_set, real_defects, real_test_set, train_good_set
+from defectfill.downstream.data import ImageSet, concat_sets, copy_paste_set, real_defects, real_test_set, train_good_set
 from defectfill.downstream.metrics import localization_metrics
 from defectfill.downstream.models import (
     build_classifier,
@@ -33,15 +33,19 @@ from defectfill.downstream.report import (
     plot_curves,
     results_table,
     summarize,
+    sweep_table,
 )
 from defectfill.downstream.sources import (
+    REAL_PLUS,
     SyntheticSource,
     agreed_value,
     collect_split,
     count_test_set_reuse,
+    leak_error,
     load_synthetic_set,
     read_synthetic_sources,
 )
+from defectfill.errors import DownstreamError
 from defectfill.fileio import write_json_atomic, write_text_atomic
 
 
@@ -59,35 +63,93 @@ class RealData:
         return self.test.select([i for i, d in enumerate(self.test.defect_types) if d != GOOD])
 
 
-def training_sets(args, real: RealData, synthetic_sets: dict[str, ImageSet]) -> dict[str, tuple[ImageSet | None, bool]]:
-    """{name: (images, augmented)} of every set compared: the baselines asked for, then the synthetic sets."""
-    sets: dict[str, tuple[ImageSet | None, bool]] = {}
+def copy_paste_count(args, real: RealData, targets: ImageSet | None) -> int:
+    """Images in the copy-paste set: --copy_paste_count, else as many as the first synthetic set (10 per real
+    training defect without one), and at least the largest share of the sweep."""
+    count = args.copy_paste_count or (len(targets) if targets is not None else 10 * len(real.train_defects))
+    return max([count, *(share_count(share, real) for share in args.synthetic_shares)])
+
+
+def share_count(share: float, real: RealData) -> int:
+    return max(1, round(share * len(real.train_defects)))
+
+
+def training_sets(args, real: RealData, synthetic_sets: dict[str, ImageSet]) -> dict[str, ImageSet | None]:
+    """Every set compared, by name: the baselines asked for, the synthetic sets, and (--with_real) each generated
+    set with the real training defects added (`real+NAME`, the set a team would train on). The real defects are
+    augmented wherever they are; generated images are used as they are."""
+    real_part = real.train_defects.augmented()
+    sets: dict[str, ImageSet | None] = {}
+    generated: dict[str, ImageSet] = {}
     if "untrained" in args.baselines:
-        sets["untrained"] = (None, False)
+        sets["untrained"] = None
     if "real_only" in args.baselines:
-        sets["real_only"] = (real.train_defects, True)
+        sets["real_only"] = real_part
     if "copy_paste" in args.baselines:
         targets = next(iter(synthetic_sets.values()), None)
-        count = args.copy_paste_count or (len(targets) if targets is not None else 10 * len(real.train_defects))
-        sets["copy_paste"] = (copy_paste_set(real.train_defects, real.goods, targets, count, seed=0), False)
-    for name, data in synthetic_sets.items():
-        sets[name] = (data, False)
+        generated["copy_paste"] = copy_paste_set(real.train_defects, real.goods, targets,
+                                                 copy_paste_count(args, real, targets), seed=0)
+    generated.update(synthetic_sets)
+    sets.update(generated)
+    if args.with_real:
+        sets.update({f"{REAL_PLUS}{name}": concat_sets([real_part, data]) for name, data in generated.items()})
     return sets
 
 
-def protocol_notes(args, sources: list[SyntheticSource], split: dict, classes: list[str]) -> list[str]:
-    """What a reader of the table must know: the encoders, test-set reuse by the synthetic sets, the schedule."""
+def sweep_sets(args, real: RealData, sets: dict[str, ImageSet | None]) -> dict[str, dict[float, str]]:
+    """The size sweep (--synthetic_shares): for copy-paste and the first synthetic set, the real defects plus
+    `share` x as many generated images (one fixed random subset per share, the same for every seed). Adds the
+    sets to train to `sets`; returns {generator: {share: set name}}, a share that takes the whole generated set
+    naming the `real+NAME` set of the main table."""
+    names = [n for n in sets if sets[n] is not None and n not in ("real_only",) and not n.startswith(REAL_PLUS)]
+    sweep: dict[str, dict[float, str]] = {}
+    for generator_name in names[:2] if "copy_paste" in names else names[:1]:
+        data = sets[generator_name]
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+        sweep[generator_name] = {}
+        for share in args.synthetic_shares:
+            count = share_count(share, real)
+            if count > len(data):
+                raise DownstreamError(f"--synthetic_shares {share:g}: {count} images of {generator_name} wanted, it has "
+                                      f"{len(data)}; make more (--num_images) or give smaller shares")
+            name = f"{REAL_PLUS}{generator_name}" if count == len(data) and args.with_real else \
+                f"{REAL_PLUS}{generator_name} ({share:g}x)"
+            if name not in sets:
+                sets[name] = concat_sets([real.train_defects.augmented(), data.select(sorted(order[:count]))])
+            sweep[generator_name][share] = name
+    return sweep
+
+
+def provenance_notes(sources: list[SyntheticSource], reuse: dict[str, dict], sets: dict[str, ImageSet | None],
+                     classes: list[str]) -> list[str]:
+    """Where each synthetic set's masks and images came from, and which images the classifier leaves out."""
+    notes = []
+    for source in sources:
+        counts = reuse[source.name]
+        origins = sorted({r.mask_from for r in source.records if r is not None and r.mask_from} or {"not recorded"})
+        if counts["masks"] or counts["images"]:
+            if counts["masks"]:
+                notes.append(f"LEAK {source.name}: {counts['masks']} of {counts['rows']} images have a defect painted in "
+                             "a held-out test mask or one augmented from it: the localizer sees the test defects' shapes "
+                             "and positions, its figures are optimistic (copy-paste pastes at the same positions)")
+            if counts["images"]:
+                notes.append(f"LEAK {source.name}: {counts['images']} of {counts['rows']} images were painted on "
+                             "test/good images: the test's defect-free images were seen in training")
+        else:
+            notes.append(f"{source.name}: {counts['rows']} images, masks from {', '.join(origins)} (none is a held-out "
+                         "test mask or made from one), no test/good image")
+    for name, data in sets.items():
+        left_out = sum(d not in classes for d in data.defect_types) if data is not None and len(classes) >= 2 else 0
+        if left_out:
+            notes.append(f"classifier: {left_out} images of {name} with several defect types (combined) left out; "
+                         "the localizer learns their union mask")
+    return notes
+
+
+def protocol_notes(args, classes: list[str]) -> list[str]:
+    """What a reader of the table must know: the encoders, the classifier's scope, the schedule."""
     encoders = "ImageNet-pretrained" if args.encoder_weights == "imagenet" else "random init (offline; the peers pretrain on ImageNet)"
     notes = [f"encoders: {encoders}"]
-    for source in sources:
-        reuse = count_test_set_reuse(source, split)
-        if reuse["masks"]:
-            notes.append(f"{source.name}: {reuse['masks']} of {reuse['rows']} images were painted in held-out test masks "
-                         "(infer_defectfill.py's default): the localizer sees the test defects' shapes and positions, "
-                         "so its figures are optimistic; copy-paste pastes at the same positions")
-        if reuse["images"]:
-            notes.append(f"{source.name}: {reuse['images']} of {reuse['rows']} images were painted on test/good images "
-                         "(--good_split test or all): the test's defect-free images were seen in training")
     if len(classes) < 2:
         notes.append(f"classification: n/a, the split holds one defect type ({', '.join(classes)}); it needs two or more")
     if args.validation_fraction > 0:
@@ -97,23 +159,46 @@ def protocol_notes(args, sources: list[SyntheticSource], split: dict, classes: l
     return notes
 
 
-def evaluate_set(args, data: ImageSet | None, augment: bool, real: RealData, classes: list[str], seed: int, device,
+def evaluate_set(args, data: ImageSet | None, real: RealData, classes: list[str], seed: int, device,
                  label: str) -> tuple[dict, torch.Tensor]:
     """One training set at one seed: the localizer (and, with two or more defect types, the classifier) trained
     on it and tested on the real test set. Returns (its figures, its anomaly maps of the test images)."""
     if data is None:
         model, history = build_localizer(args, seed).to(device), {"loss": [], "epoch_kept": 0}
     else:
-        model, history = train_localizer(args, data, real.goods, seed, device, augment, label)
+        model, history = train_localizer(args, data, real.goods, seed, device, label)
     maps = predict_maps(model, real.test.images, args.batch_size, device)
     figures = localization_metrics(maps, real.test.masks)
     figures["classification_accuracy"] = None
     if data is not None and len(classes) >= 2:
-        classifier = train_classifier(args, data, classes, seed, device, augment, label)
+        classifier = train_classifier(args, data, classes, seed, device, label)
         figures["classification_accuracy"] = classification_accuracy(classifier, real.heldout_defects, classes,
                                                                      args.batch_size, device)
     return {"seed": seed, **figures, "epoch_kept": history["epoch_kept"],
             "final_loss": history["loss"][-1] if history["loss"] else None}, maps
+
+
+def check_test_set_reuse(args, sources: list[SyntheticSource], split: dict, data_dir) -> dict[str, dict]:
+    """Each source's count of images made from the test set; a leaky source stops the comparison unless
+    --allow_test_leak (before any image is loaded or model trained)."""
+    reuse = {s.name: count_test_set_reuse(s, split, data_dir) for s in sources}
+    errors = [e for e in (leak_error(s.name, reuse[s.name]) for s in sources) if e]
+    if errors and not args.allow_test_leak:
+        raise DownstreamError("\n".join(errors))
+    return reuse
+
+
+def train_and_test(args, sets: dict[str, ImageSet | None], real: RealData, classes: list[str], device):
+    """Every set at every seed: ({name: per-seed figures}, {name: anomaly maps of the first seed})."""
+    per_seed: dict[str, list[dict]] = {name: [] for name in sets}
+    first_maps: dict[str, torch.Tensor] = {}
+    for seed in args.seeds:
+        for name, data in sets.items():
+            figures, maps = evaluate_set(args, data, real, classes, seed, device, f"{name} seed {seed}")
+            per_seed[name].append(figures)
+            if seed == args.seeds[0]:
+                first_maps[name] = maps
+    return per_seed, first_maps
 
 
 def run_comparison(args) -> dict:
@@ -133,46 +218,50 @@ def run_comparison(args) -> dict:
     object_class = agreed_value("--object_class", args.object_class, sources, "object_class")
     split = collect_split(args.split_file, sources)
     classes = sorted(split["defect_types"])
+    reuse = check_test_set_reuse(args, sources, split, data_dir)
+    leaky = any(r["masks"] or r["images"] for r in reuse.values())
 
     real = RealData(real_test_set(data_dir, object_class, split, args.resolution),
                     real_defects(data_dir, object_class, split, "train", args.resolution),
                     train_good_set(data_dir, object_class, args.resolution))
     sets = training_sets(args, real, {s.name: load_synthetic_set(s, object_class, args.resolution) for s in sources})
-    notes = protocol_notes(args, sources, split, classes)
-
-    per_seed: dict[str, list[dict]] = {name: [] for name in sets}
-    first_maps: dict[str, torch.Tensor] = {}
-    for seed in args.seeds:
-        for name, (data, augment) in sets.items():
-            figures, maps = evaluate_set(args, data, augment, real, classes, seed, device, f"{name} seed {seed}")
-            per_seed[name].append(figures)
-            if seed == args.seeds[0]:
-                first_maps[name] = maps
+    notes = protocol_notes(args, classes) + provenance_notes(sources, reuse, sets, classes)
+    main_names = list(sets)
+    sweep = sweep_sets(args, real, sets)
+    per_seed, first_maps = train_and_test(args, sets, real, classes, device)
 
     summary = {name: {k: summarize([r[k] for r in rows]) for k in COLUMNS} for name, rows in per_seed.items()}
     test = real.test
-    header = (f"Downstream evaluation, {object_class}: mean ± std over seeds {', '.join(map(str, args.seeds))}, in %; "
+    header = (f"{'LEAKY (--allow_test_leak: a synthetic set was made from the test set, see the notes). ' if leaky else ''}"
+              f"Downstream evaluation, {object_class}: mean ± std over seeds {', '.join(map(str, args.seeds))}, in %; "
               f"test: {int(test.is_defective.sum())} held-out real defects ({', '.join(classes)}) + "
-              f"{int((~test.is_defective).sum())} test/good images at {args.resolution} px; {args.encoder} U-Net, "
+              f"{int((~test.is_defective).sum())} test/good images at {args.resolution} px; training: "
+              f"{len(real.train_defects)} real defects, {len(real.goods)} train/good images; {args.encoder} U-Net, "
               f"{args.classifier} classifier, device {device}.")
-    text = "\n".join([header, "", results_table(summary), "", *[f"- {n}" for n in notes], "",
-                      f"Peers on MVTec AD ({PEER_SOURCE}; a different data set, pretrained encoders and test-set "
+    blocks = [header, "", results_table({n: summary[n] for n in main_names}), "", *[f"- {n}" for n in notes], ""]
+    if sweep:
+        blocks += [sweep_table(sweep, summary, len(real.train_defects)), ""]
+    text = "\n".join([*blocks, f"Peers on MVTec AD ({PEER_SOURCE}; a different data set, pretrained encoders and test-set "
                       "epoch selection: context, not a comparison):", "", results_table({}, PEER_FIGURES), ""])
     print(text)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output_dir / TABLE_FILENAME, text)
-    plot_curves(first_maps, test, output_dir / CURVES_FILENAME)
-    map_grid(first_maps, test, args.num_map_images, output_dir / MAPS_FILENAME)
+    shown = {n: first_maps[n] for n in main_names}
+    plot_curves(shown, test, output_dir / CURVES_FILENAME)
+    map_grid(shown, test, args.num_map_images, output_dir / MAPS_FILENAME)
     seconds = time.perf_counter() - started
     results = {
         "object_class": object_class, "data_dir": str(data_dir), "device": str(device),
-        "encoder_weights": args.encoder_weights, "split": split, "classes": classes,
+        "encoder_weights": args.encoder_weights, "split": split, "classes": classes, "leaky": leaky,
         "test_set": {d: test.defect_types.count(d) for d in sorted(set(test.defect_types))},
-        "training_sets": {name: {"images": len(data) if data is not None else 0, "augmented": augment,
+        "training_sets": {name: {"images": len(data) if data is not None else 0,
+                                 "augmented": int(data.augment.sum()) if data is not None else 0,
                                  "defect_types": sorted(set(data.defect_types)) if data is not None else []}
-                          for name, (data, augment) in sets.items()},
+                          for name, data in sets.items()},
         "synthetic_folders": {s.name: [str(f) for f in s.folders] for s in sources},
+        "test_set_reuse": reuse,
+        "sweep": {g: {f"{share:g}": name for share, name in shares.items()} for g, shares in sweep.items()},
         "settings": {k: v for k, v in vars(args).items()},
         "notes": notes, "summary": summary, "per_seed": per_seed,
         "peer_figures": {"source": PEER_SOURCE, "percent": PEER_FIGURES},

@@ -1,22 +1,27 @@
 """The synthetic training sets a downstream comparison takes (`--synthetic NAME=DIR[,DIR...]`: synthesis
-folders), what they agree on (data folder, class, the saved few-shot split), their images, and how many of
-them were made from the test set (held-out masks, `test/good` images)."""
+folders of infer_defectfill.py or the builder), what they agree on (data folder, class, the saved few-shot
+split, merged over every run), their images, and how many of them were made from the test set (held-out masks,
+masks augmented from them, `test/good` images)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from defectfill.data.mvtec import GOOD
+from PIL import Image
+
+from defectfill.data.mvtec import GOOD, list_split_masks
 from defectfill.data.split import load_split, merge_splits
 from defectfill.data.synthetic import load_synthetic
-from defectfill.downstream.data import ImageSet, concat_sets, dataset_to_set
+from defectfill.downstream.data import ImageSet, Part, concat_sets, dataset_to_set, mask_center, square_mask
 from defectfill.errors import DownstreamError
-from defectfill.runs.files import METADATA_FILENAME, SPLIT_FILENAME
+from defectfill.runs.files import METADATA_FILENAME, SPLIT_FILENAME, SYNTHESIS_FILENAME
 from defectfill.runs.folder import read_metadata
 from defectfill.runs.records import SynthesisRecord
 
 BASELINES = ("untrained", "real_only", "copy_paste")
+REAL_PLUS = "real+"  # prefix of a set that adds the real training defects to a generated one
 
 
 @dataclass
@@ -24,6 +29,8 @@ class SyntheticSource:
     name: str
     folders: list[Path]
     records: list[SynthesisRecord | None]
+    # each folder's synthesis.json as written (the builder adds every run's split under "runs"); {} without one
+    raw_records: list[dict] = field(default_factory=list)
 
 
 def parse_synthetic_entry(entry: str) -> tuple[str, list[Path]]:
@@ -35,17 +42,29 @@ def parse_synthetic_entry(entry: str) -> tuple[str, list[Path]]:
     return name or paths[0].name, paths
 
 
+def read_raw_record(folder: Path) -> dict:
+    path = folder / SYNTHESIS_FILENAME
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DownstreamError(f"{path} is not JSON ({error})") from error
+
+
 def read_synthetic_sources(entries: list[str] | None) -> list[SyntheticSource]:
     sources = []
     for entry in entries or []:
         name, folders = parse_synthetic_entry(entry)
         for folder in folders:
             if not (folder / METADATA_FILENAME).is_file():
-                raise DownstreamError(f"--synthetic {folder} has no {METADATA_FILENAME}: expected an output folder of infer_defectfill.py")
+                raise DownstreamError(f"--synthetic {folder} has no {METADATA_FILENAME}: expected an output folder of "
+                                      "infer_defectfill.py or build_dataset_defectfill.py")
         records = [SynthesisRecord.read(folder) for folder in folders]
-        if name in BASELINES or name in {s.name for s in sources}:
-            raise DownstreamError(f"--synthetic name {name!r} is taken; give NAME=DIR")
-        sources.append(SyntheticSource(name, folders, records))
+        if name in BASELINES or name.startswith(REAL_PLUS) or name in {s.name for s in sources}:
+            raise DownstreamError(f"--synthetic name {name!r} is taken (a baseline's, another set's, or {REAL_PLUS}...); "
+                                  "give NAME=DIR")
+        sources.append(SyntheticSource(name, folders, records, [read_raw_record(folder) for folder in folders]))
     return sources
 
 
@@ -61,24 +80,50 @@ def agreed_value(flag: str, given, sources: list[SyntheticSource], field_name: s
     return found.pop()
 
 
+def recorded_splits(source: SyntheticSource) -> list[tuple[str, dict]]:
+    """Every split a source's synthesis.json files hold: the record's, and each run's of a build (older builds
+    recorded only the first run's as the record's split)."""
+    splits = []
+    for folder, record, raw in zip(source.folders, source.records, source.raw_records or [{}] * len(source.folders)):
+        if record is not None and record.split:
+            splits.append((str(folder), record.split))
+        for defect_type, run in (raw.get("runs") or {}).items():
+            if isinstance(run, dict) and run.get("split"):
+                splits.append((f"{folder} (run of {defect_type})", run["split"]))
+    return splits
+
+
 def collect_split(split_files: list[str] | None, sources: list[SyntheticSource]) -> dict:
-    """The merged saved split: --split_file files (or run folders) and the synthesis records' splits."""
+    """The merged saved split: --split_file files (or run folders) and every split the synthesis records hold."""
     splits = []
     for given in split_files or []:
         path = Path(given)
         path = path / SPLIT_FILENAME if path.is_dir() else path
         splits.append((str(path), load_split(path)))
     for source in sources:
-        for folder, record in zip(source.folders, source.records):
-            if record is not None and record.split:
-                splits.append((str(folder), record.split))
+        splits += recorded_splits(source)
     if not splits:
         raise DownstreamError("no few-shot split: give --split_file (the run's few_shot_split.json or the run folder); "
                               "the protocol tests on the held-out part of the split the generator was trained with")
     return merge_splits(splits)
 
 
+def row_parts(row: dict, folder: Path, resolution: int) -> list[Part]:
+    """A builder row's defects, (type, mask centre at `resolution`) each, from its per-defect masks; [] for a row
+    without them (infer_defectfill.py's: one defect, its mask is the row's)."""
+    names, types = row.get("defect_mask_file_names") or [], row.get("defect_types") or []
+    parts = []
+    for name, defect_type in zip(names, types):
+        with Image.open(folder / name) as mask_image:
+            mask = square_mask(mask_image, resolution)
+        if mask.any():
+            parts.append((defect_type, mask_center(mask)))
+    return parts
+
+
 def load_synthetic_set(source: SyntheticSource, object_class: str, resolution: int) -> ImageSet:
+    """The images of a source's folders of `object_class`, with the union mask of each (a builder's `combined`
+    image: every defect's) and its defects' types and positions (the copy-paste baseline copies them)."""
     sets = []
     for folder in source.folders:
         rows = load_synthetic(folder)
@@ -87,24 +132,57 @@ def load_synthetic_set(source: SyntheticSource, object_class: str, resolution: i
         if len(rows) == 0:
             raise DownstreamError(f"--synthetic {folder} has no image of object class {object_class!r}")
         part = dataset_to_set(rows, resolution)
+        metadata = read_metadata(folder, require_files=False)
+        part.parts = [row_parts(metadata[name], folder, resolution) for name in part.names]
         part.names = [f"{folder.name}/{n}" for n in part.names]
         sets.append(part)
     return concat_sets(sets)
 
 
-def count_test_set_reuse(source: SyntheticSource, split: dict) -> dict[str, int]:
-    """How many rows of a synthetic set were made from the test set: ``masks``, painted in a held-out test
-    mask of the split (infer_defectfill.py's default: the localizer then trains on the test defects' shapes
-    and positions); ``images``, painted on a ``test/good`` image (``--good_split test|all``: the test's
+def mask_key(path: str | Path) -> tuple[str, ...]:
+    """A mask file by its last four path parts (class/ground_truth/defect/name): the same real mask wherever
+    the data folder was when the synthetic set was made."""
+    return Path(path).parts[-4:]
+
+
+def heldout_mask_keys(data_dir: str | Path, split: dict) -> set[tuple[str, ...]]:
+    """The masks of the split's held-out images (the test set's defects)."""
+    return {mask_key(p) for defect_type in split["defect_types"]
+            for p in list_split_masks(data_dir, split, defect_type, "heldout")}
+
+
+def count_test_set_reuse(source: SyntheticSource, split: dict, data_dir: str | Path) -> dict[str, int]:
+    """How many rows of a synthetic set were made from the test set: ``masks``, with a defect painted in a
+    held-out test mask of the split, or in a mask augmented from one (the localizer then trains on the test
+    defects' shapes and positions): a row's ``source_mask`` (infer_defectfill.py) or any of its
+    ``source_masks`` (the builder's, for augmented masks the real mask each came from), or a row that records
+    ``mask_from: heldout``; ``images``, painted on a ``test/good`` image (``--good_split test|all``: the test's
     defect-free images were seen in training). ``rows``: all rows."""
-    heldout = {(Path(p).parent.name, Path(p).stem) for e in split["defect_types"].values() for p in e["heldout"]}
+    heldout = heldout_mask_keys(data_dir, split)
     counts = {"masks": 0, "images": 0, "rows": 0}
     for folder in source.folders:
         for row in read_metadata(folder, require_files=False).values():
             counts["rows"] += 1
-            mask, image = row.get("source_mask"), row.get("source_image")
-            if mask and (Path(mask).parent.name, Path(mask).stem.removesuffix("_mask")) in heldout:
+            masks = [m for m in [row.get("source_mask"), *(row.get("source_masks") or [])] if m]
+            if row.get("mask_from") == "heldout" or any(mask_key(m) in heldout for m in masks):
                 counts["masks"] += 1
+            image = row.get("source_image")
             if image and Path(image).parts[-3:-1] == ("test", GOOD):
                 counts["images"] += 1
     return counts
+
+
+def leak_error(name: str, reuse: dict[str, int]) -> str | None:
+    """What stops a leaky set (None for a clean one): the counts and how to make it clean."""
+    problems = []
+    if reuse["masks"]:
+        problems.append(f"{reuse['masks']} of {reuse['rows']} images have a defect painted in a held-out test mask "
+                        "or in a mask augmented from one (the test defects' shapes and positions)")
+    if reuse["images"]:
+        problems.append(f"{reuse['images']} of {reuse['rows']} images were painted on test/good images")
+    if not problems:
+        return None
+    return (f"--synthetic {name}: {'; '.join(problems)}: a detector trained on it is scored on what it has seen. "
+            "Make the set from the training third of the split (build_dataset_defectfill.py --mask_from train, its "
+            "default; infer_defectfill.py --mask_from train) and train/good images (--good_split train), or give "
+            "--allow_test_leak to run anyway (the table's title then says leaky).")

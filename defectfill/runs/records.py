@@ -148,6 +148,9 @@ class SynthesisRecord(_JsonRecord):
     select_at: float | None = None
     keep: int | None = None
     unet_passes_per_image: float | None = None
+    # Which real masks the images were painted in: "heldout" (the split's test masks), "train" (its training
+    # masks, the only ones a downstream-grade set may use), "dir" (the user's folder), None (not recorded).
+    mask_from: str | None = None
     version: int = SYNTHESIS_RECORD_VERSION
 
     REQUIRED = ("pretrained_model_name_or_path", "prompt", "resolution")
