@@ -1,14 +1,20 @@
 """app_defectfill: the [V*] attention recorded during synthesis, the handlers (runs, masks, errors in the
-CLI's words, "add to dataset" in infer's layout), the app through gradio_client, and a real browser
-(Debian's chromium driven by Playwright) that paints a stroke and generates."""
+CLI's words, "add to dataset" in infer's layout), the app through gradio_client, a public server as a
+hostile visitor sees it (through gradio_client and raw HTTP), and a real browser (Debian's chromium driven
+by Playwright) that paints a stroke and generates, on a local and on a public server."""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +31,9 @@ from defectfill.app import runs as app_runs  # noqa: E402
 from defectfill.app.browser import find_chromium  # noqa: E402
 from defectfill.app.editor import editor_value, mask_from_editor, mask_layer  # noqa: E402
 from defectfill.app.handlers import AppState, Source, inference_dtype, upload_good_image  # noqa: E402
+from defectfill.app.policy import AppPolicy, RequestRefused, serving_mode, session_folder_name  # noqa: E402
 from defectfill.app.runs import AppPaths, RunInfo, run_summary  # noqa: E402
-from defectfill.app.ui import build_app  # noqa: E402
+from defectfill.app.ui import build_app, launch  # noqa: E402
 from defectfill.errors import RunFileError, SynthesisError  # noqa: E402
 from defectfill.runs.files import LORA_FILENAME, PREVIEW_FILENAME, RUN_FILENAME  # noqa: E402
 from defectfill.runs.folder import read_metadata  # noqa: E402
@@ -154,7 +161,7 @@ def test_flags_have_help_and_config_files_work(tmp_path):
     config = tmp_path / "app.yaml"
     config.write_text("lora: runs/x\nserver_port: 7999\nshare: false\n")
     args = app.parse_args(["--config", str(config), "--device", "cpu"])
-    assert (args.lora, args.server_port, args.device, args.share) == ("runs/x", 7999, "cpu", False)
+    assert (args.lora, args.server_port, args.device, args.share) == (["runs/x"], 7999, "cpu", False)
     assert app.parse_args([]).server_name == os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     assert inference_dtype("auto", "cpu") == torch.float32 and inference_dtype("fp16", "cpu") == torch.float16
 
@@ -292,13 +299,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve(blocks, policy: AppPolicy):
+    launch(blocks, policy, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, share=False, quiet=True)
+    return blocks.local_url
+
+
 @pytest.fixture(scope="module")
 def server(state):
     blocks = build_app(state)
-    blocks.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, share=False,
-                          quiet=True)
     try:
-        yield blocks.local_url
+        yield serve(blocks, AppPolicy.local(PATHS))
+    finally:
+        blocks.close()
+
+
+@pytest.fixture(scope="module")
+def public_root(tmp_path_factory) -> Path:
+    """What a public server's visitor aims at: the dataset root (datasets/) and the folders beside it."""
+    return tmp_path_factory.mktemp("public")
+
+
+@pytest.fixture(scope="module")
+def public_server(state, public_root):
+    """The app as a Space serves it (--public, on 127.0.0.1 here), sharing the test state's loaded pipeline."""
+    args = app.parse_args(["--public", "--lora", str(DEMO), "--output_dir", str(public_root / "datasets"),
+                           "--num_candidates", "2", "--num_inference_steps", "2"])
+    policy = AppPolicy.from_args(args, PATHS)
+    blocks = build_app(state, policy=policy)
+    try:
+        yield serve(blocks, policy)
     finally:
         blocks.close()
 
@@ -336,22 +365,269 @@ def test_the_app_through_gradio_client(server, demo_run, tmp_path):
     assert choices is not None
 
 
+# ----------------------------------------------------------------------------------------------------
+# Public mode: what a server others reach accepts
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_public_mode_is_on_for_a_server_others_reach(monkeypatch, capsys):
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+
+    def public(*flags: str, environ: dict | None = None) -> bool:
+        args = app.parse_args(list(flags))
+        return serving_mode(args.public, args.private, args.share, args.server_name, environ or {})[0]
+
+    assert not public() and not public("--server_name", "localhost") and not public("--server_name", "::1")
+    assert public("--share") and public("--server_name", "0.0.0.0") and public("--server_name", "myhost") and public("--public")
+    assert public(environ={"SPACE_ID": "you/defectfill"})
+    assert not public("--private", "--server_name", "0.0.0.0") and not public("--private", environ={"SPACE_ID": "you/defectfill"})
+    for flags, message in [(["--private", "--share"], "--private cannot be used with --share"),
+                           (["--public", "--private"], "not allowed with argument"),
+                           (["--public", "--num_inference_steps", "80"],
+                            r"--num_inference_steps 80 is outside what a public server accepts \(1 to 50\)")]:
+        with pytest.raises(SystemExit):
+            app.parse_args(flags)
+        assert re.search(message, capsys.readouterr().err), flags
+    assert app.parse_args(["--num_inference_steps", "80"]).num_inference_steps == 80  # local mode: the page's range
+
+
+def test_the_readme_space_recipe_starts_in_public_mode(monkeypatch):
+    """The `app.py` the README gives a Space, with what a Space sets: public mode, on the run it names only."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    recipe = re.search(r"# app\.py of the Space\n(.*?)```", readme, re.S).group(1)
+    flags = ast.literal_eval(re.search(r"parse_args\((\[.*?\])\)", recipe, re.S).group(1))
+    space = {"SPACE_ID": "you/defectfill", "GRADIO_SERVER_NAME": "0.0.0.0"}
+    for name, value in space.items():
+        monkeypatch.setenv(name, value)
+    policy = AppPolicy.from_args(app.parse_args(flags), PATHS, environ=space)
+    assert policy.public and "SPACE_ID" in policy.reason and list(policy.runs) == [flags[flags.index("--lora") + 1]]
+    assert policy.dataset_root == (Path.cwd() / "outputs" / "app-datasets").resolve() and policy.datasets
+
+
+def test_the_policy_checks_every_value_a_client_sends(demo_run, tmp_path):
+    policy = AppPolicy(PATHS, public=True, reason="test", locations=[str(DEMO)], runs={"demo": str(DEMO)},
+                       dataset_root=tmp_path / "datasets")
+    assert policy.settings(num_candidates=2.0, num_inference_steps=50, guidance_scale=7.5, seed=3) == {
+        "num_candidates": 2, "num_inference_steps": 50, "guidance_scale": 7.5, "seed": 3}
+    for name, value, message in [("num_candidates", 9, "Candidates: 9 is not accepted; this server takes an integer from 1 to 8"),
+                                 ("num_inference_steps", 0, "from 1 to 50"), ("num_candidates", 2.5, "an integer"),
+                                 ("guidance_scale", float("nan"), "a number from 1 to 15"), ("seed", -1, "from 0 to 4294967295"),
+                                 ("num_inference_steps", "many", "Denoising steps: expected a number, got 'many'")]:
+        with pytest.raises(RequestRefused, match=re.escape(message)):
+            policy.settings(**{name: value})
+    assert AppPolicy.local(PATHS).settings(num_candidates=99) == {"num_candidates": 99}  # local mode: as given
+
+    assert policy.run_for("demo") == str(DEMO) and policy.run_choices("") == {"demo": "demo"}
+    for value in (str(DEMO), "you/defectfill-bottle", "models/demo-lora-metal_nut-color"):
+        with pytest.raises(RequestRefused, match="not one of the runs this server was started with"):
+            policy.run_for(value)
+    label, path = next(iter(policy.good_labels(demo_run).items()))
+    assert label == "train/good/000.png" and policy.good_image(demo_run, label) == path == str(demo_run.good_images[0])
+    for value in (path, "../../../../etc/hostname", "train/good/../../../../etc/hostname", "train\\\\good\\\\000.png"):
+        with pytest.raises(RequestRefused, match="is not one of this run's good images"):
+            policy.good_image(demo_run, value)
+    with pytest.raises(RequestRefused, match="no run loaded"):
+        policy.heldout_mask(None, "color/004_mask.png")
+    assert policy.heldout_mask(demo_run, "") is None
+
+    # what the page shows: relative to the repository, the run, its data or the dataset root; else a name alone
+    assert policy.shown(demo_run.good_images[0]) == "data/synthetic_mvtec/metal_nut/train/good/000.png"
+    assert policy.shown(tmp_path / "datasets" / "session-x") == "session-x" and policy.shown("you/run") == "you/run"
+    assert policy.public_text("/srv/runs/x/file.png: not JSON; see /srv/runs/x.") == "file.png: not JSON; see x."
+    assert AppPolicy.local(PATHS).public_text("/srv/runs/x/file.png") == "/srv/runs/x/file.png"
+
+    # the session's folder: a digest of the session id, whatever the id holds
+    assert re.fullmatch(r"session-[0-9a-f]{16}", session_folder_name("../../etc")) and session_folder_name("a") != session_folder_name("b")
+    assert policy.dataset_folder("", "abc") == tmp_path / "datasets" / session_folder_name("abc")
+    with pytest.raises(RequestRefused, match="needs a browser session"):
+        policy.dataset_folder("", None)
+    with pytest.raises(RequestRefused, match="'Add to dataset' is off on this server"):
+        dataclasses.replace(policy, datasets=False).dataset_folder("", "abc")
+
+
+def png_bomb(path: Path, width: int, height: int) -> Path:
+    """A valid 1-bit black PNG of width x height: a few kilobytes on disk, width x height pixels decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row, packer = b"\0" * (1 + (width + 7) // 8), zlib.compressobj(9)
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+def files_under(*roots: Path) -> set[Path]:
+    """Every file and link under `roots` (links not followed; caches of Python and pytest left out)."""
+    found = set()
+    for root in roots:
+        for parent, folders, files in os.walk(root):
+            folders[:] = [f for f in folders if f not in ("__pycache__", ".pytest_cache", ".git")]
+            found.update(Path(parent) / name for name in files + [f for f in folders if (Path(parent) / f).is_symlink()])
+    return found
+
+
+def strings_in(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in strings_in(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in strings_in(v)]
+    return []
+
+
+def test_the_editor_of_a_public_server_caps_what_the_browser_uploads(tmp_path):
+    """The browser's mask editor sends its images to `accept_blobs` before an event: a layer number past the cap,
+    an image with too many pixels, and more pending edits than the cap are refused or dropped."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from defectfill.app.components import guard_image_editor
+    from defectfill.app.policy import PublicLimits
+
+    limits = PublicLimits(max_pending_editor_uploads=2)
+    editor = guard_image_editor(gr.ImageEditor(type="pil", layers=False), limits)
+    small, bomb = io_png(Image.new("L", (8, 8))), png_bomb(tmp_path / "bomb.png", 6000, 6000).read_bytes()
+
+    def send(edit: str, kind: str, index, data: bytes):
+        return editor.accept_blobs(SimpleNamespace(data={"id": edit, "type": kind, "index": index}, files=[("f.png", data)]))
+
+    with pytest.raises(gr.Error, match="the mask editor sent layer '99'; this server takes at most 4"):
+        send("a", "layer", "99", small)
+    with pytest.raises(gr.Error, match="an image of the mask editor has 36,000,000 pixels"):
+        send("a", "background", None, bomb)
+    for edit in ("a", "b", "c"):
+        send(edit, "background", None, small)
+        send(edit, "layer", "0", small)
+    assert list(editor.blob_storage) == ["b", "c"]  # the oldest edit, never submitted, is dropped
+    assert guard_image_editor(plain := gr.ImageEditor(), None) is plain and "accept_blobs" not in vars(plain)  # local mode: Gradio's own
+
+
+def io_png(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.slow
+def test_a_public_server_refuses_what_a_visitor_may_not_ask(public_server, public_root, demo_run, tmp_path):
+    """A visitor drives the public server's API as the page does, and beyond: every path, run, file or size the
+    server did not offer is refused with a message in the app, no server path comes back, and nothing is written
+    outside the dataset root."""
+    import httpx
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    datasets, outside, elsewhere = public_root / "datasets", public_root / "outside", public_root / "elsewhere"
+    outside.mkdir()
+    elsewhere.mkdir()
+    before = files_under(public_root, REPO_ROOT)
+    server_paths = (str(REPO_ROOT), str(public_root), str(DEMO))
+
+    def no_server_path(value):
+        leaked = [s for s in strings_in(value) if any(p in s for p in server_paths)]
+        assert leaked == []
+        return value
+
+    client = Client(public_server, verbose=False, download_files=str(tmp_path / "downloads"))
+    folder_name = session_folder_name(client.session_hash)
+
+    def refused(message: str, *inputs, api_name: str):
+        with pytest.raises(AppError, match=message):
+            client.predict(*inputs, api_name=api_name)
+
+    # runs: the ones given at launch, by label; no folder or Hub id
+    runs = no_server_path(client.predict("", api_name="/list_runs"))
+    [(label, value)] = runs["choices"]
+    assert label == value == "metal_nut / color (demo-lora-metal_nut-color)"
+    for location in (str(DEMO), "models/demo-lora-metal_nut-color", "you/defectfill-bottle", str(public_root / "missing")):
+        refused(re.escape(f"this server serves only the runs it was started with; a run folder or Hub id ({location!r})"),
+                location, api_name="/list_runs")
+        refused("is not one of the runs this server was started with", location, api_name="/load_run")
+    summary, goods, masks, _, _, dataset_box = no_server_path(client.predict(label, api_name="/load_run"))
+    assert "`models/demo-lora-metal_nut-color`" in summary and dataset_box == folder_name
+    assert [g for g, _ in goods["choices"]] == [v for _, v in goods["choices"]] and goods["value"] == "train/good/000.png"
+    mask_label = masks["choices"][1][1]
+    assert mask_label == "color/" + demo_run.heldout_masks[0].name
+
+    # good images and masks: a label of the run's lists; no path, nothing with separators of its own
+    for name in (str(demo_run.good_images[0]), "../../../../etc/hostname", "train/good/../../../../../etc/hostname", "/etc/hostname"):
+        refused("is not one of this run's good images", name, api_name="/pick_good_image")
+        refused("is not one of this run's held-out masks", name, api_name="/pick_heldout_mask")
+    no_server_path(client.predict("train/good/000.png", api_name="/pick_good_image"))
+    shown = no_server_path(client.predict(mask_label, api_name="/pick_heldout_mask"))
+    editor = {"background": handle_file(shown["background"]), "layers": [handle_file(f) for f in shown["layers"]], "composite": None}
+    refused("is not one of this run's held-out masks", editor, str(demo_run.heldout_masks[0]), 2, 2, 7.5, 0, True, api_name="/generate")
+    refused("greater than maximum value 50", editor, mask_label, 2, 500, 7.5, 0, True, api_name="/generate")
+    refused("greater than maximum value 8", editor, mask_label, 9, 2, 7.5, 0, True, api_name="/generate")
+
+    # uploads: Gradio's size limit (the client's check, and the server's), then the pixel count before decoding
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * (11 * 1024 * 1024))
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 10485760 bytes"):
+        client.predict(handle_file(str(big)), api_name="/upload_good_image")
+    with big.open("rb") as handle:
+        answer = httpx.post(f"{public_server}gradio_api/upload", files={"files": ("big.png", handle, "image/png")})
+    assert answer.status_code == 413 and "File size exceeded maximum allowed size of 10485760 bytes" in answer.text
+    bomb = png_bomb(tmp_path / "bomb.png", 6000, 6000)
+    huge = png_bomb(tmp_path / "huge.png", 20000, 20000)
+    assert bomb.stat().st_size < 100_000 and huge.stat().st_size < 100_000
+    refused(re.escape("the uploaded image has 36,000,000 pixels; this server accepts images of at most 16,777,216 pixels"),
+            handle_file(str(bomb)), api_name="/upload_good_image")
+    refused("the uploaded image is too large to be decoded", handle_file(str(huge)), api_name="/upload_good_image")
+    bomb_layer = {**editor, "layers": [handle_file(str(bomb))]}
+    refused("an image of the mask editor has 36,000,000 pixels", bomb_layer, mask_label, 2, 2, 7.5, 0, True, api_name="/generate")
+    assert httpx.get(f"{public_server}gradio_api/file={REPO_ROOT / 'README.md'}").status_code == 403  # Gradio serves no server file
+
+    # the app keeps working: Generate, then add to this session's folder; no other folder is accepted
+    *_, status, files = no_server_path(client.predict(editor, mask_label, 2, 2, 7.5, 0, True, api_name="/generate"))
+    assert "chosen" in status and len(files) == 2
+    for folder in (str(outside), os.path.relpath(outside, Path.cwd()), "../../../../outside", f"{folder_name}/../../outside",
+                   str(datasets / folder_name), "other-session"):
+        refused(re.escape(f"'Add to dataset' writes only to this session's folder ({folder_name}) on this server; "
+                          f"a folder of your choice ({folder!r}) is not accepted"), folder, api_name="/add_to_dataset")
+    added = no_server_path(client.predict(folder_name, api_name="/add_to_dataset"))
+    assert added.startswith(f"Added `images/00000.png` (mask `masks/00000_mask.png`) to `{folder_name}`")
+    assert len(read_metadata(datasets / folder_name)) == 1
+
+    # a symbolic link inside the dataset root that leads out of it: nothing is written through it
+    (datasets / folder_name / "sources").symlink_to(elsewhere, target_is_directory=True)
+    refused(re.escape(f"the dataset folder {folder_name} holds a symbolic link ({folder_name}/sources); nothing was written"),
+            "", api_name="/add_to_dataset")
+    (datasets / folder_name / "sources").unlink()
+    (datasets / folder_name).rename(datasets / "set-aside")
+    (datasets / folder_name).symlink_to(elsewhere, target_is_directory=True)
+    refused(f"the dataset folder {folder_name} is a symbolic link out of the dataset root", "", api_name="/add_to_dataset")
+
+    written = files_under(public_root, REPO_ROOT) - before
+    assert written and {p for p in written if not p.is_relative_to(datasets)} == set()
+    assert not any(outside.iterdir()) and not any(elsewhere.iterdir())
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium executable (Debian: apt-get install chromium; .ci/run installs it)")
-def test_a_browser_paints_a_stroke_and_generates(server, demo_run, tmp_path):
-    """Debian's chromium, headless, through Playwright: paint a stroke, Generate, read the result's pixels."""
+@pytest.mark.parametrize("served, mode", [("server", "Local mode"), ("public_server", "Public mode")])
+def test_a_browser_paints_a_stroke_and_generates(served, mode, request, demo_run, tmp_path):
+    """Debian's chromium, headless, through Playwright: paint a stroke, Generate, read the result's pixels; on a
+    local server and on a public one (the page says which)."""
     playwright = pytest.importorskip("playwright.sync_api")
     from defectfill.app.browser import paint_stroke_and_generate
 
+    url = request.getfixturevalue(served)
     clean = np.asarray(Image.open(demo_run.good_images[0]).convert("RGB"))
     screenshot = tmp_path / "app.png"
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1250})
-            result, mask = paint_stroke_and_generate(page, server)
+            result, mask = paint_stroke_and_generate(page, url)
             page.screenshot(path=str(screenshot), full_page=True)
             assert "chosen" in page.inner_text("#status") and page.locator("#gallery img").count() >= 1
+            assert page.inner_text("#mode").startswith(mode)
         finally:
             browser.close()
     assert screenshot.stat().st_size > 10_000

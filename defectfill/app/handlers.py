@@ -200,16 +200,17 @@ def default_output_dir(run: RunInfo, flag: str | None) -> str:
     return flag or f"outputs/app-{run.object_class or 'synthetic'}-{run.defect_type or 'defect'}"
 
 
-def add_to_dataset(generated: Generated | None, output_dir: str) -> tuple[Path, dict]:
+def add_to_dataset(generated: Generated | None, output_dir: str | os.PathLike | None) -> tuple[Path, dict]:
     """Append the result to a synthesis folder in `infer_defectfill.py`'s layout (images/, masks/,
     metadata.jsonl with the same row fields, synthesis.json when the folder has none, preview.png), at the
     folder's next free number (`SynthesisFolder.append`). An uploaded image is saved under sources/, and a mask
     that is not one of the run's files is its own source, so the row's source paths exist."""
     if generated is None:
         raise SynthesisError("nothing to add yet: Generate first")
-    if not (output_dir or "").strip():
+    output_dir = str(output_dir or "").strip()
+    if not output_dir:
         raise SynthesisError("no output folder given for 'add to dataset'")
-    folder = SynthesisFolder(output_dir.strip())
+    folder = SynthesisFolder(output_dir)
     result, run = generated.result, generated.run
     source_mask = generated.heldout_mask
     if source_mask is not None:

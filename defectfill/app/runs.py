@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from defectfill import method
 from defectfill.data.mvtec import list_good_images, list_heldout_masks
@@ -112,15 +113,19 @@ def load_run(lora: str, paths: AppPaths, base_model: str | None = None, data_dir
     return RunInfo(plan, goods, masks, tiny)
 
 
-def run_summary(run: RunInfo, selection_note: str, paths: AppPaths) -> str:
-    """The page's description of the loaded run."""
-    lines = [f"**Run** `{paths.shown(run.lora)}`: {run.object_class or '?'} / {run.defect_type or '?'}, token `{run.token}`, "
-             f"base `{paths.shown(run.base_model)}`, {run.resolution} px, prompt *{run.prompt}*, "
+def run_summary(run: RunInfo, selection_note: str, paths: AppPaths, shown: Callable[[str], str] | None = None) -> str:
+    """The page's description of the loaded run; `shown` writes its paths (default: `paths.shown`, and the data
+    folder as it is)."""
+    shown_data = shown or str
+    shown = shown or paths.shown
+    lines = [f"**Run** `{shown(run.lora)}`: {run.object_class or '?'} / {run.defect_type or '?'}, token `{run.token}`, "
+             f"base `{shown(run.base_model)}`, {run.resolution} px, prompt *{run.prompt}*, "
              f"{'crop around the mask' if run.crop_to_mask else 'whole image'} (the scale it trained at)."]
     if run.is_tiny_demo:
         lines.append("The bundled tiny model is a toy (64 px, pre-trained on procedural images on a CPU): it shows the "
                      "workflow, not SD2 quality. Start the app with `--lora` on an SD2 run for real defects.")
     if not run.good_images:
-        lines.append(f"No good images found for this run (data folder: `{run.data_dir}`): upload one, or start with `--data_dir`.")
+        lines.append(f"No good images found for this run (data folder: `{shown_data(run.data_dir)}`): upload one, "
+                     "or start with `--data_dir`.")
     lines.append(selection_note)
     return "\n\n".join(lines)

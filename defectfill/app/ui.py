@@ -1,10 +1,16 @@
 """The app's page: Gradio Blocks wired to the handlers (`defectfill.app.handlers`); every event has an
-`api_name`, so `gradio_client` drives the same endpoints the page uses."""
+`api_name`, so `gradio_client` drives the same endpoints the page uses. Every value an event receives goes
+through the server's `AppPolicy` (`defectfill.app.policy`) first: the page's widgets are no guard, a client
+can send anything."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: Gradio finds `request: gr.Request` by the annotation's value,
+# and `gr` is imported inside `build_app`, where a string annotation could not be resolved.
 
+import contextlib
 import functools
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from defectfill.app.editor import MASK_COLOUR
@@ -18,110 +24,151 @@ from defectfill.app.handlers import (
     save_downloads,
     upload_good_image,
 )
-from defectfill.app.runs import RunInfo, list_runs, load_run, run_summary
+from defectfill.app.policy import GENERATE_SETTINGS, AppPolicy, RequestRefused
+from defectfill.app.runs import RunInfo, load_run, run_summary
 from defectfill.errors import DefectFillError, SynthesisError
 from defectfill.runs.folder import read_metadata
 
 
-def build_app(state: AppState, lora: str | None = None):
-    """The Gradio Blocks of the app on `state`, opening on `lora` (default: the bundled demo run)."""
+def download_folder(root: Path, max_age_s: float | None) -> str:
+    """A fresh folder for one Generate's downloads under `root`; with `max_age_s`, older ones are removed first
+    (Gradio has copied them to its cache by then), so a public server's disk does not fill up."""
+    root.mkdir(parents=True, exist_ok=True)
+    if max_age_s is not None:
+        for old in root.iterdir():
+            with contextlib.suppress(OSError):  # removed meanwhile
+                if time.time() - old.stat().st_mtime > max_age_s:
+                    shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(dir=root)
+
+
+def launch(app, policy: AppPolicy, **kwargs):
+    """Queue and launch `app` with the policy's limits (public mode: the queue's size, one Generate at a time,
+    Gradio's upload size); `kwargs` go to `launch` (server_name, server_port, share, ...)."""
+    return app.queue(**policy.queue_options()).launch(**policy.launch_options(), **kwargs)
+
+
+def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None = None):
+    """The Gradio Blocks of the app on `state` under `policy` (default: local mode, opening on `lora`, or the
+    bundled demo run)."""
     import gradio as gr
 
+    from defectfill.app.components import guard_image, guard_image_editor
+
     paths = state.paths
-    initial_location = paths.shown(lora or paths.demo_run)
+    policy = policy or AppPolicy.local(paths, lora)
     args = state.args
+    limits = policy.limits if policy.public else None
+    download_root = Path(tempfile.mkdtemp(prefix="defectfill-app-"))
 
     def error_to_app(function):
-        """Bad input becomes a message in the app (gr.Error) in the CLI's words; the app keeps working."""
-        @functools.wraps(function)  # keeps the signature: gradio finds `progress=gr.Progress()` in it
+        """Bad input becomes a message in the app (gr.Error) in the CLI's words; the app keeps working. In public
+        mode the server's paths in a message are shown relative (`AppPolicy.public_text`)."""
+        @functools.wraps(function)  # keeps the signature: gradio finds `progress=gr.Progress()` and the request in it
         def wrapped(*a, **k):
             try:
                 return function(*a, **k)
-            except DefectFillError as error:
+            except RequestRefused as error:  # worded by the policy: no server path in it
                 raise gr.Error(str(error), print_exception=False) from None
+            except DefectFillError as error:
+                raise gr.Error(policy.public_text(str(error)), print_exception=False) from None
         return wrapped
 
-    def good_choices(run: RunInfo) -> list[tuple[str, str]]:
-        root = Path(run.data_dir or ".")
-        return [(str(p.relative_to(root / run.object_class)) if run.object_class else p.name, str(p)) for p in run.good_images]
+    def session(request) -> str | None:
+        return getattr(request, "session_hash", None) if request is not None else None
 
     def mask_choices(run: RunInfo) -> list[tuple[str, str]]:
-        return [("(paint with the brush)", "")] + [(f"{p.parent.name}/{p.name}", str(p)) for p in run.heldout_masks]
+        return [("(paint with the brush)", "")] + policy.choices(policy.mask_labels(run))
 
     @error_to_app
     def on_location(location):
-        runs = list_runs(location, paths)
+        runs = policy.run_choices(location)
         first = next(iter(runs.values()))
         return gr.update(choices=list(runs.items()), value=first)
 
     @error_to_app
-    def on_run(lora_value):
+    def on_run(lora_value, request: gr.Request):
         if not lora_value:
             raise SynthesisError("no run selected")
-        run = load_run(lora_value, paths, args.pretrained_model_name_or_path, args.data_dir)
-        goods = good_choices(run)
-        source, editor = pick_good_image(goods[0][1]) if goods else (None, None)
-        return (run, run_summary(run, state.selection_note, paths), gr.update(choices=goods, value=goods[0][1] if goods else None),
+        run = load_run(policy.run_for(lora_value), paths, args.pretrained_model_name_or_path, args.data_dir)
+        goods = policy.choices(policy.good_labels(run))
+        source, editor = pick_good_image(policy.good_image(run, goods[0][1])) if goods else (None, None)
+        return (run, run_summary(run, state.selection_note, paths, shown=lambda path: policy.shown(path, run)),
+                gr.update(choices=goods, value=goods[0][1] if goods else None),
                 gr.update(choices=mask_choices(run), value=""), source, editor, run.crop_to_mask,
-                default_output_dir(run, args.output_dir))
+                policy.dataset_label(session(request), default_output_dir(run, args.output_dir)))
 
     @error_to_app
-    def on_good(path):
-        return pick_good_image(path)
+    def on_good(run, value):
+        return pick_good_image(policy.good_image(run, value))
 
     @error_to_app
     def on_upload(image):
         return upload_good_image(image)
 
     @error_to_app
-    def on_heldout(source, mask_path):
-        return pick_heldout_mask(source, mask_path)
+    def on_heldout(run, source, value):
+        return pick_heldout_mask(source, policy.heldout_mask(run, value))
 
     @error_to_app
     def on_generate(run, source, editor, heldout, num_candidates, steps, guidance, seed, crop,
                     progress=gr.Progress()):  # noqa: B008 (gradio finds its progress tracker in the signature's default)
+        numbers = policy.settings(num_candidates=num_candidates, num_inference_steps=steps, guidance_scale=guidance, seed=seed)
         if run is None:
             raise SynthesisError("no run loaded: pick a run first")
-        generated = generate(state, run, source, editor, heldout or None, num_candidates, steps, guidance, seed, crop, progress)
-        files = save_downloads(generated, tempfile.mkdtemp(prefix="defectfill-app-"))
+        mask = policy.heldout_mask(run, heldout)
+        generated = generate(state, run, source, editor, mask, **numbers, crop_to_mask=bool(crop), progress=progress)
+        files = save_downloads(generated, download_folder(download_root, policy.limits.cache_seconds if policy.public else None))
         gallery = list(zip(generated.result.candidates, generated.captions()))
         return (generated, gr.update(value=gallery, selected_index=generated.result.chosen), generated.result.image,
                 generated.mask_image, generated.overlay, generated.status(), list(files))
 
     @error_to_app
-    def on_add(generated, output_dir):
-        folder, row = add_to_dataset(generated, output_dir)
+    def on_add(generated, output_dir, request: gr.Request):
+        folder, row = add_to_dataset(generated, policy.dataset_folder(output_dir, session(request)))
         count = len(read_metadata(folder))
-        return f"Added `{row['file_name']}` (mask `{row['mask_file_name']}`) to `{folder}`: {count} image(s) in its metadata.jsonl."
+        shown = policy.shown(folder) if policy.public else folder
+        return f"Added `{row['file_name']}` (mask `{row['mask_file_name']}`) to `{shown}`: {count} image(s) in its metadata.jsonl."
 
-    with gr.Blocks(title="DefectFill") as app:
+    def slider(name: str, value, **kwargs):
+        low, high = GENERATE_SETTINGS[name].page_range(policy.public)
+        return gr.Slider(low, high, value=value, step=GENERATE_SETTINGS[name].step, **kwargs)
+
+    # Public mode: the dropdowns take any value, so that the policy (not Gradio's list check, which would answer with
+    # the list) refuses what is not a label of its lists, in its words.
+    pick_any = {"allow_custom_value": True} if policy.public else {}
+    with gr.Blocks(title="DefectFill", **policy.blocks_options()) as app:
         gr.Markdown("# DefectFill: paint a learned defect into a good image\n"
                     "Pick a run and a good image, paint where the defect goes (or pick a held-out mask), Generate. "
                     "Outside the mask the result is the clean image, pixel for pixel.")
+        gr.Markdown(policy.mode_note(), elem_id="mode")
         run_state, source_state, generated_state = gr.State(None), gr.State(None), gr.State(None)
         with gr.Row():
-            location = gr.Textbox(initial_location, label="Run: folder, folder of runs (--defect_type all) or Hub id", scale=3,
-                                  elem_id="run_location")
-            runs = gr.Dropdown(choices=[], label="Defect type (run)", scale=2, elem_id="run")
+            location = gr.Textbox(policy.initial_location(), label="Run: folder, folder of runs (--defect_type all) or Hub id",
+                                  scale=3, elem_id="run_location", visible=not policy.public, interactive=not policy.public)
+            runs = gr.Dropdown(choices=[], label="Defect type (run)", scale=2, elem_id="run", **pick_any)
         summary = gr.Markdown(elem_id="summary")
         with gr.Row():
             with gr.Column(scale=3):
-                editor = gr.ImageEditor(label="Good image: paint the defect's mask with the brush", type="pil", image_mode="RGBA",
-                                        format="png", sources=(), layers=False, transforms=(), elem_id="editor",
-                                        brush=gr.Brush(default_size=10, colors=[f"rgb{MASK_COLOUR}"], color_mode="fixed"))
+                editor = guard_image_editor(gr.ImageEditor(
+                    label="Good image: paint the defect's mask with the brush", type="pil", image_mode="RGBA", format="png",
+                    sources=(), layers=False, transforms=(), elem_id="editor",
+                    brush=gr.Brush(default_size=10, colors=[f"rgb{MASK_COLOUR}"], color_mode="fixed")), limits)
             with gr.Column(scale=2):
-                good = gr.Dropdown(choices=[], label="Good image of the run", elem_id="good")
-                upload = gr.Image(label="…or upload a good image", type="pil", sources=("upload", "clipboard"), height=160,
-                                  elem_id="upload")
-                heldout = gr.Dropdown(choices=[], label="Mask: a held-out mask of the run (editable) or paint", elem_id="heldout")
+                good = gr.Dropdown(choices=[], label="Good image of the run", elem_id="good", **pick_any)
+                upload = guard_image(gr.Image(label="…or upload a good image", type="pil", sources=("upload", "clipboard"),
+                                              height=160, elem_id="upload"), limits)
+                heldout = gr.Dropdown(choices=[], label="Mask: a held-out mask of the run (editable) or paint", elem_id="heldout",
+                                      **pick_any)
                 with gr.Accordion("Settings", open=True):
                     selection = state.scorer is not None
-                    candidates = gr.Slider(1, 16, value=args.num_candidates if selection else 1, step=1, interactive=selection,
-                                           label="Candidates (Low-Fidelity Selection)" if selection
-                                           else "Candidates: 1 (Low-Fidelity Selection is off: no LPIPS weights)")
-                    steps = gr.Slider(1, 100, value=args.num_inference_steps, step=1, label="Denoising steps")
-                    guidance = gr.Slider(1.0, 15.0, value=args.guidance_scale, step=0.5, label="Guidance scale")
-                    seed = gr.Number(value=args.seed, precision=0, label="Seed")
+                    candidates = slider("num_candidates", args.num_candidates if selection else 1, interactive=selection,
+                                        label="Candidates (Low-Fidelity Selection)" if selection
+                                        else "Candidates: 1 (Low-Fidelity Selection is off: no LPIPS weights)")
+                    steps = slider("num_inference_steps", args.num_inference_steps, label="Denoising steps")
+                    guidance = slider("guidance_scale", args.guidance_scale, label="Guidance scale")
+                    low, high = GENERATE_SETTINGS["seed"].page_range(policy.public)
+                    seed = gr.Number(value=args.seed, precision=0, label="Seed", minimum=low, maximum=high)
                     crop = gr.Checkbox(value=True, label="Crop to mask (generate around the mask at full resolution)")
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
         status = gr.Markdown(elem_id="status")
@@ -134,16 +181,18 @@ def build_app(state: AppState, lora: str | None = None):
                                  height=300, elem_id="attention")
         with gr.Row():
             downloads = gr.File(label="Download image and mask", file_count="multiple", interactive=False, elem_id="downloads")
-            with gr.Column():
-                output_dir = gr.Textbox(label="Dataset folder (infer_defectfill.py layout)", elem_id="output_dir")
+            with gr.Column(visible=policy.datasets):
+                output_dir = gr.Textbox(label="Dataset folder (infer_defectfill.py layout)" if not policy.public
+                                        else "This session's dataset folder on the server", elem_id="output_dir",
+                                        interactive=not policy.public)
                 add_button = gr.Button("Add to dataset", elem_id="add")
                 added = gr.Markdown(elem_id="added")
 
         location.submit(on_location, location, runs, api_name="list_runs")
         runs.change(on_run, runs, [run_state, summary, good, heldout, source_state, editor, crop, output_dir], api_name="load_run")
-        good.input(on_good, good, [source_state, editor], api_name="pick_good_image")
+        good.input(on_good, [run_state, good], [source_state, editor], api_name="pick_good_image")
         upload.upload(on_upload, upload, [source_state, editor], api_name="upload_good_image")
-        heldout.input(on_heldout, [source_state, heldout], editor, api_name="pick_heldout_mask")
+        heldout.input(on_heldout, [run_state, source_state, heldout], editor, api_name="pick_heldout_mask")
         generate_button.click(on_generate, [run_state, source_state, editor, heldout, candidates, steps, guidance, seed, crop],
                               [generated_state, gallery, result, mask_view, attention, status, downloads], api_name="generate")
         add_button.click(on_add, [generated_state, output_dir], added, api_name="add_to_dataset")
