@@ -45,3 +45,7 @@ class DownstreamError(DefectFillError, ValueError):
 
 class EvaluationError(DefectFillError, ValueError):
     """Bad evaluation input; the message names the folder or file."""
+
+
+class RequestRefused(DefectFillError, ValueError):
+    """A value a client of the app sent that this server does not accept; the message says what it accepts instead."""

@@ -235,18 +235,18 @@ def test_end_to_end_on_a_builder_folder(tmp_path, synthetic_folder, capsys):
     """main() as the CLI calls it, on a builder-layout folder with two defect types and combined images: the
     test set holds both types (every run's split merged), the table has the real+ sets and the size sweep,
     the classifier leaves the combined images out, no leak note; JSON and figures written; a localizer trained
-    on copy-paste defects beats the untrained one on pixel AP; the same seed again gives the same figures.
+    on copy-paste defects beats the untrained one on pixel AUROC; the same seed again gives the same figures.
     (In-process: a subprocess would pay torch's and the libraries' imports again.)"""
     import downstream_defectfill as downstream
 
-    results = downstream.main(downstream.parse_args(tiny_flags(synthetic_folder, tmp_path / "run", "--synthetic_shares", "1", "2")))
+    results = downstream.main(downstream.parse_args(tiny_flags(synthetic_folder, tmp_path / "run", "--synthetic_shares", "1")))
     printed = capsys.readouterr().out
     for row in ("| untrained |", "| real_only |", "| copy_paste |", "| handmade |", "| real+copy_paste |",
-                "| real+handmade |", "| SeaS (reported) |", "| 0 (real_only) |", "| 4 (1x) |", "| 8 (2x) |"):
+                "| real+handmade |", "| SeaS (reported) |", "| 0 (real_only) |", "| 4 (1x) |"):
         assert row in printed
     assert "random init" in printed and "LEAK" not in printed
     assert "handmade: 9 images, masks from train (none is a held-out test mask" in printed
-    assert "classifier: 3 images of handmade with several defect types (combined) left out" in printed
+    assert "classifier: the images with several defect types (combined: 3 of copy_paste, 3 of handmade" in printed
     assert json.loads((tmp_path / "run" / RESULTS_FILENAME).read_text()) == json.loads(json.dumps(results))
     assert (tmp_path / "run" / CURVES_FILENAME).is_file() and (tmp_path / "run" / MAPS_FILENAME).is_file()
     assert results["test_set"] == {"color": 4, "good": 4, "scratch": 4} and results["classes"] == ["color", "scratch"]
@@ -254,10 +254,11 @@ def test_end_to_end_on_a_builder_folder(tmp_path, synthetic_folder, capsys):
     sets = results["training_sets"]
     assert sets["real+handmade"] == {"images": 13, "augmented": 4, "defect_types": ["color", "combined", "scratch"]}
     assert sets["copy_paste"]["images"] == 9 and sets["copy_paste"]["defect_types"] == ["color", "combined", "scratch"]
-    assert sets["real+handmade (2x)"]["images"] == 12 and sets["real+handmade (2x)"]["augmented"] == 4
-    assert results["sweep"] == {g: {"1": f"real+{g} (1x)", "2": f"real+{g} (2x)"} for g in ("copy_paste", "handmade")}
+    assert sets["real+handmade (1x)"]["images"] == 8 and sets["real+handmade (1x)"]["augmented"] == 4
+    assert results["sweep"] == {g: {"1": f"real+{g} (1x)"} for g in ("copy_paste", "handmade")}
     summary = results["summary"]
-    assert summary["copy_paste"]["pixel_ap"]["mean"] > summary["untrained"]["pixel_ap"]["mean"] + 0.02
+    # A few dozen samples learn little when no defect sits where the test's do, but more than nothing.
+    assert summary["copy_paste"]["pixel_auroc"]["mean"] > summary["untrained"]["pixel_auroc"]["mean"] + 0.05
     assert summary["untrained"]["classification_accuracy"]["mean"] is None
     assert 0 <= summary["real+handmade"]["classification_accuracy"]["mean"] <= 1
 

@@ -143,15 +143,22 @@ class Generated:
 
     def captions(self) -> list[str]:
         out = []
+        early = self.result.selected_after is not None
         for c, score in enumerate(self.result.scores):
             text = f"candidate {c}: LPIPS in mask {score:.3f}" if self.selection else f"candidate {c} (no selection)"
+            if early and c not in self.result.kept:
+                text += f" (scored on its predicted clean image after {self.result.selected_after} UNet calls; not finished)"
             out.append(text + (" ✓ chosen" if c == self.result.chosen else ""))
         return out
 
     def status(self) -> str:
         s, r = self.settings, self.result
-        chosen = (f"candidate {r.chosen} chosen (highest LPIPS inside the mask, {r.scores[r.chosen]:.3f})" if self.selection
+        chosen = (f"candidate {r.chosen} chosen (highest LPIPS inside the mask, {r.final_score:.3f} finished)" if self.selection
                   else "Low-Fidelity Selection off: 1 candidate")
+        if r.selected_after is not None:
+            chosen += (f"; candidates scored on the clean image predicted after {r.selected_after} UNet calls "
+                       f"(select at {s.select_at:g}), {len(r.kept)} finished")
+        chosen += f"; {r.unet_passes:.0f} UNet passes"
         return (f"{len(r.candidates)} candidate(s) at {s.resolution} px, {s.num_inference_steps} steps, guidance "
                 f"{s.guidance_scale}, seed {s.seed}, {'crop ' + str(r.job.box) if s.crop_to_mask else 'whole image'}: "
                 f"{chosen}. Outside the mask the result is the clean image pixel for pixel. "
@@ -160,7 +167,7 @@ class Generated:
 
 def generate(state: AppState, run: RunInfo, source: Source | None, editor: dict | None, heldout_mask: str | None,
              num_candidates: int, num_inference_steps: int, guidance_scale: float, seed: int, crop_to_mask: bool,
-             progress: Callable | None = None) -> Generated:
+             progress: Callable | None = None, select_at: float = 1.0, keep: int = 1) -> Generated:
     """Prepare the job (the painted mask), load the pipeline, generate and select (`synthesis`), and
     record what the [V*] token looked at. Bad input raises `SynthesisError` in the CLI's words."""
     if source is None:
@@ -169,8 +176,11 @@ def generate(state: AppState, run: RunInfo, source: Source | None, editor: dict 
     settings = dataclasses.replace(  # the run's prompt, resolution and crop context, with the page's choices
         run.plan.settings, num_candidates=int(num_candidates) if state.scorer else 1,
         num_inference_steps=int(num_inference_steps), guidance_scale=float(guidance_scale), seed=int(seed),
-        crop_to_mask=bool(crop_to_mask),
+        crop_to_mask=bool(crop_to_mask), select_at=float(select_at) if selection else 1.0,
+        keep=max(1, min(int(keep), int(num_candidates))),
     )
+    if not 0 < settings.select_at <= 1:
+        raise SynthesisError(f"score the candidates after a share of the steps in (0, 1], got {settings.select_at}")
     mask = mask_from_editor(editor, source.image.size)
     job = prepare_job(source.image, mask, 0, settings, mask_name="the painted mask")
     pipeline = state.pipeline(run, progress)

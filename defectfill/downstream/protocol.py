@@ -138,11 +138,12 @@ def provenance_notes(sources: list[SyntheticSource], reuse: dict[str, dict], set
         else:
             notes.append(f"{source.name}: {counts['rows']} images, masks from {', '.join(origins)} (none is a held-out "
                          "test mask or made from one), no test/good image")
-    for name, data in sets.items():
-        left_out = sum(d not in classes for d in data.defect_types) if data is not None and len(classes) >= 2 else 0
-        if left_out:
-            notes.append(f"classifier: {left_out} images of {name} with several defect types (combined) left out; "
-                         "the localizer learns their union mask")
+    left_out = {name: sum(d not in classes for d in data.defect_types) for name, data in sets.items()
+                if data is not None and len(classes) >= 2 and not name.startswith(REAL_PLUS)}
+    if any(left_out.values()):
+        counts = ", ".join(f"{count} of {name}" for name, count in left_out.items() if count)
+        notes.append(f"classifier: the images with several defect types (combined: {counts}, the same in their real+ "
+                     "sets) are left out; the localizer learns their union mask")
     return notes
 
 
