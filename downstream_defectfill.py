@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Also train on each generated set (copy_paste, every --synthetic) with the real training defects "
                            "added, as real+NAME: the training set a team would use.")
     data.add_argument("--synthetic_shares", type=float, nargs="*", default=[],
-                      help="Size sweep, e.g. 1 2 4: the real training defects plus this many times as many generated images "
-                           "(copy-paste and the first --synthetic set), in a second table. Default: none.")
+                      help="Size sweep, e.g. 1 2 4: the real training defects plus this many times as many images of the "
+                           "first --synthetic set (copy-paste without one), in a second table. Default: none.")
     data.add_argument("--allow_test_leak", action="store_true",
                       help="Run on a synthetic set made from the test set (a held-out test mask, a mask augmented from one, "
                            "a test/good image), which is refused otherwise; the table's title then says LEAKY.")

@@ -29,7 +29,7 @@ from defectfill.build.defect_masks import visible_at_latent_size
 from defectfill.build.export import default_export_dir
 from defectfill.build.plan import defect_index_table, discover_runs, make_items, parse_defects_per_image
 from defectfill.build.summary import preview_rows
-from defectfill.errors import BuildError, RunFileError, SynthesisError
+from defectfill.errors import BuildError, DownstreamError, RunFileError, SynthesisError
 from defectfill.runs.files import (
     FINGERPRINT_FILENAME,
     LORA_FILENAME,
@@ -251,6 +251,38 @@ def test_whole_class_labels_are_exact(class_build):
             assert not touches_border(mask) and on_object_fraction(mask, foreground) >= 0.9
             assert visible_at_latent_size(mask, SynthesisSettings("p", 64, crop_to_mask=True), 2)
         assert all(row["augmented"])
+
+
+def test_a_build_records_where_its_masks_came_from_and_every_runs_split(class_build, class_runs):
+    """Masks drawn from the runs' training masks (the default --mask_from train): synthesis.json says so and holds
+    both runs' splits merged, every row names the real training masks its masks were augmented from, and the
+    downstream check finds nothing of the test set in it."""
+    from defectfill.downstream.sources import count_test_set_reuse, read_synthetic_sources
+
+    out, _, _ = class_build
+    record = json.loads((out / SYNTHESIS_FILENAME).read_text())
+    split = dm.merge_splits([(str(p), dm.load_split(p)) for p in sorted(class_runs.glob("*/few_shot_split.json"))])
+    assert record["mask_from"] == "train" and record["split"]["defect_types"] == split["defect_types"]
+    training = {str(m) for d in split["defect_types"] for m in dm.list_split_masks(SYNTHETIC_DATA, split, d, "train")}
+    for row in rows_of(out):
+        assert row["mask_from"] == "train" and row["source_masks"] and set(row["source_masks"]) <= training
+    [source] = read_synthetic_sources([str(out)])
+    assert count_test_set_reuse(source, split, SYNTHETIC_DATA) == {"masks": 0, "images": 0, "rows": 4}
+
+
+def test_a_build_from_heldout_masks_is_refused_downstream(class_runs, tmp_path):
+    """--mask_from heldout paints in the test set's masks: the rows say so, and downstream_defectfill.py
+    refuses the set unless --allow_test_leak."""
+    import downstream_defectfill as downstream
+
+    out = run_build(class_runs, tmp_path / "leaky", "--num_candidates", "1", "--num_images", "1", "--mask_from", "heldout",
+                    "--defects_per_image", "1")
+    rows = rows_of(out)
+    heldout = {str(m) for d in ("color", "scratch") for m in dm.list_split_masks(
+        SYNTHETIC_DATA, json.loads((out / SYNTHESIS_FILENAME).read_text())["split"], d, "heldout")}
+    assert all(r["mask_from"] == "heldout" and set(r["source_masks"]) <= heldout for r in rows)
+    with pytest.raises(DownstreamError, match=r"--synthetic leaky: 2 of 2 images have a defect painted in a held-out"):
+        downstream.main(downstream.parse_args(["--synthetic", str(out), "--output_dir", str(tmp_path / "d")]))
 
 
 def test_weak_results_are_redrawn_with_the_next_seeds(class_build):

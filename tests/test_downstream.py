@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import dataset_mvtec as dm
@@ -242,7 +243,7 @@ def test_end_to_end_on_a_builder_folder(tmp_path, synthetic_folder, capsys):
     results = downstream.main(downstream.parse_args(tiny_flags(synthetic_folder, tmp_path / "run", "--synthetic_shares", "1")))
     printed = capsys.readouterr().out
     for row in ("| untrained |", "| real_only |", "| copy_paste |", "| handmade |", "| real+copy_paste |",
-                "| real+handmade |", "| SeaS (reported) |", "| 0 (real_only) |", "| 4 (1x) |"):
+                "| real+handmade |", "| SeaS (reported) |", "| real_only | 0 |", "| real+handmade (1x) | 4 (1x) |"):
         assert row in printed
     assert "random init" in printed and "LEAK" not in printed
     assert "handmade: 9 images, masks from train (none is a held-out test mask" in printed
@@ -255,7 +256,7 @@ def test_end_to_end_on_a_builder_folder(tmp_path, synthetic_folder, capsys):
     assert sets["real+handmade"] == {"images": 13, "augmented": 4, "defect_types": ["color", "combined", "scratch"]}
     assert sets["copy_paste"]["images"] == 9 and sets["copy_paste"]["defect_types"] == ["color", "combined", "scratch"]
     assert sets["real+handmade (1x)"]["images"] == 8 and sets["real+handmade (1x)"]["augmented"] == 4
-    assert results["sweep"] == {g: {"1": f"real+{g} (1x)"} for g in ("copy_paste", "handmade")}
+    assert results["sweep"] == {"handmade": {"1": "real+handmade (1x)"}} and "real+copy_paste (1x)" not in sets
     summary = results["summary"]
     # A few dozen samples learn little when no defect sits where the test's do, but more than nothing.
     assert summary["copy_paste"]["pixel_auroc"]["mean"] > summary["untrained"]["pixel_auroc"]["mean"] + 0.05
@@ -388,7 +389,14 @@ def test_the_readme_demo_config_parses_to_the_documented_settings():
     assert args.synthetic == ["defectfill=outputs/tiny-dataset-metal_nut"] and args.seeds == [0, 1, 2]
     assert (args.resolution, args.encoder, args.encoder_depth, args.decoder_channels) == (64, "resnet18", 3, [64, 32, 16])
     assert (args.epochs, args.samples_per_epoch, args.encoder_weights, args.validation_fraction) == (8, 48, "none", 0.0)
-    assert "python downstream_defectfill.py --config configs/tiny_downstream.yaml" in (REPO_ROOT / "README.md").read_text()
+    assert args.synthetic_shares == [1, 2] and args.with_real and not args.allow_test_leak
+    build = yaml.safe_load((REPO_ROOT / "configs" / "tiny_build.yaml").read_text())
+    assert (build["output_dir"], build["mask_source"], build["mask_from"]) == ("outputs/tiny-dataset-metal_nut", "augment", "train")
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = ("python train_defectfill.py --config configs/tiny.yaml --defect_type all --output_dir outputs/tiny-metal_nut\n"
+             "python build_dataset_defectfill.py --config configs/tiny_build.yaml\n"
+             "python downstream_defectfill.py --config configs/tiny_downstream.yaml\n")
+    assert block in readme and block in (REPO_ROOT / "docs" / "downstream.md").read_text()
 
 
 def test_only_the_images_marked_to_be_are_augmented(synthetic_data_dir, metal_nut_split):

@@ -83,6 +83,20 @@ def test_batch_mode_from_the_run_split_full_resolution(tiny_run, tmp_path):
         assert generated.shape == clean.shape == (128, 128, 3)  # full resolution, not the model's 64
         assert np.array_equal(generated[~mask], clean[~mask])
     assert (out / PREVIEW_FILENAME).is_file() and (out / SYNTHESIS_FILENAME).is_file()
+    assert SynthesisRecord.read(out).mask_from == "heldout" and set(ds["mask_from"]) == {"heldout"}
+
+
+def test_mask_from_train_paints_in_the_training_masks_only(tiny_run, tmp_path):
+    """--mask_from train: the run's training masks (000, 001), recorded in synthesis.json and every row, and the
+    downstream check finds nothing of the test set in the folder."""
+    from defectfill.downstream.sources import count_test_set_reuse, read_synthetic_sources
+
+    out = run(tiny_run, tmp_path / "out", "--num_images", "3", "--mask_from", "train", "--num_candidates", "1")
+    rows = read_metadata(out).values()
+    assert [Path(r["source_mask"]).name for r in rows] == ["000_mask.png", "001_mask.png", "000_mask.png"]
+    record = SynthesisRecord.read(out)
+    assert record.mask_from == "train" and {r["mask_from"] for r in rows} == {"train"}
+    assert count_test_set_reuse(read_synthetic_sources([str(out)])[0], record.split, SYNTHETIC_DATA)["masks"] == 0
 
 
 def test_same_seed_same_images_whatever_the_batch_size(tiny_run, tmp_path):

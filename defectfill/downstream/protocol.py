@@ -64,10 +64,12 @@ class RealData:
 
 
 def copy_paste_count(args, real: RealData, targets: ImageSet | None) -> int:
-    """Images in the copy-paste set: --copy_paste_count, else as many as the first synthetic set (10 per real
-    training defect without one), and at least the largest share of the sweep."""
+    """Images in the copy-paste set: --copy_paste_count, else as many as the first synthetic set (without one: 10
+    per real training defect, and at least the largest share of the sweep, which then sweeps copy-paste)."""
     count = args.copy_paste_count or (len(targets) if targets is not None else 10 * len(real.train_defects))
-    return max([count, *(share_count(share, real) for share in args.synthetic_shares)])
+    if targets is None:  # copy-paste is the swept set
+        count = max([count, *(share_count(share, real) for share in args.synthetic_shares)])
+    return count
 
 
 def share_count(share: float, real: RealData) -> int:
@@ -96,28 +98,28 @@ def training_sets(args, real: RealData, synthetic_sets: dict[str, ImageSet]) -> 
     return sets
 
 
-def sweep_sets(args, real: RealData, sets: dict[str, ImageSet | None]) -> dict[str, dict[float, str]]:
-    """The size sweep (--synthetic_shares): for copy-paste and the first synthetic set, the real defects plus
-    `share` x as many generated images (one fixed random subset per share, the same for every seed). Adds the
-    sets to train to `sets`; returns {generator: {share: set name}}, a share that takes the whole generated set
-    naming the `real+NAME` set of the main table."""
-    names = [n for n in sets if sets[n] is not None and n not in ("real_only",) and not n.startswith(REAL_PLUS)]
-    sweep: dict[str, dict[float, str]] = {}
-    for generator_name in names[:2] if "copy_paste" in names else names[:1]:
-        data = sets[generator_name]
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
-        sweep[generator_name] = {}
-        for share in args.synthetic_shares:
-            count = share_count(share, real)
-            if count > len(data):
-                raise DownstreamError(f"--synthetic_shares {share:g}: {count} images of {generator_name} wanted, it has "
-                                      f"{len(data)}; make more (--num_images) or give smaller shares")
-            name = f"{REAL_PLUS}{generator_name}" if count == len(data) and args.with_real else \
-                f"{REAL_PLUS}{generator_name} ({share:g}x)"
-            if name not in sets:
-                sets[name] = concat_sets([real.train_defects.augmented(), data.select(sorted(order[:count]))])
-            sweep[generator_name][share] = name
-    return sweep
+def sweep_sets(args, real: RealData, sets: dict[str, ImageSet | None], synthetic_names: list[str]) -> dict[str, dict[float, str]]:
+    """The size sweep (--synthetic_shares): the real defects plus `share` x as many images of the first synthetic
+    set (copy-paste without one), one fixed random subset per share, the same for every seed. Adds the sets to
+    train to `sets`; returns {generator: {share: set name}}, a share that takes the whole generated set naming the
+    `real+NAME` set of the main table."""
+    generator_name = synthetic_names[0] if synthetic_names else "copy_paste" if "copy_paste" in sets else None
+    if not args.synthetic_shares or generator_name is None:
+        return {}
+    data = sets[generator_name]
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+    sweep: dict[float, str] = {}
+    for share in args.synthetic_shares:
+        count = share_count(share, real)
+        if count > len(data):
+            raise DownstreamError(f"--synthetic_shares {share:g}: {count} images of {generator_name} wanted, it has "
+                                  f"{len(data)}; make more (--num_images) or give smaller shares")
+        name = f"{REAL_PLUS}{generator_name}" if count == len(data) and args.with_real else \
+            f"{REAL_PLUS}{generator_name} ({share:g}x)"
+        if name not in sets:
+            sets[name] = concat_sets([real.train_defects.augmented(), data.select(sorted(order[:count]))])
+        sweep[share] = name
+    return {generator_name: sweep}
 
 
 def provenance_notes(sources: list[SyntheticSource], reuse: dict[str, dict], sets: dict[str, ImageSet | None],
@@ -228,7 +230,7 @@ def run_comparison(args) -> dict:
     sets = training_sets(args, real, {s.name: load_synthetic_set(s, object_class, args.resolution) for s in sources})
     notes = protocol_notes(args, classes) + provenance_notes(sources, reuse, sets, classes)
     main_names = list(sets)
-    sweep = sweep_sets(args, real, sets)
+    sweep = sweep_sets(args, real, sets, [s.name for s in sources])
     per_seed, first_maps = train_and_test(args, sets, real, classes, device)
 
     summary = {name: {k: summarize([r[k] for r in rows]) for k in COLUMNS} for name, rows in per_seed.items()}

@@ -12,7 +12,6 @@ import torch
 from defectfill.data.mvtec import GOOD
 from defectfill.downstream.data import ImageSet
 from defectfill.downstream.metrics import image_scores_from_maps, precision_recall_curve, roc_curve
-from defectfill.downstream.sources import REAL_PLUS
 from defectfill.fileio import save_image_atomic
 
 RESULTS_FILENAME = "downstream_results.json"
@@ -69,18 +68,15 @@ SWEEP_KEYS = (("pixel_ap", "P-AP"), ("image_auroc", "I-AUROC"), ("classification
 
 def sweep_table(sweep: dict[str, dict[float, str]], summary: dict[str, dict], real_count: int) -> str:
     """The size sweep as markdown: one row per share of generated images added to the real defects (the first
-    row, none: real_only), per generator its P-AP, I-AUROC and classification accuracy (mean ± std, %)."""
-    generators = list(sweep)
-    shares = sorted({share for shares in sweep.values() for share in shares})
-    head = " | ".join(f"{REAL_PLUS}{g} {title}" for g in generators for _, title in SWEEP_KEYS)
-    lines = [f"Size sweep: the {real_count} real training defects plus generated images (a fixed random subset per share):",
-             "", f"| generated images added | {head} |", "|---" * (1 + len(generators) * len(SWEEP_KEYS)) + "|"]
-    if "real_only" in summary:
-        cells = [format_cell(summary["real_only"][k]) for _ in generators for k, _ in SWEEP_KEYS]
-        lines.append("| 0 (real_only) | " + " | ".join(cells) + " |")
-    for share in shares:
-        cells = [format_cell(summary[sweep[g][share]][k]) if share in sweep[g] else "–" for g in generators for k, _ in SWEEP_KEYS]
-        lines.append(f"| {round(share * real_count)} ({share:g}x) | " + " | ".join(cells) + " |")
+    row, none: real_only), its P-AP, I-AUROC and classification accuracy (mean ± std, %)."""
+    [(generator, shares)] = sweep.items()
+    lines = [f"Size sweep: the {real_count} real training defects plus images of {generator} (a fixed random subset per share):",
+             "", "| training set | generated images added | " + " | ".join(t for _, t in SWEEP_KEYS) + " |",
+             "|---" * (2 + len(SWEEP_KEYS)) + "|"]
+    rows = ([("real_only", "0")] if "real_only" in summary else []) + [
+        (name, f"{round(share * real_count)} ({share:g}x)") for share, name in sorted(shares.items())]
+    for name, added in rows:
+        lines.append(f"| {name} | {added} | " + " | ".join(format_cell(summary[name][k]) for k, _ in SWEEP_KEYS) + " |")
     return "\n".join(lines)
 
 

@@ -163,24 +163,28 @@ def measure_family(model_path, data_dir: Path, run_dirs: list[Path]) -> dict:
 
 
 DOWNSTREAM_CONFIG = CONFIGS / "tiny_downstream.yaml"
-DOWNSTREAM_SETS = ("defectfill", "copy_paste", "real_only")
+DOWNSTREAM_SETS = ("real_only", "copy_paste", "defectfill", "real+copy_paste", "real+defectfill")
 DOWNSTREAM_KEYS = ("image_auroc", "pixel_ap")
+DOWNSTREAM_IMAGES = 12
 
 
 def downstream_figures(run_dir: Path, work: Path, seeds: int) -> dict:
-    """The downstream check on one family: `infer_defectfill.py` paints 12 images with the run's
-    LoRA (defaults: train/good images, the held-out masks), `downstream_defectfill.py` trains the tiny config's
-    localizer on them and on the baselines, tested on the real held-out defects. Mean over `seeds` seeds."""
+    """The downstream check on one family, as a team would run it: `build_dataset_defectfill.py` paints 12 images
+    with the run's LoRA on train/good images, in masks augmented from the run's training masks (nothing of the
+    test set), and `downstream_defectfill.py` trains the tiny config's localizer on them, on the baselines and on
+    the real defects plus each generated set, tested on the real held-out defects. Mean over `seeds` seeds."""
     import yaml
 
     synthetic, output, config = work / "synthetic", work / "downstream", work / "downstream.yaml"
-    run_repo_script("infer_defectfill.py", "--lora", str(run_dir), "--output_dir", str(synthetic), "--num_images", "12",
-               "--num_candidates", "1", "--num_inference_steps", str(STEPS), "--overwrite")
-    # The tiny downstream config without its synthetic set (the demo's): --synthetic adds to a config's list.
-    settings = {k: v for k, v in yaml.safe_load(DOWNSTREAM_CONFIG.read_text()).items() if k not in ("synthetic", "output_dir")}
+    run_repo_script("build_dataset_defectfill.py", "--lora", str(run_dir), "--output_dir", str(synthetic),
+                    "--num_images", str(DOWNSTREAM_IMAGES), "--mask_source", "augment", "--mask_from", "train",
+                    "--num_candidates", "1", "--num_inference_steps", str(STEPS))
+    # The tiny downstream config without the demo's synthetic set and sweep: --synthetic adds to a config's list.
+    settings = {k: v for k, v in yaml.safe_load(DOWNSTREAM_CONFIG.read_text()).items()
+                if k not in ("synthetic", "output_dir", "synthetic_shares")}
     config.write_text(yaml.safe_dump(settings))
     run_repo_script("downstream_defectfill.py", "--config", str(config), "--synthetic", f"defectfill={synthetic}",
-               "--output_dir", str(output), "--seeds", *(str(seed) for seed in range(seeds)))
+                    "--output_dir", str(output), "--seeds", *(str(seed) for seed in range(seeds)))
     summary = json.loads((output / "downstream_results.json").read_text())["summary"]
     return {name: {key: summary[name][key]["mean"] for key in DOWNSTREAM_KEYS} for name in DOWNSTREAM_SETS}
 
@@ -264,9 +268,10 @@ def as_markdown(results: dict) -> str:
         lines += [
             "",
             f"Downstream (`downstream_defectfill.py --config configs/tiny_downstream.yaml`, {results['downstream_seeds']} "
-            "seed(s)): a localizer trained on 12 images painted by the family's LoRA (training seed 0), or on the "
-            "baselines, tested on "
-            "the real held-out defects (image AUROC / pixel AP, %):",
+            f"seed(s)): a localizer trained on {DOWNSTREAM_IMAGES} images that `build_dataset_defectfill.py` painted with "
+            "the family's LoRA (training seed 0) in masks augmented from its training masks (nothing of the test set), "
+            "on the baselines, or on the 3 real training defects plus each generated set (real+), tested on the real "
+            "held-out defects (image AUROC / pixel AP, %):",
             "",
             "| family | " + " | ".join(DOWNSTREAM_SETS) + " |",
             "|---|" + "---|" * len(DOWNSTREAM_SETS),
