@@ -19,7 +19,7 @@ from defectfill.errors import RunFileError, TrainingError
 from defectfill.method import DEFAULT_TOKEN
 from defectfill.models import add_lora_adapters, load_models
 from defectfill.runs.files import LORA_FILENAME, RUN_FILENAME
-from defectfill.runs.lora import load_lora_into, lora_layers
+from defectfill.runs.lora import ADAPTER_METADATA_FIELDS, load_lora_into, lora_layers
 from defectfill.runs.records import RunRecord
 from defectfill.step import DefectFillStep, StepConfig
 from defectfill.training.checkpoints import resolve_resume_path
@@ -148,7 +148,8 @@ def test_run_writes_diffusers_lora_and_metadata(trained_run):
     assert record["split"]["defect_types"]["color"]["train"] == ["metal_nut/test/color/000.png", "metal_nut/test/color/001.png"]
     assert record["training_summary"]["global_step"] == 20
     card = (trained_run / "README.md").read_text()
-    assert "base_model:" in card and "instance_prompt: A metal nut with sks" in card and "load_lora_weights" in card
+    assert "base_model:" in card and "instance_prompt: A metal nut with sks" in card
+    assert f"load_lora_weights({trained_run.name!r}, weight_name={LORA_FILENAME!r})" in card  # diffusers 0.35 offline needs it
     assert list((trained_run / "logs").rglob("events.out.tfevents.*"))
 
 
@@ -215,6 +216,82 @@ def test_lora_file_means_the_same_to_every_loader(trained_run, tmp_path):
         for a, b in zip(results[name], results["metadata"]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert (results["metadata"][0] - results["base"][0]).abs().max() > 1e-4  # the [V*] text LoRA is applied
+
+
+def file_adapter_metadata(path: Path) -> dict[str, dict]:
+    """{"unet": {field: value}, "text_encoder": ...} as a LoRA file's `lora_adapter_metadata` records them."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        flat = json.loads(handle.metadata()["lora_adapter_metadata"])
+    components: dict[str, dict] = {}
+    for key, value in flat.items():
+        component, field = key.split(".", 1)
+        components.setdefault(component, {})[field] = value
+    return components
+
+
+# LoraConfig fields a LoRA file may leave out whatever their value: they only act while training (dropout, how B
+# and A start) or say where the adapter was made.
+TRAINING_ONLY_FIELDS = {"init_lora_weights", "lora_dropout", "inference_mode", "base_model_name_or_path", "revision", "peft_version"}
+
+
+def test_lora_metadata_holds_only_fields_every_peft_accepts(trained_run):
+    """The final LoRA and a checkpoint record ADAPTER_METADATA_FIELDS only (peft 0.17 refuses peft 0.21's newer
+    fields; tests/test_lora_compat.py loads the files there): the final file alpha = rank (the scale is in the
+    weights), the checkpoint the run's own alpha (resuming reads it back). A LoraConfig of those fields alone
+    means what the training adapters mean: every other field is at its default, or only acts while training."""
+    from peft import LoraConfig
+
+    record = RunRecord.read(trained_run)
+    assert record.lora_alpha != record.rank
+    for path, alpha in ((trained_run / LORA_FILENAME, record.rank), (trained_run / "checkpoint-20" / LORA_FILENAME, record.lora_alpha)):
+        metadata = file_adapter_metadata(path)
+        assert set(metadata) == {"unet", "text_encoder"}
+        for fields in metadata.values():
+            assert set(fields) == set(ADAPTER_METADATA_FIELDS), path
+            assert fields["r"] == record.rank and fields["lora_alpha"] == alpha, path
+            assert fields["target_modules"] == sorted(fields["target_modules"])  # the same run writes the same bytes
+
+    def normalised(config: dict) -> dict:
+        return {key: sorted(value) if isinstance(value, (set, list)) else value for key, value in config.items()}
+
+    models = load_models(str(TINY_MODEL))
+    add_lora_adapters(models, record.rank, record.lora_alpha)
+    for model in (models.unet, models.text_encoder):
+        full = normalised(model.peft_config["default"].to_dict())
+        rebuilt = normalised(LoraConfig(**{name: full[name] for name in ADAPTER_METADATA_FIELDS}).to_dict())
+        assert {key for key in full if full[key] != rebuilt.get(key)} <= TRAINING_ONLY_FIELDS
+
+
+def test_our_loader_still_reads_files_with_the_whole_peft_config(trained_run, tmp_path):
+    """A checkpoint as earlier versions wrote it (peft's whole LoraConfig as metadata, raw weights, the run's alpha)
+    loads into the adapters as today's checkpoint does."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    record = RunRecord.read(trained_run)
+    checkpoint = trained_run / "checkpoint-20"
+
+    def loaded(folder: Path) -> dict:
+        models = load_models(str(TINY_MODEL))
+        add_lora_adapters(models, record.rank, record.lora_alpha)
+        load_lora_into(folder, models.unet, models.text_encoder)
+        return {f"{name}.{k}": v for name, model in (("unet", models.unet), ("text_encoder", models.text_encoder))
+                for k, v in get_peft_model_state_dict(model).items()}
+
+    models = load_models(str(TINY_MODEL))
+    add_lora_adapters(models, record.rank, record.lora_alpha)
+    whole = {f"{name}.{key}": sorted(value) if isinstance(value, set) else value
+             for name, model in (("unet", models.unet), ("text_encoder", models.text_encoder))
+             for key, value in model.peft_config["default"].to_dict().items()}
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(load_file(checkpoint / LORA_FILENAME), old / LORA_FILENAME,
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(whole)})
+    today, before = loaded(checkpoint), loaded(old)
+    assert today.keys() == before.keys() and all(torch.equal(today[k], before[k]) for k in today)
+    assert any(v.abs().max() > 0 for k, v in today.items() if "lora_B" in k)  # trained weights, not fresh adapters
 
 
 def test_lora_of_another_model_is_refused_on_resume_for_either_component(trained_run, tmp_path):

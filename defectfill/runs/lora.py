@@ -1,8 +1,10 @@
 """The LoRA file of a run: ``pytorch_lora_weights.safetensors`` in diffusers format, written from the peft
 adapters training holds and read back into them (resuming, measuring).
 
-Made for every loader users have: the text-encoder keys keep CLIP's ``text_model.`` level, and the final LoRA
-has its scale folded into the weights; checkpoints keep the raw adapter weights so resuming is exact."""
+Made for every loader users have: the text-encoder keys keep CLIP's ``text_model.`` level, the final LoRA
+has its scale folded into the weights, and the adapter metadata holds only the fields every supported peft
+version accepts (`ADAPTER_METADATA_FIELDS`); checkpoints keep the raw adapter weights, with their true alpha
+and rank in that metadata, so resuming is exact."""
 
 from __future__ import annotations
 
@@ -32,8 +34,24 @@ def lora_layers(model, adapter_name: str = "default", fold_alpha: bool = False) 
     return convert_state_dict_to_diffusers(state)
 
 
+# The adapter config a LoRA file records (`lora_adapter_metadata`), per component: the fields diffusers builds a
+# LoraConfig from when a file has no metadata (`diffusers.utils.peft_utils.get_peft_kwargs`). diffusers calls
+# `LoraConfig(**metadata)`, so a field an older peft does not know fails the whole load (peft 0.21's full
+# `to_dict()` has nine that peft 0.17 refuses); these are known to every peft version the README names, and
+# diffusers 0.35 needs `rank_pattern` and `target_modules` to be present. The fields left out are at their
+# defaults in the adapters training makes, or only matter while training (dropout, initialisation) or name
+# where the adapter was made (base model path, peft version); tests/test_train.py checks both.
+ADAPTER_METADATA_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "use_dora", "lora_bias")
+
+
 def _adapter_metadata(model, fold_alpha: bool) -> dict:
-    metadata = model.peft_config["default"].to_dict()
+    """The adapter's `ADAPTER_METADATA_FIELDS`; with `fold_alpha` its alpha is the rank (the scale is in the
+    weights), else the adapter's own alpha (checkpoints: resuming reads it back). Target modules sorted, so
+    the same run writes the same file."""
+    config = model.peft_config["default"].to_dict()
+    metadata = {name: config[name] for name in ADAPTER_METADATA_FIELDS}
+    if isinstance(metadata["target_modules"], (list, set, tuple)):
+        metadata["target_modules"] = sorted(metadata["target_modules"])
     if fold_alpha:
         metadata["lora_alpha"] = metadata["r"]
     return metadata
@@ -41,7 +59,7 @@ def _adapter_metadata(model, fold_alpha: bool) -> dict:
 
 def save_lora(directory: str | os.PathLike, unet, text_encoder=None, fold_alpha: bool = True) -> None:
     """`pytorch_lora_weights.safetensors` in diffusers format (keys `unet.` / `text_encoder.text_model.`), with
-    the adapter configs as metadata, readable by the usual file mode.
+    the adapter configs' shared fields as metadata (`_adapter_metadata`), readable by the usual file mode.
 
     Made for every loader users have: the text-encoder keys keep CLIP's ``text_model.`` level (transformers 5
     saves them without it, which older stacks silently drop: the learned [V*] is then gone), and with

@@ -25,6 +25,7 @@ import torch
 
 from defectfill.data.mvtec import MVTEC_CATEGORIES
 from defectfill.method import DEFAULT_TOKEN
+from defectfill.runs.lora import TEXT_MODEL_PREFIX
 
 # Words the tiny tokenizer keeps whole. Anything else still tokenizes, letter by letter.
 PROMPT_WORDS = ("a", "an", "photo", "of", "with", "and", "the", "defect", DEFAULT_TOKEN)
@@ -190,6 +191,31 @@ def build_pipeline(work_dir: Path):
     )
 
 
+TEXT_ENCODER_WEIGHTS = Path("text_encoder") / "model.safetensors"
+
+
+def add_text_model_level(path: Path) -> None:
+    """Rewrite a CLIPTextModel's safetensors file with every key under CLIP's ``text_model.`` level, values and
+    metadata unchanged. transformers 5 saves the keys without it, and transformers 4 then uses none of them and
+    initialises the text encoder at random (a warning, no error); both versions load the prefixed keys."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    mode = path.stat().st_mode & 0o7777
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key if key.startswith(TEXT_MODEL_PREFIX) else TEXT_MODEL_PREFIX + key: handle.get_tensor(key)
+                   for key in handle.keys()}
+    save_file(tensors, str(path), metadata=metadata)
+    path.chmod(mode)  # safetensors writes 0600
+
+
+def save_pipeline(pipeline, directory: Path) -> None:
+    """`save_pretrained` in safetensors, laid out so that transformers 4 and 5 both load the text encoder."""
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    add_text_model_level(Path(directory) / TEXT_ENCODER_WEIGHTS)
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -203,7 +229,7 @@ def main(argv: list[str] | None = None) -> Path:
         staging = Path(tmp) / "pipeline"
         staging.mkdir()
         pipeline = build_pipeline(Path(tmp))
-        pipeline.save_pretrained(staging, safe_serialization=True)
+        save_pipeline(pipeline, staging)
         # Also keep the slow-tokenizer files, so transformers versions that read vocab.json/merges.txt load it.
         for name in ("vocab.json", "merges.txt"):
             shutil.copy(Path(tmp) / name, staging / "tokenizer" / name)

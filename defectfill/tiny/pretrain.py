@@ -49,7 +49,7 @@ from defectfill.docs import write_block
 from defectfill.fileio import write_text_atomic
 from defectfill.step import tokenize
 from defectfill.tiny import synthetic_data as synthetic
-from defectfill.tiny.model import build_pipeline
+from defectfill.tiny.model import build_pipeline, save_pipeline
 
 RESOLUTION = 64
 
@@ -681,7 +681,7 @@ def main(argv=None) -> Path:
             stats["v_prediction_minutes"] = round((time.time() - stage_start) / 60, 1)
 
         staging = Path(tmp) / "pipeline"
-        pipe.save_pretrained(staging, safe_serialization=True)
+        save_pipeline(pipe, staging)
         for name in ("vocab.json", "merges.txt"):
             (staging / "tokenizer" / name).write_bytes((Path(tmp) / name).read_bytes())
         import platform

@@ -94,9 +94,12 @@ Inference prompt: `{record.object_prompt}`; the mask marks where the defect is p
 from diffusers import StableDiffusionInpaintPipeline
 
 pipe = StableDiffusionInpaintPipeline.from_pretrained({record.base_model!r})
-pipe.load_lora_weights({lora_source!r})
+pipe.load_lora_weights({lora_source!r}, weight_name={LORA_FILENAME!r})
 image = pipe({record.object_prompt!r}, image=clean_image, mask_image=defect_mask).images[0]
 ```
+
+`weight_name` lets older diffusers (0.35) load the folder offline too; the file loads in the versions the
+defectfill README lists under "Compatibility".
 
 Or with Low-Fidelity Selection and an exact background: `python infer_defectfill.py --lora {lora_source} ...`.
 

@@ -1,0 +1,133 @@
+"""The LoRA files we write load in the stacks users already have: the suite's own, and an older one (diffusers 0.35,
+transformers 4, peft 0.17) installed beside it with `pip install --target` and put first on PYTHONPATH in a
+subprocess, offline, as a user loads a run: `load_lora_weights(run, weight_name=...)`, and the model card's snippet."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from defectfill.runs.files import LORA_FILENAME
+from tests.conftest import REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL
+from tests.lora_load_probe import WEIGHT_NAME, probe
+
+# The older stack: a common mid-2025 one. transformers 4.57 needs huggingface_hub < 1.0, which today's diffusers does
+# not accept, so it comes with the diffusers of its time; the rest (torch, accelerate, safetensors) is the suite's.
+OLD_STACK = ("diffusers==0.35.2", "transformers==4.57.6", "peft==0.17.1", "huggingface_hub==0.36.2", "tokenizers==0.22.1")
+DEMO_RUN = REPO_ROOT / "models" / "demo-lora-metal_nut-color"
+IMAGE = SYNTHETIC_DATA / "metal_nut" / "train" / "good" / "000.png"
+MASK = SYNTHETIC_DATA / "metal_nut" / "ground_truth" / "color" / "003_mask.png"
+
+
+def old_stack_dir() -> Path:
+    """The older stack, installed once per machine (outside the repository, keyed by the pins) and reused."""
+    digest = hashlib.sha256(" ".join(OLD_STACK).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    target = cache / "defectfill-tests" / f"old-stack-{digest}"
+    if (target / "INSTALLED").is_file():
+        return target
+    shutil.rmtree(target, ignore_errors=True)  # an install that did not finish
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+                             "--target", str(partial), *OLD_STACK], capture_output=True, text=True, timeout=600)
+    if result.returncode:
+        pytest.fail(f"pip could not install the older stack {OLD_STACK} into {partial} (it needs PyPI):\n{result.stderr[-3000:]}")
+    (partial / "INSTALLED").write_text("\n".join(OLD_STACK) + "\n")
+    try:
+        os.replace(partial, target)
+    except OSError:  # another session installed it meanwhile
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def card_snippet(run: Path) -> str:
+    return re.search(r"```python\n(.*?)```", (run / "README.md").read_text(), re.S).group(1)
+
+
+@pytest.mark.slow
+def test_lora_files_load_the_same_in_an_older_stack(tiny_run, tmp_path):
+    """A LoRA the suite trains and the bundled demo run, loaded offline in diffusers 0.35 / transformers 4.57 / peft
+    0.17, give the suite stack's text embedding and image (64 px, 10 steps, a fixed generator) to 1e-4; the base
+    text encoder is the bundled one (not re-initialised), both LoRAs adapt as many layers in either stack, the
+    text-encoder LoRA changes the embedding and the UNet LoRA the image, and the model card's snippet runs."""
+    old_stack = old_stack_dir()
+    loras = {"suite": str(tiny_run), "demo": str(DEMO_RUN)}
+    snippet = tmp_path / "card_snippet.py"
+    snippet.write_text(card_snippet(tiny_run))
+    output = tmp_path / "old.npz"
+    command = [sys.executable, str(REPO_ROOT / "tests" / "lora_load_probe.py"), "--base", str(TINY_MODEL), "--image", str(IMAGE),
+               "--mask", str(MASK), "--output", str(output), "--snippet", str(snippet)]
+    command += [f"--lora={name}={folder}" for name, folder in loras.items()]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(filter(None, [str(old_stack), os.environ.get("PYTHONPATH")])))
+    # cwd: the card names the run by its folder name, as a user who trained it next door does
+    result = subprocess.run(command, cwd=tiny_run.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    old_info = json.loads(output.with_suffix(".json").read_text())
+    old = np.load(output)
+    assert old_info["versions"] == {pin.split("==")[0]: pin.split("==")[1] for pin in OLD_STACK[:3]}
+    assert old_info["snippet_image_size"] == [64, 64]
+
+    current, info = probe(str(TINY_MODEL), str(IMAGE), str(MASK), loras)
+    assert info["layers"] == old_info["layers"]
+    for name in loras:
+        assert old_info["layers"][name]["text_encoder"] > 0 and old_info["layers"][name]["unet"] > 0
+        np.testing.assert_allclose(old[f"{name}/base_embedding"], current[f"{name}/base_embedding"], atol=1e-5)
+        np.testing.assert_allclose(old[f"{name}/embedding"], current[f"{name}/embedding"], atol=1e-4)
+        np.testing.assert_allclose(old[f"{name}/image"], current[f"{name}/image"], atol=1e-4)
+        assert np.abs(old[f"{name}/embedding"] - old[f"{name}/base_embedding"]).max() > 1e-3, name  # text-encoder LoRA applied
+        assert np.abs(old[f"{name}/image"] - old[f"{name}/base_image"]).max() > 1e-3, name
+
+
+def test_snippets_name_the_weight_file():
+    """diffusers 0.35 offline refuses `load_lora_weights(folder)` without `weight_name=`: every Python snippet of the
+    README that loads a LoRA names the file (the model card's: tests/test_train.py)."""
+    assert WEIGHT_NAME == LORA_FILENAME
+    blocks = re.findall(r"```python\n(.*?)```", (REPO_ROOT / "README.md").read_text(), re.S)
+    calls = [call for block in blocks for call in re.findall(r"load_lora_weights\((.*?)\)\n", block)]
+    assert calls and all(f'weight_name="{LORA_FILENAME}"' in call for call in calls), calls
+
+
+def test_readme_names_the_stacks_the_lora_file_is_tested_in():
+    """The README's compatibility section names the older stack this file installs and the suite's own versions."""
+    section = re.search(r"## Compatibility\n(.*?)\n## ", (REPO_ROOT / "README.md").read_text(), re.S).group(1)
+    for pin in OLD_STACK[:3]:
+        name, version = pin.split("==")
+        assert f"{name} {version}" in section, pin
+    for name in ("diffusers", "transformers", "peft"):
+        major_minor = ".".join(importlib.metadata.version(name).split(".")[:2])
+        assert f"{name} {major_minor}" in section, (name, major_minor)
+
+
+def test_the_bundled_text_encoder_keeps_clips_text_model_level(tiny_pipeline, tmp_path):
+    """transformers 5 saves a CLIPTextModel's keys without `text_model.`, and transformers 4 then initialises the
+    text encoder at random (a warning, no error). The bundled file has every key under `text_model.`; transformers 5
+    loads each tensor of it unchanged (transformers 4: the older-stack test's base embedding), and the code that
+    writes the tiny model writes it so."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    from defectfill.runs.lora import TEXT_MODEL_PREFIX
+    from defectfill.tiny.model import TEXT_ENCODER_WEIGHTS, save_pipeline
+
+    stored = load_file(TINY_MODEL / TEXT_ENCODER_WEIGHTS)
+    assert stored and all(key.startswith(TEXT_MODEL_PREFIX) for key in stored)
+    loaded = CLIPTextModel.from_pretrained(TINY_MODEL, subfolder="text_encoder").state_dict()
+    unprefixed = {key[len(TEXT_MODEL_PREFIX):]: value for key, value in stored.items()}
+    assert loaded.keys() == unprefixed.keys()
+    assert all(torch.equal(loaded[key], unprefixed[key]) for key in loaded)
+
+    save_pipeline(tiny_pipeline, tmp_path / "saved")
+    saved = load_file(tmp_path / "saved" / TEXT_ENCODER_WEIGHTS)
+    assert saved.keys() == stored.keys() and all(torch.equal(saved[key], stored[key]) for key in saved)
