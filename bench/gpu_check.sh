@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G "bench/wheels/*.whl" > /dev/null; then
-  python -m pip install --no-index --no-deps --quiet bench/wheels/*.whl
+  # pip resolves from the carried wheels and what the machine has; a missing dependency fails here, by name
+  python -m pip install --no-index --find-links bench/wheels --quiet diffusers lpips torchvision
 fi
 python -c "import diffusers, lpips; print('diffusers', diffusers.__version__)"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1

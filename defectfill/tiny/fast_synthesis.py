@@ -37,7 +37,6 @@ import torch
 
 from defectfill import denoising, synthesis
 from defectfill.docs import write_block
-from defectfill.runs.files import LORA_FILENAME
 from defectfill.runs.records import RunRecord
 from defectfill.scoring import LpipsModel
 from defectfill.tiny.families import FAMILIES, RegionStatistics, write_families
@@ -201,20 +200,12 @@ def selection_figures(model_path, data_dir: Path, family, run_dirs: list[Path], 
 # ----------------------------------------------------------------------------------------------------
 
 
-def family_runs(model_path, work: Path, data_dir: Path, family, seeds: int) -> list[Path]:
-    """The family's LoRAs: those a kept `--work_dir` already holds (a run folder with its LoRA), else trained."""
-    folders = [work / "runs" / family.name / f"seed-{seed}" for seed in range(seeds)]
-    if all((folder / LORA_FILENAME).is_file() for folder in folders):
-        return folders
-    return train_family_runs(model_path, work, data_dir, family, seeds)
-
-
 def measure(model_path=TINY_MODEL, work_dir: Path | None = None, train_seeds: int = 2) -> dict:
     scorer = LpipsModel("alex", "cpu", pretrained_backbone=False).masked_scores
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir or tmp)
         data_dir = write_families(work / "data")
-        runs = {family.name: family_runs(model_path, work, data_dir, family, train_seeds) for family in FAMILIES}
+        runs = {family.name: train_family_runs(model_path, work, data_dir, family, train_seeds, reuse=True) for family in FAMILIES}
         solvers = {f.name: solver_figures(model_path, data_dir, f, runs[f.name]) for f in FAMILIES}
         setting = recommend_solver(solvers) or f"{SOLVERS[0]}@{STEP_COUNTS[-1]}"
         selection = {f.name: selection_figures(model_path, data_dir, f, runs[f.name], setting, scorer) for f in FAMILIES}

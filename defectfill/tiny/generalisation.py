@@ -40,6 +40,7 @@ from defectfill import synthesis
 from defectfill.data.mvtec import list_good_images, list_heldout_masks
 from defectfill.docs import write_block
 from defectfill.masks import binarize_mask
+from defectfill.runs.files import LORA_FILENAME
 from defectfill.runs.records import RunRecord
 from defectfill.runs.settings import plan_run
 from defectfill.tiny.families import FAMILIES, Family, RegionStatistics, write_families
@@ -190,8 +191,12 @@ def downstream_figures(run_dir: Path, work: Path, seeds: int) -> dict:
 
 
 def train_family_runs(model_path, work: Path, data_dir: Path, family: Family, seeds: int,
-                      train_flags: tuple[str, ...] = ()) -> list[Path]:
-    """`seeds` LoRAs of `configs/tiny.yaml` on the family (training seeds 0, 1, ...), trained as users train."""
+                      train_flags: tuple[str, ...] = (), reuse: bool = False) -> list[Path]:
+    """`seeds` LoRAs of `configs/tiny.yaml` on the family (training seeds 0, 1, ...), trained as users train; with
+    `reuse`, the runs a kept work folder already holds (each with its LoRA file) are taken as they are."""
+    folders = [work / "runs" / family.name / f"seed-{seed}" for seed in range(seeds)]
+    if reuse and all((folder / LORA_FILENAME).is_file() for folder in folders):
+        return folders
     return [train_demo_run(model_path, work / "runs" / family.name / f"seed-{seed}", "--object_class", family.object_class,
                            "--defect_type", family.defect_type, "--seed", str(seed), *train_flags, data_dir=data_dir)
             for seed in range(seeds)]
@@ -206,7 +211,9 @@ def check(model_path=TINY_MODEL, work_dir: Path | None = None, families: tuple[F
         data_dir = write_families(work / "data")
         results = {}
         for family in families:
-            run_dirs = train_family_runs(model_path, work, data_dir, family, train_seeds, train_flags)
+            # a kept --work_dir's runs are reused when the check trains them as the config says (no extra flags)
+            run_dirs = train_family_runs(model_path, work, data_dir, family, train_seeds, train_flags,
+                                         reuse=bool(work_dir) and not train_flags)
             results[family.name] = {"object_class": family.object_class, "defect_type": family.defect_type,
                                     "headline": family.headline, "description": family.description,
                                     **measure_family(model_path, data_dir, run_dirs)}
@@ -322,7 +329,9 @@ def readme_markdown(results: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(TINY_MODEL), help="The tiny model folder to check.")
-    parser.add_argument("--work_dir", default=None, help="Keep the families' data and runs here (default: a temp folder).")
+    parser.add_argument("--work_dir", default=None, help="Keep the families' data and runs here (default: a temp folder); the "
+                        "runs a kept folder holds are reused unless training flags are given (delete it after changing "
+                        "configs/tiny.yaml).")
     parser.add_argument("--families", default=",".join(f.name for f in FAMILIES), help="Comma-separated family names.")
     parser.add_argument("--update_readme", action="store_true", help="Write the table into the model folder's README.md.")
     parser.add_argument("--output_json", default=None, help="Also write the results here as JSON.")
