@@ -176,3 +176,66 @@ def test_only_per_sample_scheduler_state_is_cut():
     denoising.keep_scheduler_rows(scheduler, torch.tensor([1, 4]), batch=6)
     assert torch.equal(scheduler.timesteps, timesteps) and scheduler.model_outputs[0] is None
     assert scheduler.model_outputs[1].shape == (2, 4, 2, 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The measurement's arithmetic (scripts/measure_fast_synthesis.py), by hand
+# ----------------------------------------------------------------------------------------------------
+
+
+def solver_grid(base: list[float]) -> dict[str, list[float]]:
+    """The base at 50 steps, and every other measured setting far from it (tests override the ones they use)."""
+    from defectfill.tiny.fast_synthesis import SOLVERS, STEP_COUNTS
+
+    return {"base@50": base, **{f"{s}@{n}": [99.0, 99.0] for s in SOLVERS for n in STEP_COUNTS}}
+
+
+def test_a_solver_holds_within_the_seed_spread_or_closer():
+    from defectfill.tiny.fast_synthesis import recommend_solver, setting_change, setting_holds
+
+    # base at 50: seeds 10 and 12 (mean 11, spread 2)
+    figures = {**solver_grid([10.0, 12.0]), "DPMSolverMultistepScheduler@10": [13.5, 14.5],  # mean 14: 3 farther
+               "UniPCMultistepScheduler@10": [12.0, 14.0],  # mean 13: 2 farther, the edge of the spread
+               "DPMSolverMultistepScheduler@15": [7.0, 8.0]}  # mean 7.5: 3.5 closer
+    assert setting_change(figures, "DPMSolverMultistepScheduler@10") == "farther"
+    assert setting_change(figures, "UniPCMultistepScheduler@10") == "within"
+    assert setting_change(figures, "DPMSolverMultistepScheduler@15") == "closer"
+    assert not setting_holds(figures, "DPMSolverMultistepScheduler@10")
+    assert setting_holds(figures, "UniPCMultistepScheduler@10") and setting_holds(figures, "DPMSolverMultistepScheduler@15")
+    # the fewest steps that hold on every family, the first solver first; one family farther rules a setting out
+    other = {**figures, "UniPCMultistepScheduler@10": [20.0, 20.0]}
+    assert recommend_solver({"a": figures}) == "UniPCMultistepScheduler@10"
+    assert recommend_solver({"a": figures, "b": other}) == "DPMSolverMultistepScheduler@15"
+    assert recommend_solver({"b": solver_grid([1.0, 1.0])}) is None
+
+
+def test_early_selection_summary_and_gain_kept_by_hand():
+    from defectfill.tiny.fast_synthesis import gain_kept, recommend_select_at, recommendations, selection_summary
+
+    final = [[0.1, 0.5, 0.3], [0.4, 0.2, 0.0]]  # full choices: candidate 1, then 0
+    distance = [[9.0, 3.0, 6.0], [2.0, 5.0, 8.0]]
+    early = {0.2: [[0.9, 0.0, 0.0], [0.5, 0.0, 0.1]],  # chooses 0 and 0: agrees on the second pair
+             0.5: [[0.0, 0.9, 0.0], [0.5, 0.0, 0.1]]}  # chooses 1 and 0: agrees on both
+    summary = selection_summary(early, final, distance)
+    assert summary["full"] == pytest.approx({"score": 0.45, "distance": 2.5})
+    assert summary["random"] == pytest.approx({"score": 1.5 / 6, "distance": 33 / 6})
+    assert summary["fractions"][0.2] == pytest.approx({"agree": 0.5, "score": 0.25, "distance": 5.5})
+    assert summary["fractions"][0.5] == pytest.approx({"agree": 1.0, "score": 0.45, "distance": 2.5})
+    # at 0.2: the early choice scores exactly a random candidate's mean on both figures, so it keeps none of the gain
+    assert gain_kept(summary, 0.2, "score") == pytest.approx(0.0) and gain_kept(summary, 0.2, "distance") == pytest.approx(0.0)
+    assert gain_kept(summary, 0.5, "score") == pytest.approx(1.0)
+    assert recommend_select_at(summary) == 0.5
+    # a figure on which the full selection is no better than a random candidate has nothing to keep, and does not judge
+    flat = selection_summary({0.3: [[1.0, 0.0], [1.0, 0.0]]}, [[0.2, 0.1], [0.2, 0.1]], [[4.0, 4.0], [4.0, 4.0]])
+    assert gain_kept(flat, 0.3, "distance") is None and gain_kept(flat, 0.3, "score") == pytest.approx(1.0)
+    assert recommend_select_at(flat) == 0.3
+    # none keeps 90 %: score the candidates finished
+    assert recommend_select_at(selection_summary({0.2: early[0.2]}, final, distance)) == 1.0
+    # a saved JSON has string keys; the rules decide again from its figures
+    import json
+
+    saved = json.loads(json.dumps({"solvers": {"a": {**solver_grid([1.0, 2.0]), "UniPCMultistepScheduler@10": [1.5, 1.5]}},
+                                   "selection": {"a": summary}, "recommended_setting": "DPMSolverMultistepScheduler@25"}))
+    assert recommendations(saved) == {"recommended_setting": "UniPCMultistepScheduler@10", "setting_found": True,
+                                      "recommended_select_at": 0.5}
+    assert saved["selection_setting"] == "DPMSolverMultistepScheduler@25"  # what the selection was measured with
