@@ -9,15 +9,18 @@ For every family, `--train_seeds` LoRAs of `configs/tiny.yaml` (training seeds 0
 1. Solvers. Each held-out mask painted on a held-out clean image (one candidate, guidance 7.5, the same seeds) with the
    base model's scheduler at 50 steps and with DPM-Solver++ (2M) and UniPC at 10 / 15 / 20 / 25 steps; the in-mask
    distance to the real defect on the family's headline statistic (colour or local contrast, as the generalisation
-   check measures it), per training seed. A setting *holds* when, for every family, its mean over the seeds is within
-   the seed-to-seed spread of the base scheduler at 50 steps (|mean - mean at 50| <= |seed 0 - seed 1| at 50). The
-   recommendation is the fewest steps that hold (the cheaper solver when both do).
-2. Early selection, with the recommended solver and steps: eight candidates per pair, scored as synthesis scores
-   them (LPIPS inside the mask, composited over the clean region) on the clean image predicted after 10 / 20 / 30 /
-   50 % of the steps, and on the finished images. Per fraction: the share of pairs whose early choice is the full
-   run's, and the final score (and the family distance) of the early choice against the full run's choice and a
-   random candidate's (the mean over the candidates). The recommended `--select_at` is the smallest fraction whose
-   early choice keeps at least 90 % of the full selection's gain over a random candidate, on both figures.
+   check measures it), per training seed. A setting *holds* when, for every family, its mean over the seeds is no
+   farther from the real defect than the base scheduler's at 50 steps by more than that one's seed-to-seed spread
+   (mean - mean at 50 <= |seed 0 - seed 1| at 50: within the spread, or closer). The recommendation is the fewest
+   steps that hold (the first solver of `SOLVERS` when both do).
+2. Early selection, with the recommended solver and steps (DPM-Solver++ at 25 when none holds): eight candidates per
+   pair, scored as synthesis scores them (LPIPS inside the mask, composited over the clean region) on the clean image
+   predicted after 10 / 20 / 30 / 50 % of the steps, and on the finished images. Per fraction: the share of pairs
+   whose early choice is the full run's, and the final score (and the family distance) of the early choice against
+   the full run's choice and a random candidate's (the mean over the candidates). The recommended `--select_at` is
+   the smallest fraction whose early choice keeps at least 90 % of the full selection's gain over a random candidate,
+   on both figures (a figure on which the full selection gains nothing does not judge); a saved JSON is re-read by
+   these rules.
 
 Offline, LPIPS runs with a random-init AlexNet backbone (its real code, no downloaded weights): the figures say how
 well an early prediction ranks candidates as their finished images rank under that scorer, not under the pretrained
