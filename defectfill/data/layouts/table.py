@@ -40,6 +40,8 @@ def _sample(root: Path, row: dict[str, str], where: str) -> Sample:
     split = split_name(row["split"], where) if row.get("split") else default_split
     if good:
         return Sample(image, None, None, split)
+    if not (root / row["mask"]).exists():
+        raise DatasetError(f"{where}: image {image} has no mask; {root / row['mask']} does not exist")
     return Sample(image, root / row["mask"], defect_type or DEFECT, split)
 
 
