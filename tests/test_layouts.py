@@ -100,6 +100,15 @@ def test_kolektorsdd2_needs_no_class_folder_and_the_product_is_a_name(written):
     assert set(ds["object_class"]) == {"any_product"} and ds[0]["image_path"].split("/")[0] in ("train", "test")
 
 
+def test_realiad_without_its_split_file_reads_the_folders(tmp_path):
+    fixture = write_layout("realiad", tmp_path)
+    (tmp_path / "realiad_jsons" / "realiad_jsons" / "audiojack.json").unlink()
+    table = read_table(fixture.root, "audiojack")
+    assert sorted(table.name(s.image) for s in table.defects()) == sorted(fixture.defects)  # the views without a mask: not read
+    assert sorted(table.name(s.image) for s in table.goods(("train",))) == sorted(fixture.goods["train"] + fixture.goods["test"][:2])
+    assert table.goods(("test",)) == []
+
+
 def test_categories_are_listed_across_layouts(written):
     assert dm.list_categories(written["visa"].root) == ["candle"]
     assert dm.list_categories(written["csv"].root) == ["widget"]
@@ -168,9 +177,9 @@ def broken(written, tmp_path):
 
     def copy(name):
         fixture = written[name]
-        shutil.copytree(fixture.root, tmp_path / name)
-        table = read_table(tmp_path / name, fixture.object_class)
-        return tmp_path / name, fixture.object_class, table.defects()[0]
+        shutil.copytree(fixture.written_folder, tmp_path / name)
+        root = tmp_path / name / fixture.root.relative_to(fixture.written_folder)
+        return root, fixture.object_class, read_table(root, fixture.object_class).defects()[0]
     return copy
 
 

@@ -8,6 +8,7 @@ defect image with its defect type and whole mask, the good images per split)."""
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,11 @@ class Written:
     layout: str
     defects: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)  # image path -> (defect type, mask)
     goods: dict[str, list[str]] = field(default_factory=lambda: {"train": [], "test": []})  # split -> image paths
+    top: Path | None = None  # the folder written, when --data_dir (root) lies inside it
+
+    @property
+    def written_folder(self) -> Path:
+        return self.top or self.root
 
     def add_defect(self, path: Path, defect_type: str, mask: np.ndarray) -> None:
         self.defects[path.relative_to(self.root).as_posix()] = (defect_type, mask)
@@ -199,6 +205,37 @@ def write_kolektorsdd2(root: Path) -> Written:
     return written
 
 
+def write_realiad(root: Path) -> Written:
+    """realiad_256/<class>/OK/S0000/*_C1.jpg (good) and NG/<code>/S000N/*_C1.jpg with *_C1_mask.png; the NG samples'
+    second view shows no defect (no mask; the split JSON labels it OK); the split JSON in
+    realiad_jsons/realiad_jsons/<class>.json beside the resolution folder, which is --data_dir."""
+    written, name = Written(root / "realiad_256", "audiojack", "realiad", top=root), "audiojack"
+    folder, entries = root / "realiad_256" / name, {"train": [], "test": []}
+    for index, image in enumerate(source_goods("train") + source_goods("test")):
+        split = "train" if index < 2 else "test"
+        path = save(image, folder / "OK" / f"S{index:04d}" / f"{name}_{index:04d}_OK_C1_2023.jpg")
+        written.add_good(path, split)
+        entries[split].append({"category": name, "anomaly_class": "OK", "image_path": path.relative_to(folder).as_posix(),
+                               "mask_path": None})
+    pairs = [("HS", pair) for pair in source_defects("scratch", 2)] + [("ZW", pair) for pair in source_defects("color", 2)]
+    for index, (code, (image, mask)) in enumerate(pairs, start=10):
+        sample = folder / "NG" / code / f"S{index:04d}"
+        path = save(image, sample / f"{name}_{index:04d}_NG_C1_2023.jpg")
+        mask_path = save(as_values(mask, 255), sample / f"{name}_{index:04d}_NG_C1_2023_mask.png")
+        written.add_defect(path, "scratch" if code == "HS" else "contamination", mask)
+        other_view = save(source_goods("test")[0], sample / f"{name}_{index:04d}_NG_C2_2023.jpg")
+        written.add_good(other_view, "test")
+        entries["test"] += [
+            {"category": name, "anomaly_class": code, "image_path": path.relative_to(folder).as_posix(),
+             "mask_path": mask_path.relative_to(folder).as_posix()},
+            {"category": name, "anomaly_class": "OK", "image_path": other_view.relative_to(folder).as_posix(), "mask_path": None},
+        ]
+    json_path = root / "realiad_jsons" / "realiad_jsons" / f"{name}.json"
+    json_path.parent.mkdir(parents=True)
+    json_path.write_text(json.dumps({"meta": {"normal_class": "OK", "prefix": ""}, **entries}))
+    return written
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Your own data
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,7 +289,7 @@ def write_csv_table(root: Path) -> Written:
 WRITERS = {
     "mvtec": write_mvtec, "defectfill2": write_defectfill2, "visa": write_visa, "mvtec_ad2": write_mvtec_ad2,
     "mvtec_loco": write_mvtec_loco, "btad": write_btad, "kolektorsdd2": write_kolektorsdd2, "folder": write_folder,
-    "csv": write_csv_table,
+    "csv": write_csv_table, "realiad": write_realiad,
 }
 
 

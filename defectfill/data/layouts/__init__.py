@@ -12,13 +12,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from defectfill.data.layouts import btad, folder, kolektorsdd2, mvtec_ad2, mvtec_loco, table, visa
+from defectfill.data.layouts import btad, folder, kolektorsdd2, mvtec_ad2, mvtec_loco, realiad, table, visa
 from defectfill.data.layouts.base import DEFECT, Layout, Sample
 from defectfill.data.layouts.mvtec_ad import DEFECTFILL2, MVTEC
 from defectfill.errors import DatasetError
 
-LAYOUTS = (mvtec_loco.LAYOUT, mvtec_ad2.LAYOUT, btad.LAYOUT, visa.LAYOUT, MVTEC, DEFECTFILL2, folder.LAYOUT, table.LAYOUT,
-           kolektorsdd2.LAYOUT)
+LAYOUTS = (mvtec_loco.LAYOUT, mvtec_ad2.LAYOUT, btad.LAYOUT, visa.LAYOUT, realiad.LAYOUT, MVTEC, DEFECTFILL2, folder.LAYOUT,
+           table.LAYOUT, kolektorsdd2.LAYOUT)
 LAYOUT_NAMES = tuple(layout.name for layout in LAYOUTS)
 
 __all__ = ["DEFECT", "LAYOUTS", "LAYOUT_NAMES", "Layout", "Sample", "Table", "get_layout", "list_classes", "read_table",
