@@ -90,6 +90,8 @@ def test_forcing_picks_a_layout_detection_would_not(tmp_path):
 def test_unknown_layout_name_lists_the_layouts(written):
     with pytest.raises(dm.DatasetError, match="--layout 'mvtec_ad3' is not a dataset layout; layouts: .*kolektorsdd2"):
         dm.load_defect_dataset("metal_nut", data_dir=str(written["mvtec"].root), layout="mvtec_ad3")
+    with pytest.raises(dm.DatasetError, match="--layout mvtec reads a local folder"):
+        dm.load_defect_dataset("metal_nut", dataset_name="parquet", layout="mvtec")
 
 
 def test_kolektorsdd2_needs_no_class_folder_and_the_product_is_a_name(written):
@@ -107,6 +109,15 @@ def test_realiad_without_its_split_file_reads_the_folders(tmp_path):
     assert sorted(table.name(s.image) for s in table.defects()) == sorted(fixture.defects)  # the views without a mask: not read
     assert sorted(table.name(s.image) for s in table.goods(("train",))) == sorted(fixture.goods["train"] + fixture.goods["test"][:2])
     assert table.goods(("test",)) == []
+
+
+def test_visa_without_its_tables_has_one_type_and_splits_by_label(tmp_path):
+    fixture = write_layout("visa", tmp_path)
+    (tmp_path / "candle" / "image_anno.csv").unlink()
+    (tmp_path / "split_csv" / "1cls.csv").unlink()
+    table = read_table(tmp_path, "candle")
+    assert table.defect_types() == ["defect"] and {s.split for s in table.defects()} == {"test"}
+    assert len(table.goods(("train",))) == sum(map(len, fixture.goods.values())) and table.goods(("test",)) == []
 
 
 def test_categories_are_listed_across_layouts(written):
