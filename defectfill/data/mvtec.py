@@ -1,3 +1,20 @@
+"""The real data as a `datasets.Dataset`: the few-shot defect images and masks DefectFill trains on, and the
+listings synthesis and evaluation need (good images, held-out masks), for every dataset layout.
+
+Local folders are read through `defectfill.data.layouts` (MVTec AD, DefectFill2, VisA, MVTec AD 2, MVTec LOCO,
+BTAD, KolektorSDD2, Real-IAD, a plain folder of your own, a CSV table: detected from ``--data_dir`` and
+``--object_class``, or forced with `layout`); any Hub or local dataset with the columns image / mask / object_class
+/ defect_type through `datasets.load_dataset` (`load_defect_dataset(dataset_name=...)`).
+
+Columns: ``image`` (RGB) and ``mask`` (L, 0 / 255: the union of the image's mask files, a pixel a defect where a
+file is non-zero, `defectfill.data.mask_files`) as `datasets.Image`, ``object_class``, ``defect_type``,
+``image_path`` (relative to ``--data_dir``: the name the few-shot split records); rows read from a folder add
+``mask_paths`` (the image's mask files, relative to ``--data_dir``) and ``layout``. The listings return files:
+good images, and a mask per defect image that is a file or a folder of files (read it with
+`defectfill.data.mask_files.read_mask`). The few-shot split is `defectfill.data.split`, the paired transform
+`defectfill.data.transform`, synthesis folders as the same Dataset `defectfill.data.synthetic`.
+"""
+
 from __future__ import annotations
 
 import os
