@@ -11,7 +11,7 @@ from PIL import Image
 import dataset_mvtec as dm
 from defectfill.data.layouts import LAYOUT_NAMES, read_table
 from defectfill.data.layouts.base import type_name
-from defectfill.data.mask_files import defect_pixels, read_mask
+from defectfill.data.mask_files import defect_pixels, open_mask, read_mask
 from tests.helpers.layouts import WRITERS, write_layout
 
 LAYOUTS = sorted(WRITERS)
@@ -160,6 +160,8 @@ def test_several_masks_of_one_image_are_unioned(tmp_path):
         part[rows] = 100 + index
         Image.fromarray(part).save(tmp_path / f"{index:03d}.png")
     assert read_mask(tmp_path).sum(axis=1).tolist() == [4, 4, 0, 4]
+    opened = open_mask(tmp_path)
+    assert opened.mode == "L" and np.asarray(opened)[:, 0].tolist() == [255, 255, 0, 255]
 
 
 def test_defect_labels_as_types():

@@ -82,6 +82,13 @@ def mask_image(mask: np.ndarray) -> Image.Image:
     return Image.fromarray(mask.astype(np.uint8) * 255)
 
 
+def open_mask(source: Path) -> Image.Image:
+    """A mask source (a file, or a folder of several) as the L image (0 / 255) of its union: what a tool that
+    opened a dataset's mask file with `Image.open` opens instead (a 0/1 or grey mask would read as empty at half
+    range)."""
+    return mask_image(read_mask(source))
+
+
 def png_bytes(mask: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     mask_image(mask).save(buffer, format="PNG")
