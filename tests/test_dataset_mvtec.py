@@ -38,7 +38,7 @@ def test_synthetic_defects_differ_clearly_from_the_object(synthetic_data_dir):
 
 def test_official_layout_as_dataset(synthetic_data_dir):
     ds = dm.load_mvtec_defects(synthetic_data_dir, "metal_nut")
-    assert ds.column_names == ["image", "mask", "object_class", "defect_type", "image_path"]
+    assert ds.column_names == ["image", "mask", "object_class", "defect_type", "image_path", "mask_paths", "layout"]
     assert len(ds) == 12
     assert sorted(set(ds["defect_type"])) == ["color", "scratch"]
     assert set(ds["object_class"]) == {"metal_nut"}
@@ -46,6 +46,8 @@ def test_official_layout_as_dataset(synthetic_data_dir):
     assert row["image"].mode == "RGB" and row["mask"].mode == "L"
     assert row["image"].size == row["mask"].size == (128, 128)
     assert row["image_path"] == "metal_nut/test/color/000.png"
+    assert row["mask_paths"] == ["metal_nut/ground_truth/color/000_mask.png"] and row["layout"] == "mvtec"
+    assert set(np.unique(np.asarray(row["mask"]))) == {0, 255}
     assert dm.list_defect_types(synthetic_data_dir, "wood") == ["color", "scratch"]
     assert dm.list_categories(synthetic_data_dir) == ["metal_nut", "wood"]
 

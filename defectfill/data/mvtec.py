@@ -1,18 +1,18 @@
-"""MVTec AD as a `datasets.Dataset`: the few-shot defect images and masks DefectFill trains on, and the
-listings synthesis and evaluation need (good images, held-out masks).
+"""The real data as a `datasets.Dataset`: the few-shot defect images and masks DefectFill trains on, and the
+listings synthesis and evaluation need (good images, held-out masks), for every dataset layout.
 
-Layouts read (detected per category):
-- the official MVTec AD layout: ``<category>/test/<defect>/NNN.png`` with
-  ``<category>/ground_truth/<defect>/NNN_mask.png``, good images in ``<category>/{train,test}/good``;
-- the DefectFill2 layout: ``<category>/train/defective/<defect>/NNN.png`` with
-  ``<category>/train/defective_masks/<defect>/NNN_mask.png``;
-- any Hub or local dataset with the columns image / mask / object_class / defect_type, through
-  `datasets.load_dataset` (`load_defect_dataset(dataset_name=...)`).
+Local folders are read through `defectfill.data.layouts` (MVTec AD, DefectFill2, VisA, MVTec AD 2, MVTec LOCO,
+BTAD, KolektorSDD2, Real-IAD, a plain folder of your own, a CSV table: detected from ``--data_dir`` and
+``--object_class``, or forced with `layout`); any Hub or local dataset with the columns image / mask / object_class
+/ defect_type through `datasets.load_dataset` (`load_defect_dataset(dataset_name=...)`).
 
-Columns: ``image`` (RGB) and ``mask`` (L) as `datasets.Image`, ``object_class``, ``defect_type``,
-``image_path``. A mask pixel is a defect when its value is >= `defectfill.masks.MASK_THRESHOLD`. The few-shot
-split is `defectfill.data.split`, the paired transform `defectfill.data.transform`, synthesis folders as the
-same Dataset `defectfill.data.synthetic`.
+Columns: ``image`` (RGB) and ``mask`` (L, 0 / 255: the union of the image's mask files, a pixel a defect where a
+file is non-zero, `defectfill.data.mask_files`) as `datasets.Image`, ``object_class``, ``defect_type``,
+``image_path`` (relative to ``--data_dir``: the name the few-shot split records); rows read from a folder add
+``mask_paths`` (the image's mask files, relative to ``--data_dir``) and ``layout``. The listings return files:
+good images, and a mask per defect image that is a file or a folder of files (read it with
+`defectfill.data.mask_files.read_mask`). The few-shot split is `defectfill.data.split`, the paired transform
+`defectfill.data.transform`, synthesis folders as the same Dataset `defectfill.data.synthetic`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from defectfill.data.layouts import Sample, Table, list_classes, read_table, resolve_layout
+from defectfill.data.layouts.base import find_file
+from defectfill.data.layouts.kolektorsdd2 import dataset_folder
+from defectfill.data.mask_files import mask_files, png_bytes, read_mask
 from defectfill.errors import DatasetError
 from defectfill.images import HIGH_BIT_DEPTH_MODES, IMAGE_EXTENSIONS, image_files, open_checked
-from defectfill.masks import MASK_THRESHOLD, binarize_mask
 
 GOOD = "good"
 REQUIRED_COLUMNS = ("image", "mask", "object_class", "defect_type")
@@ -43,100 +46,80 @@ MVTEC_CATEGORIES = (
 
 
 def list_categories(data_dir: str | os.PathLike) -> list[str]:
+    """The products of a data folder (`defectfill.data.layouts.list_classes`)."""
+    return list_classes(data_dir)
+
+
+def detect_layout(category_dir: Path, object_class: str | None = None) -> str | None:
+    """The name of the layout ``<data_dir>/<object_class>`` holds (`category_dir` is ``<data_dir>/<class>`` when
+    `object_class` is None, else ``<data_dir>``), or None when it holds none."""
+    root, name = (Path(category_dir).parent, Path(category_dir).name) if object_class is None else (Path(category_dir), object_class)
+    try:
+        return resolve_layout(root, name).name
+    except DatasetError:
+        return None
+
+
+def category_dir(data_dir: str | os.PathLike, object_class: str, layout: str | None = None) -> Path:
+    """The product's folder: ``<data_dir>/<class>``, or ``--data_dir`` itself for a CSV table and a flat
+    KolektorSDD2 folder. No layout matching is an error that names every layout tried."""
     root = Path(data_dir)
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and detect_layout(p) is not None)
+    chosen = resolve_layout(root, object_class, layout)
+    if chosen.name == "kolektorsdd2":
+        return dataset_folder(root, object_class)
+    return root / object_class if chosen.class_folder else root
 
 
-def detect_layout(category_dir: Path) -> str | None:
-    """"mvtec", "defectfill2" or None when the folder is neither."""
-    if (category_dir / "ground_truth").is_dir() or (category_dir / "test").is_dir():
-        return "mvtec"
-    if (category_dir / "train" / "defective").is_dir():
-        return "defectfill2"
-    return None
-
-
-def category_dir(data_dir: str | os.PathLike, object_class: str) -> Path:
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise DatasetError(f"--data_dir {root} does not exist or is not a folder")
-    folder = root / object_class
-    if not folder.is_dir() or detect_layout(folder) is None:
-        found = list_categories(root)
-        raise DatasetError(
-            f"category {object_class!r} not found under {root} (expected {folder}/test/<defect> or "
-            f"{folder}/train/defective/<defect>); categories found: {', '.join(found) or 'none'}"
-        )
-    return folder
-
-
-def _defect_folders(folder: Path) -> tuple[Path, Path, str]:
-    """(images root, masks root, mask-name suffix) of a category in its detected layout."""
-    if detect_layout(folder) == "defectfill2":
-        return folder / "train" / "defective", folder / "train" / "defective_masks", "_mask"
-    return folder / "test", folder / "ground_truth", "_mask"
-
-
-def list_defect_types(data_dir: str | os.PathLike, object_class: str) -> list[str]:
-    images_root, _, _ = _defect_folders(category_dir(data_dir, object_class))
-    return sorted(p.name for p in images_root.iterdir() if p.is_dir() and p.name != GOOD and image_files(p))
+def list_defect_types(data_dir: str | os.PathLike, object_class: str, layout: str | None = None) -> list[str]:
+    return read_table(data_dir, object_class, layout).defect_types()
 
 
 def mask_path_for(image_path: Path, masks_root: Path, suffix: str = "_mask") -> Path | None:
-    """The mask of ``<defect>/NNN.png`` is ``<masks_root>/<defect>/NNN_mask.png`` (any image extension)."""
-    folder = masks_root / image_path.parent.name
-    for candidate in [image_path.suffix, *IMAGE_EXTENSIONS]:
-        path = folder / f"{image_path.stem}{suffix}{candidate}"
-        if path.is_file():
-            return path
-    return None
+    """The mask of ``<defect>/NNN.png`` in the MVTec AD layout: ``<masks_root>/<defect>/NNN_mask.png`` (any image
+    extension; ``NNN.png`` too)."""
+    return find_file(masks_root / image_path.parent.name, image_path.stem, (suffix, ""))
 
 
-def validate_pair(image_path: Path, mask_path: Path) -> None:
-    with open_checked(image_path, "image") as image, open_checked(mask_path, "mask") as mask:
+def validate_pair(image_path: Path, mask_source: Path):
+    """The defect mask (boolean) of a defective image: the image readable as 8 bits, every mask file of its
+    size, their union not empty; any of these failing is an error naming the files."""
+    with open_checked(image_path, "image") as image:
         if image.mode in HIGH_BIT_DEPTH_MODES:
             raise DatasetError(
                 f"image {image_path} has {image.mode} pixels (more than 8 bits); training reads 8-bit images, and "
                 "a plain conversion would clip it to white: save it as 8-bit (value * 255 / its maximum)"
             )
-        if image.size != mask.size:
-            raise DatasetError(
-                f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
-                f"{image.size[0]}x{image.size[1]}; they must be the same size"
-            )
-        if not binarize_mask(mask).any():
-            raise DatasetError(
-                f"mask {mask_path} is empty (no pixel >= {MASK_THRESHOLD}); a defect image needs a non-empty mask"
-            )
+        size = image.size
+    mask = read_mask(mask_source, image_path, size)
+    if not mask.any():
+        raise DatasetError(f"mask {mask_source} is empty (no non-zero pixel); a defect image needs a non-empty mask")
+    return mask
 
 
-def _defect_rows(data_dir: Path, object_class: str, defect_type: str) -> dict[str, list[str]]:
-    images_root, masks_root, suffix = _defect_folders(data_dir / object_class)
-    rows: dict[str, list[str]] = {"image": [], "mask": [], "image_path": []}
-    for image_path in image_files(images_root / defect_type):
-        mask_path = mask_path_for(image_path, masks_root, suffix)
-        if mask_path is None:
-            expected = masks_root / defect_type / f"{image_path.stem}{suffix}{image_path.suffix}"
-            raise DatasetError(f"image {image_path} has no mask; expected {expected}")
-        validate_pair(image_path, mask_path)
-        rows["image"].append(str(image_path))
-        rows["mask"].append(str(mask_path))
-        rows["image_path"].append(image_path.relative_to(data_dir).as_posix())
-    return rows
+def _defect_row(table: Table, sample: Sample) -> dict:
+    mask = validate_pair(sample.image, sample.mask)
+    return {
+        "image": str(sample.image), "mask": {"bytes": png_bytes(mask), "path": None}, "object_class": table.object_class,
+        "defect_type": sample.defect_type, "image_path": table.name(sample.image),
+        "mask_paths": [table.name(p) for p in mask_files(sample.mask)], "layout": table.layout,
+    }
 
 
-def features():
+def features(folder_columns: bool = False):
+    """The columns every defect Dataset has; `folder_columns` adds those of rows read from a folder (mask_paths,
+    layout)."""
     import datasets
 
-    return datasets.Features(
-        {
-            "image": datasets.Image(mode="RGB"),
-            "mask": datasets.Image(mode="L"),
-            "object_class": datasets.Value("string"),
-            "defect_type": datasets.Value("string"),
-            "image_path": datasets.Value("string"),
-        }
-    )
+    columns = {
+        "image": datasets.Image(mode="RGB"),
+        "mask": datasets.Image(mode="L"),
+        "object_class": datasets.Value("string"),
+        "defect_type": datasets.Value("string"),
+        "image_path": datasets.Value("string"),
+    }
+    if folder_columns:
+        columns.update({"mask_paths": datasets.Sequence(datasets.Value("string")), "layout": datasets.Value("string")})
+    return datasets.Features(columns)
 
 
 def check_defect_types(requested: Iterable[str] | None, available: Sequence[str], where: str) -> list[str]:
@@ -152,24 +135,24 @@ def check_defect_types(requested: Iterable[str] | None, available: Sequence[str]
     return requested
 
 
-def load_mvtec_defects(
-    data_dir: str | os.PathLike, object_class: str, defect_types: Iterable[str] | None = None
+def load_folder_defects(
+    data_dir: str | os.PathLike, object_class: str, defect_types: Iterable[str] | None = None, layout: str | None = None
 ):
-    """The defect images and masks of one category as a `datasets.Dataset` (all its defect types
-    unless `defect_types` is given), rows sorted by defect type and file name."""
+    """The defect images and masks of one product in a local folder of any layout (detected, or `layout`) as a
+    `datasets.Dataset` (all its defect types unless `defect_types` is given), rows sorted by defect type and
+    path. Every image is read now: an unreadable file, a missing or empty mask or one of another size is an
+    error naming the files."""
     import datasets
 
-    root = Path(data_dir)
-    available = list_defect_types(root, object_class)
-    chosen = check_defect_types(defect_types, available, f"{root / object_class}")
-    columns: dict[str, list[str]] = {name: [] for name in features()}
-    for defect in chosen:
-        rows = _defect_rows(root, object_class, defect)
-        for name, values in rows.items():
-            columns[name].extend(values)
-        columns["object_class"].extend([object_class] * len(rows["image"]))
-        columns["defect_type"].extend([defect] * len(rows["image"]))
-    return datasets.Dataset.from_dict(columns, features=features())
+    table = read_table(data_dir, object_class, layout)
+    chosen = check_defect_types(defect_types, table.defect_types(), str(category_dir(data_dir, object_class, table.layout)))
+    rows = [_defect_row(table, sample) for defect in chosen for sample in table.defects([defect])]
+    columns = {name: [row[name] for row in rows] for name in features(folder_columns=True)}
+    return datasets.Dataset.from_dict(columns, features=features(folder_columns=True))
+
+
+# The name the tools have always called it by; it reads every layout.
+load_mvtec_defects = load_folder_defects
 
 
 def load_hub_defects(
@@ -209,14 +192,18 @@ def load_defect_dataset(
     data_dir: str | None = None,
     dataset_name: str | None = None,
     defect_types: Iterable[str] | None = None,
+    layout: str | None = None,
     **hub_kwargs,
 ):
-    """One entry point for training and inference: a local folder (`data_dir`) or `load_dataset` (`dataset_name`)."""
+    """One entry point for training and inference: a local folder (`data_dir`, its layout detected or `layout`)
+    or `load_dataset` (`dataset_name`)."""
     if (data_dir is None) == (dataset_name is None):
-        raise DatasetError("give exactly one of --data_dir (a local MVTec AD folder) or --dataset_name (a datasets repo)")
+        raise DatasetError("give exactly one of --data_dir (a local dataset folder) or --dataset_name (a datasets repo)")
     if dataset_name is not None:
+        if layout is not None:
+            raise DatasetError(f"--layout {layout} reads a local folder (--data_dir), not --dataset_name {dataset_name}")
         return load_hub_defects(dataset_name, object_class, defect_types, **hub_kwargs)
-    return load_mvtec_defects(data_dir, object_class, defect_types)
+    return load_folder_defects(data_dir, object_class, defect_types, layout)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,14 +211,11 @@ def load_defect_dataset(
 # ----------------------------------------------------------------------------------------------------
 
 
-def list_good_images(data_dir: str | os.PathLike, object_class: str, splits: Sequence[str] = ("train", "test")) -> list[Path]:
-    """Defect-free images of a category: ``<split>/good`` for each split; in the DefectFill2 layout
-    images directly under the category folder count too."""
-    folder = category_dir(data_dir, object_class)
-    paths = [p for split_name in splits for p in image_files(folder / split_name / GOOD)]
-    if detect_layout(folder) == "defectfill2":
-        paths += image_files(folder)
-    return paths
+def list_good_images(data_dir: str | os.PathLike, object_class: str, splits: Sequence[str] = ("train", "test"),
+                     layout: str | None = None) -> list[Path]:
+    """Defect-free images of a product in the dataset's own `splits` ("train": MVTec's ``train/good``,
+    validation sets, DefectFill2's loose images...; "test": the test set's good images), in path order."""
+    return [sample.image for sample in read_table(data_dir, object_class, layout).goods(tuple(splits))]
 
 
 # The parts of a saved split whose masks synthesis may paint in (`--mask_from`): the generator's training third,
@@ -239,33 +223,41 @@ def list_good_images(data_dir: str | os.PathLike, object_class: str, splits: Seq
 MASK_FROM = ("train", "heldout")
 
 
-def list_split_masks(data_dir: str | os.PathLike, split: dict, defect_type: str, part: str) -> list[Path]:
-    """Mask files of the images of `defect_type` in the `part` ("train" or "heldout") of a saved split (local
-    folders only)."""
+def list_split_masks(data_dir: str | os.PathLike, split: dict, defect_type: str, part: str, layout: str | None = None,
+                     object_class: str | None = None) -> list[Path]:
+    """The mask of each image of `defect_type` in the `part` ("train" or "heldout") of a saved split (local
+    folders only): a file, or a folder of several files whose union is the mask (read it with
+    `defectfill.data.mask_files.read_mask`: any non-zero pixel is a defect). The layout and product are the
+    split's (a split without them: detected, and the first folder of its image names)."""
     entries = split["defect_types"]
     if defect_type not in entries:
         raise DatasetError(f"defect type {defect_type!r} not in the split; found: {', '.join(sorted(entries))}")
-    root = Path(data_dir)
+    names = entries[defect_type][part]
+    if not names:
+        return []
+    object_class = object_class or split.get("object_class") or Path(names[0]).parts[0]
+    table = read_table(data_dir, object_class, layout or split.get("layout"))
+    by_name = {table.name(sample.image): sample for sample in table.defects()}
     masks = []
-    for relative in entries[defect_type][part]:
-        image_path = root / relative
-        _, masks_root, suffix = _defect_folders(root / Path(relative).parts[0])
-        mask = mask_path_for(image_path, masks_root, suffix)
-        if mask is None:
-            raise DatasetError(f"{'held-out' if part == 'heldout' else 'training'} image {image_path} has no mask under {masks_root}")
-        masks.append(mask)
+    for name in names:
+        if name not in by_name:
+            what = "held-out" if part == "heldout" else "training"
+            raise DatasetError(f"{what} image {Path(data_dir) / name} of the split is not a defect image of {object_class} in "
+                               f"{data_dir} ({table.layout} layout): is --data_dir the folder the split was made from?")
+        masks.append(by_name[name].mask)
     return masks
 
 
-def list_heldout_masks(data_dir: str | os.PathLike, split: dict, defect_type: str) -> list[Path]:
-    """Mask files of the held-out images of `defect_type` in a saved split (the test set's masks)."""
-    return list_split_masks(data_dir, split, defect_type, "heldout")
+def list_heldout_masks(data_dir: str | os.PathLike, split: dict, defect_type: str, layout: str | None = None,
+                       object_class: str | None = None) -> list[Path]:
+    """The masks of the held-out images of `defect_type` in a saved split (the test set's masks)."""
+    return list_split_masks(data_dir, split, defect_type, "heldout", layout, object_class)
 
 
 def good_images(data_dir: str | os.PathLike | None, object_class: str | None, good_split: str = "train",
-                image_dir: str | os.PathLike | None = None) -> list[Path]:
+                image_dir: str | os.PathLike | None = None, layout: str | None = None) -> list[Path]:
     """The defect-free images to paint on: every image of `image_dir` (``--image_dir``) when given, else the
-    class's ``<split>/good`` images for `good_split` ("train", "test" or "all"). None found is an error that
+    product's good images of `good_split` ("train", "test" or "all"; `list_good_images`). None found is an error that
     says which flag to give."""
     if image_dir:
         goods = image_files(Path(image_dir))
@@ -276,7 +268,7 @@ def good_images(data_dir: str | os.PathLike | None, object_class: str | None, go
         raise DatasetError("no good images: give --data_dir (the run records none) or --image_dir")
     if object_class is None:
         raise DatasetError(f"--object_class is needed to find the good images in {data_dir} (the run names none)")
-    goods = list_good_images(data_dir, object_class, GOOD_SPLITS[good_split])
+    goods = list_good_images(data_dir, object_class, GOOD_SPLITS[good_split], layout)
     if not goods:
         raise DatasetError(f"no good images of {object_class} in {data_dir} (--good_split {good_split})")
     return goods

@@ -35,13 +35,15 @@ def few_shot_split(
     """The paper's few-shot protocol, per defect type: the first `fraction` of the images sorted by
     file name train (``ordered``, the protocol peers report on), or a seeded random choice
     (``random``); the rest are held out (their masks drive generation, their images are the real
-    references for evaluation)."""
+    references for evaluation). The split records the product (``object_class``) and the dataset layout its
+    image names are in (``layout``: None for a `load_dataset` dataset), so every tool reads them back alike."""
     if strategy not in ("ordered", "random"):
         raise DatasetError(f"--split_strategy must be 'ordered' or 'random', got {strategy!r}")
     by_defect: dict[str, list[str]] = {}
     for defect, path in zip(dataset["defect_type"], dataset["image_path"]):
         by_defect.setdefault(defect, []).append(path)
-    split = {"strategy": strategy, "fraction": fraction, "count": count, "seed": seed, "defect_types": {}}
+    split = {"strategy": strategy, "fraction": fraction, "count": count, "seed": seed,
+             "object_class": _single(dataset, "object_class"), "layout": _single(dataset, "layout"), "defect_types": {}}
     for defect, paths in sorted(by_defect.items()):
         paths = sorted(paths, key=lambda p: (Path(p).name, p))
         n_train = num_train_images(len(paths), fraction, count)
@@ -54,6 +56,14 @@ def few_shot_split(
             "heldout": [p for p in paths if p not in chosen],
         }
     return split
+
+
+def _single(dataset, column: str) -> str | None:
+    """The one value of `column` in `dataset` (None when the column is absent, empty or holds several)."""
+    if column not in dataset.column_names:
+        return None
+    values = set(dataset[column])
+    return values.pop() if len(values) == 1 else None
 
 
 def save_split(split: dict, path: str | os.PathLike) -> Path:
@@ -82,6 +92,10 @@ def merge_splits(splits: Sequence[tuple[str, dict]]) -> dict:
     list of (where it came from, split). The same defect type in two with different lists is an error."""
     merged: dict[str, dict] = {}
     origin: dict[str, str] = {}
+    layouts = {split.get("layout") for _, split in splits} - {None}
+    if len(layouts) > 1:
+        raise DatasetError(f"the splits come from folders of different layouts ({', '.join(sorted(layouts))}); "
+                           "every set compared must come from the same few-shot split")
     for where, split in splits:
         for defect, entry in split["defect_types"].items():
             entry = {"train": sorted(entry["train"]), "heldout": sorted(entry["heldout"])}
@@ -89,4 +103,6 @@ def merge_splits(splits: Sequence[tuple[str, dict]]) -> dict:
                 raise DatasetError(f"the splits in {origin[defect]} and {where} differ for defect type {defect!r}; "
                                       "every set compared must come from the same few-shot split")
             merged[defect], origin[defect] = entry, where
-    return {"defect_types": dict(sorted(merged.items())), "sources": sorted(set(origin.values()))}
+    classes = {split.get("object_class") for _, split in splits} - {None}
+    return {"object_class": classes.pop() if len(classes) == 1 else None, "layout": layouts.pop() if layouts else None,
+            "defect_types": dict(sorted(merged.items())), "sources": sorted(set(origin.values()))}
