@@ -204,15 +204,15 @@ def prepare_pair(pair: Pair, plan: RunPlan) -> Job:
 # ----------------------------------------------------------------------------------------------------
 
 
-# What synthesis.json recorded before folders had a fingerprint (build.json): such a folder resumes when they match.
-LEGACY_FINGERPRINT_FIELDS = ("lora", "pretrained_model_name_or_path", "prompt", "resolution", "num_candidates",
-                             "num_inference_steps", "guidance_scale", "seed", "composite", "crop_to_mask", "crop_context")
+# The fields of synthesis.json that are part of the fingerprint.
+FINGERPRINT_FIELDS = ("lora", "pretrained_model_name_or_path", "prompt", "resolution", "num_candidates",
+                      "num_inference_steps", "guidance_scale", "seed", "composite", "crop_to_mask", "crop_context")
 
 
 def fingerprint(args, plan: RunPlan) -> dict:
     """The settings that decide what an output image is: a folder resumes only when they match."""
     record = plan.synthesis_record().to_dict()
-    return {**{name: record[name] for name in LEGACY_FINGERPRINT_FIELDS}, "scheduler": args.scheduler,
+    return {**{name: record[name] for name in FINGERPRINT_FIELDS}, "scheduler": args.scheduler,
             "revision": args.revision, "variant": args.variant, "mixed_precision": args.mixed_precision,
             "select_at": plan.settings.select_at, "keep": plan.settings.keep, "mask_from": mask_origin(args)}
 
@@ -261,14 +261,14 @@ def main(args: argparse.Namespace, scorer: Scorer | None = None) -> Path:
     pairs = build_pairs(args, plan)
     folder = SynthesisFolder(args.output_dir)
     outputs = fingerprint(args, plan)
-    folder.check(outputs, args.overwrite, LEGACY_FINGERPRINT_FIELDS)  # before any model loads
+    folder.check(outputs, args.overwrite)  # before any model loads
     scheduler = check_scheduler(args.scheduler, plan.base_model, plan.settings, args.revision)
     check_inputs(pairs)
     if scorer is None and plan.settings.num_candidates > 1:
         scorer = LpipsModel(args.lpips_net, device).masked_scores
     pipeline = load_pipeline(plan.base_model, plan.lora, run.base_model if run else None, args.revision, args.variant,
                              precision_dtype(args.mixed_precision), device, args.scheduler)
-    folder.claim(outputs, args.overwrite, LEGACY_FINGERPRINT_FIELDS)
+    folder.claim(outputs, args.overwrite)
     passes = planned_unet_passes(plan.settings, scheduler_calls(pipeline, plan.settings.num_inference_steps))
     logger.info("sampler %s, %d steps, %s: %d UNet passes per image", scheduler, plan.settings.num_inference_steps,
                 f"candidates scored after {plan.settings.select_at:.0%} of the steps" if plan.settings.select_at < 1

@@ -16,4 +16,4 @@ Modules are imported by name (`from defectfill import synthesis`); importing the
 `docs/architecture.md` walks one image through them.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

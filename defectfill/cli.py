@@ -1,14 +1,18 @@
 """The command lines of the entry scripts: `--config file.yaml` over argparse (the parser is the one
 definition of every option; a YAML file supplies values for some of them, keys being the flags' names
 without dashes, and a value given on the command line overrides the file), the argument groups several
-scripts share, what of a run's options may be recorded (never a secret), and `run_main`, which every entry
-script calls so that any `DefectFillError` ends the command with its message and exit code 1."""
+scripts share, `settings_from_args`, which turns the parsed flags into the typed settings the library takes,
+and `run_main`, which every entry script calls so that any `DefectFillError` ends the command with its message
+and exit code 1."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import types
+import typing
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import yaml
 
@@ -133,13 +137,32 @@ def add_selection_arguments(group) -> None:
                        help="With --select_at < 1: the candidates that go on to the last step; the best finished one is kept.")
 
 
-# Options whose values are secrets: never written to a tracker, a log line, a run file, a model card or an upload.
-SECRET_OPTIONS = ("hub_token",)
+Settings = TypeVar("Settings")
 
 
-def public_options(args: argparse.Namespace) -> dict:
-    """The scalar options of a run, secrets left out: what trackers (TensorBoard hparams, wandb config) record."""
-    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k not in SECRET_OPTIONS}
+def settings_from_args(cls: type[Settings], args: argparse.Namespace) -> Settings:
+    """The frozen settings dataclass `cls` filled from the parsed flags: each field from the Namespace attribute of
+    the same name (a field whose type is itself a settings dataclass is filled the same way from the same
+    Namespace; a field the Namespace lacks keeps its default; a list goes into a tuple field as a tuple)."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
+        kind = hints[field.name]
+        if dataclasses.is_dataclass(kind):
+            values[field.name] = settings_from_args(kind, args)
+        elif hasattr(args, field.name):
+            value = getattr(args, field.name)
+            values[field.name] = tuple(value) if isinstance(value, list) and _is_tuple_type(kind) else value
+    return cls(**values)
+
+
+def _is_tuple_type(kind) -> bool:
+    """tuple, tuple[...], or an optional one (tuple[str, ...] | None)."""
+    if kind is tuple or typing.get_origin(kind) is tuple:
+        return True
+    return typing.get_origin(kind) in (typing.Union, types.UnionType) and any(_is_tuple_type(k) for k in typing.get_args(kind))
 
 
 def run_main(main: Callable[[argparse.Namespace], object], parse_args: Callable[[], argparse.Namespace]) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -23,11 +23,14 @@ from defectfill import masks, method
 from defectfill.attention import VStarAttentionStore, install_vstar_capture, token_piece_ids, token_weights
 from defectfill.models import Models
 
+if TYPE_CHECKING:
+    from defectfill.training.settings import MethodSettings
+
 # ----------------------------------------------------------------------------------------------------
 # Prompts, latents and the step's random draws
 # ----------------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class StepConfig:
     """What a step needs besides the batch and the models (from the flags); the defaults are the paper's."""
 
@@ -38,9 +41,10 @@ class StepConfig:
     box_max_fraction: float = method.DEFAULT_BOX_MAX_FRACTION
 
     @classmethod
-    def from_args(cls, args) -> "StepConfig":
-        weights = method.LossWeights(args.lambda_defect, args.lambda_object, args.lambda_attention)
-        return cls(weights, args.object_alpha, args.num_boxes, args.box_min_fraction, args.box_max_fraction)
+    def from_settings(cls, settings: MethodSettings) -> "StepConfig":
+        """A training run's step (`TrainingSettings.method`: the flags' loss weights, alpha and boxes)."""
+        return cls(settings.loss_weights, settings.object_alpha, settings.num_boxes, settings.box_min_fraction,
+                   settings.box_max_fraction)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from defectfill.runs.files import (
     SUMMARY_FILENAME,
     SYNTHESIS_FILENAME,
 )
-from defectfill.runs.folder import SynthesisFolder, item_of_file
+from defectfill.runs.folder import FINGERPRINT_VERSION, SynthesisFolder, item_of_file
 from defectfill.runs.records import RunRecord
 from defectfill.synthesis import (
     SynthesisSettings,
@@ -171,7 +171,7 @@ def test_an_empty_user_mask_is_an_error_before_anything_is_written(class_runs, t
 def test_a_folder_holding_another_build_is_refused(class_runs, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / FINGERPRINT_FILENAME).write_text(json.dumps({"version": 1, "fingerprint": {"seed_of_another": 1}}))
+    (out / FINGERPRINT_FILENAME).write_text(json.dumps({"format_version": FINGERPRINT_VERSION, "fingerprint": {"seed_of_another": 1}}))
     with pytest.raises(SynthesisError, match=r"holds outputs made with other settings \(.*seed_of_another: 1 -> None"):
         run_build(class_runs, out, "--num_candidates", "1")
     infer_like = tmp_path / "infer"  # images made by another tool, with no record of how

@@ -296,15 +296,14 @@ def test_synthesis_follows_the_scale_the_run_trained_at(tiny_run, tmp_path):
 
 
 def test_a_run_trained_on_whole_images_is_applied_to_whole_images(tiny_run, tmp_path):
-    """The paper's setting (no defect crops) and a run file written before the scale was recorded both
-    give whole-image synthesis."""
-    for name, change in (("paper", {"defect_crop_probability": 0.0}),
-                         ("old", {"defect_crop_probability": None, "crop_context": None, "max_scale": None, "version": 1})):
+    """The paper's setting (no defect crops) and a record that says nothing of the scale both give whole-image
+    synthesis."""
+    for name, change in (("paper", {"defect_crop_probability": 0.0}), ("unrecorded", {"defect_crop_probability": None})):
         other = tmp_path / name
         shutil.copytree(tiny_run, other, ignore=shutil.ignore_patterns("checkpoint-*"))
         payload = json.loads((other / RUN_FILENAME).read_text())
-        payload.update(change)
-        payload = {k: v for k, v in payload.items() if v is not None}
+        payload["training"].update(change)
+        payload["training"] = {k: v for k, v in payload["training"].items() if v is not None}
         (other / RUN_FILENAME).write_text(json.dumps(payload))
         out = run(other, tmp_path / f"out-{name}", "--num_images", "1")
         assert not SynthesisRecord.read(out).crop_to_mask, name

@@ -1,5 +1,5 @@
-"""run_files: the typed records round-trip, old files still load, newer or broken ones are named; metadata
-rows and checkpoint names."""
+"""run_files: the typed records round-trip with their format version, files of another format or broken ones are
+named with what to do; metadata rows and checkpoint names."""
 
 from __future__ import annotations
 
@@ -7,49 +7,82 @@ import json
 
 import pytest
 
-from defectfill.errors import RunFileError
-from defectfill.runs.files import METADATA_FILENAME, RUN_FILENAME
-from defectfill.runs.folder import SynthesisFolder, read_metadata
-from defectfill.runs.records import RUN_RECORD_VERSION, RunRecord, SynthesisRecord
+from defectfill.errors import RunFileError, SynthesisError
+from defectfill.runs.files import FINGERPRINT_FILENAME, METADATA_FILENAME, RUN_FILENAME, SYNTHESIS_FILENAME
+from defectfill.runs.folder import FINGERPRINT_VERSION, SynthesisFolder, read_metadata
+from defectfill.runs.records import RUN_RECORD_VERSION, SYNTHESIS_RECORD_VERSION, RunRecord, SynthesisRecord
 from defectfill.training.checkpoints import checkpoint_name, checkpoint_step, list_checkpoints
 
 
 def run_record() -> RunRecord:
     return RunRecord(base_model="/models/sd2", token="sks", object_class="metal_nut", defect_type="color",
-                        defect_prompt="A photo of sks", object_prompt="A metal nut with sks", resolution=512,
-                        split={"defect_types": {"color": {"train": ["a.png"], "heldout": ["b.png"]}}},
-                        defect_crop_probability=0.0, crop_context=0.5)
+                     defect_prompt="A photo of sks", object_prompt="A metal nut with sks", resolution=512,
+                     split={"defect_types": {"color": {"train": ["a.png"], "heldout": ["b.png"]}}},
+                     training={"rank": 8, "lora_alpha": 16, "defect_crop_probability": 0.25, "defect_crop_context": 0.5,
+                               "max_scale": 1.125})
 
 
-def test_records_round_trip_with_their_version(tmp_path):
+def test_records_round_trip_with_their_format_version(tmp_path):
     record = run_record()
     record.write(tmp_path)
-    assert json.loads((tmp_path / RUN_FILENAME).read_text())["version"] == RUN_RECORD_VERSION
+    assert json.loads((tmp_path / RUN_FILENAME).read_text())["format_version"] == RUN_RECORD_VERSION
     assert RunRecord.read(tmp_path) == record
     synthesis = SynthesisRecord("/models/sd2", "A metal nut with sks", 512, seed=3, crop_to_mask=True)
     synthesis.write(tmp_path)
+    assert json.loads((tmp_path / SYNTHESIS_FILENAME).read_text())["format_version"] == SYNTHESIS_RECORD_VERSION
     assert SynthesisRecord.read(tmp_path) == synthesis
     assert SynthesisRecord.read(tmp_path / "elsewhere") is None  # a folder made by another tool
 
 
-def test_a_version_1_run_file_still_loads(tmp_path):
-    """Written before the version field and the training scale existed."""
-    payload = {k: v for k, v in run_record().to_dict().items()
-               if k not in ("version", "defect_crop_probability", "crop_context", "max_scale")}
-    (tmp_path / RUN_FILENAME).write_text(json.dumps({**payload, "an_old_field": 1}))
-    record = RunRecord.read(tmp_path)
-    assert record.object_prompt == "A metal nut with sks" and record.defect_crop_probability is None
+def test_the_record_reads_its_training_scale_from_the_training_settings():
+    record = run_record()
+    assert (record.rank, record.lora_alpha, record.max_scale) == (8, 16, 1.125)
+    assert (record.defect_crop_probability, record.crop_context) == (0.25, 0.5)
+    assert RunRecord(**{**vars(record), "training": {}}).defect_crop_probability is None  # not recorded
+
+
+@pytest.mark.parametrize("version_fields, message", [
+    ({}, r"is format 1, written by an older defectfill \(<= 0\.1\); this defectfill \(.*\) reads format 3: train the run "
+         r"again with train_defectfill\.py, or read it with defectfill 0\.1"),
+    ({"version": 2}, "is format 2, written by an older defectfill"),
+    ({"format_version": 99}, "is format 99, written by a newer defectfill; .* reads format 3: update defectfill"),
+    ({"format_version": "3"}, "format_version '3' is not a format number"),
+])
+def test_a_run_file_of_another_format_says_which_and_what_to_do(tmp_path, version_fields, message):
+    payload = {k: v for k, v in run_record().to_dict().items() if k != "format_version"}
+    (tmp_path / RUN_FILENAME).write_text(json.dumps({**payload, **version_fields}))
+    with pytest.raises(RunFileError, match=message):
+        RunRecord.read(tmp_path)
+
+
+def test_a_synthesis_folder_of_an_earlier_format_says_what_to_do(tmp_path):
+    payload = {k: v for k, v in SynthesisRecord("/models/sd2", "p", 512).to_dict().items() if k != "format_version"}
+    (tmp_path / SYNTHESIS_FILENAME).write_text(json.dumps({**payload, "version": 2}))
+    with pytest.raises(RunFileError, match="is format 2, written by an older defectfill .* paint it again with this defectfill, "
+                                           "into a new --output_dir"):
+        SynthesisRecord.read(tmp_path)
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"version": 99}, "version 99 is newer than this code reads"),
     ({"split": None}, r"missing field\(s\) split"),
     ({"split": {"train": []}}, "is not a few-shot split"),
+    ({"training": [1]}, "'training' is not an object of training settings"),
 ])
 def test_bad_run_files_are_named(tmp_path, change, message):
     (tmp_path / RUN_FILENAME).write_text(json.dumps({**run_record().to_dict(), **change}))
     with pytest.raises(RunFileError, match=message):
         RunRecord.read(tmp_path)
+
+
+def test_a_folder_claimed_by_another_fingerprint_format_is_refused_with_its_format(tmp_path):
+    folder = SynthesisFolder(tmp_path)
+    folder.claim({"seed": 1})
+    assert folder.check({"seed": 1}) == []  # the same fingerprint resumes
+    (tmp_path / FINGERPRINT_FILENAME).write_text(json.dumps({"version": 1, "fingerprint": {"seed": 1}}))
+    with pytest.raises(SynthesisError, match=rf"its {FINGERPRINT_FILENAME} is format 1, from another defectfill; this one "
+                                             rf"writes format {FINGERPRINT_VERSION}\).*use a new --output_dir"):
+        folder.check({"seed": 1})
+    assert folder.check({"seed": 1}, overwrite=True)  # --overwrite may empty it
 
 
 def test_metadata_rows_and_a_broken_line(tmp_path):

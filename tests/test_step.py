@@ -10,25 +10,27 @@ import torch
 import yaml
 
 import train_defectfill as train
+from defectfill.cli import settings_from_args
 from defectfill.method import LossWeights
 from defectfill.models import add_lora_adapters, compile_models, load_models, set_memory_format
 from defectfill.step import DefectFillStep, LatentCache, StepConfig
 from defectfill.training.data import build_dataloader, load_training_split
+from defectfill.training.settings import TrainingSettings
 from tests.conftest import REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL
 
 
 @pytest.fixture
 def step_setup(tmp_path):
     """(step, models, batch): the tiny model with LoRA, the tiny config's step and a batch of 2 with per-sample seeds."""
-    args = train.parse_args([
+    settings = settings_from_args(TrainingSettings, train.parse_args([
         "--config", str(REPO_ROOT / "configs" / "tiny.yaml"), "--pretrained_model_name_or_path", str(TINY_MODEL),
         "--data_dir", str(SYNTHETIC_DATA), "--output_dir", str(tmp_path), "--train_batch_size", "2",
-    ])
-    models = load_models(args.pretrained_model_name_or_path)
-    add_lora_adapters(models, args.rank, args.lora_alpha)
-    step = DefectFillStep.build(models, "metal_nut", "sks", StepConfig.from_args(args))
-    rows, _ = load_training_split(args, "color")
-    batch = next(iter(build_dataloader(rows, args, 1)))
+    ]))
+    models = load_models(settings.model.pretrained_model_name_or_path)
+    add_lora_adapters(models, settings.optimization.rank, settings.optimization.lora_alpha)
+    step = DefectFillStep.build(models, "metal_nut", "sks", StepConfig.from_settings(settings.method))
+    rows, _ = load_training_split(settings, "color")
+    batch = next(iter(build_dataloader(rows, settings, 1)))
     return step, models, batch
 
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_defectfill as train
+from defectfill.cli import settings_from_args
 from defectfill.data.transform import PairTransform
 from defectfill.errors import RunFileError, TrainingError
 from defectfill.method import DEFAULT_TOKEN
@@ -23,7 +24,15 @@ from defectfill.runs.lora import ADAPTER_METADATA_FIELDS, load_lora_into, lora_l
 from defectfill.runs.records import RunRecord
 from defectfill.step import DefectFillStep, StepConfig
 from defectfill.training.checkpoints import resolve_resume_path
-from defectfill.training.data import augmentation_is_static, load_training_split
+from defectfill.training.data import load_training_split
+from defectfill.training.settings import (
+    DEFAULTS,
+    RECORDED_TRAINING_FIELDS,
+    AugmentationSettings,
+    TrainingSettings,
+    recorded_training,
+    tracker_config,
+)
 from defectfill.training.setup import prepare_models
 from tests.conftest import REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL
 
@@ -37,6 +46,10 @@ def tiny_args(output_dir: Path, *extra: str):
         "--validation_steps", "0", "--checkpointing_steps", "1000", "--report_to", "none", "--logging_steps", "1",
         *extra,
     ])
+
+
+def tiny_settings(output_dir: Path, *extra: str) -> TrainingSettings:
+    return settings_from_args(TrainingSettings, tiny_args(output_dir, *extra))
 
 
 def read_run(output_dir: Path) -> dict:
@@ -80,6 +93,34 @@ def test_seed_readme_aliases():
     args = train.parse_args(["--pretrained_model_name_or_path", "x", "--object_class", "bottle", "--data_dir", "d",
                              "--batch_size", "2", "--lora_rank", "16", "--save_steps", "50", "--resume_from", "latest"])
     assert (args.train_batch_size, args.rank, args.checkpointing_steps, args.resume_from_checkpoint) == (2, 16, 50, "latest")
+
+
+def test_settings_hold_every_flag_with_the_flags_defaults():
+    """main's settings: a field for every flag but the secret and --config, each the flag's dest, the defaults the flags'."""
+    from defectfill.settings import BaseModelSettings, DataSourceSettings, flat_settings
+
+    args = train.parse_args(["--pretrained_model_name_or_path", "x", "--object_class", "bottle", "--data_dir", "d"])
+    settings = settings_from_args(TrainingSettings, args)
+    assert settings == TrainingSettings(model=BaseModelSettings(pretrained_model_name_or_path="x"),
+                                        data=DataSourceSettings(data_dir="d", object_class="bottle"))
+    flat = flat_settings(settings)
+    assert set(vars(args)) - set(flat) == {"hub_token", "config"}
+    assert set(flat) - set(vars(args)) == {"layout"}  # a data-source setting this script has no flag for
+    assert all(flat[name] == value for name, value in vars(args).items() if name in flat)
+
+
+def test_the_record_chooses_its_training_settings_by_name():
+    """`training` holds exactly the allow-listed settings, and none is also a field of the record's own (each said once)."""
+    from dataclasses import fields as dataclass_fields
+
+    settings = DEFAULTS
+    assert list(recorded_training(settings)) == list(RECORDED_TRAINING_FIELDS)
+    record_fields = {f.name for f in dataclass_fields(RunRecord)}
+    assert not set(RECORDED_TRAINING_FIELDS) & record_fields
+    assert not {"output_dir", "data_dir", "split_file", "resume_from_checkpoint", "hub_model_id", "report_to",
+                "logging_dir", "cache_dir"} & set(RECORDED_TRAINING_FIELDS)
+    config = tracker_config(settings)
+    assert config["rank"] == 8 and "hub_token" not in config and None not in config.values()
 
 
 def test_every_flag_has_help():
@@ -147,6 +188,9 @@ def test_run_writes_diffusers_lora_and_metadata(trained_run):
     assert record["object_prompt"] == "A metal nut with sks" and record["defect_type"] == "color"
     assert record["split"]["defect_types"]["color"]["train"] == ["metal_nut/test/color/000.png", "metal_nut/test/color/001.png"]
     assert record["training_summary"]["global_step"] == 20
+    assert record["format_version"] == RunRecord.FORMAT_VERSION and set(record["training"]) == set(RECORDED_TRAINING_FIELDS)
+    assert record["training"]["max_train_steps"] == 20 and record["training"]["learning_rate"] == 5e-3
+    assert not set(record["training"]) & set(record)  # each setting said once
     card = (trained_run / "README.md").read_text()
     assert "base_model:" in card and "instance_prompt: A metal nut with sks" in card
     assert f"load_lora_weights({trained_run.name!r}, weight_name={LORA_FILENAME!r})" in card  # diffusers 0.35 offline needs it
@@ -318,16 +362,16 @@ def test_lora_files_are_readable_by_others(trained_run):
 def fixed_seed_defect_loss(run_dir: Path | None, tmp_path: Path, rank: int | None = None) -> float:
     """The defect loss of the tiny config's training images at a fixed seed, with the run's LoRA loaded (or
     fresh adapters, whose zero-initialised B makes them the base model; rank: the config's unless given)."""
-    args = tiny_args(tmp_path)
-    rows, _ = load_training_split(args, "color")
+    settings = tiny_settings(tmp_path)
+    rows, _ = load_training_split(settings, "color")
     transform = PairTransform(64)
     pairs = [transform(r["image"], r["mask"]) for r in rows]
     batch = {"pixel_values": torch.stack([p[0] for p in pairs] * 4), "masks": torch.stack([p[1] for p in pairs] * 4)}
-    models = load_models(args.pretrained_model_name_or_path)
-    add_lora_adapters(models, rank or args.rank, args.lora_alpha)
+    models = load_models(settings.model.pretrained_model_name_or_path)
+    add_lora_adapters(models, rank or settings.optimization.rank, settings.optimization.lora_alpha)
     if run_dir is not None:
         load_lora_into(run_dir, models.unet, models.text_encoder)
-    step = DefectFillStep.build(models, "metal_nut", "sks", StepConfig.from_args(args), capture=False)
+    step = DefectFillStep.build(models, "metal_nut", "sks", StepConfig.from_settings(settings.method), capture=False)
     torch.manual_seed(1234)
     with torch.no_grad(), step(batch) as output:
         return output.losses["defect"].item()
@@ -384,8 +428,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 def test_resume_latest_picks_the_newest_checkpoint(tmp_path, caplog):
     out = tmp_path / "run"
     train.main(tiny_args(out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--train_batch_size", "1"))
-    args = tiny_args(out, "--max_train_steps", "2", "--train_batch_size", "1", "--resume_from_checkpoint", "latest")
-    assert resolve_resume_path(args, out).name == "checkpoint-2"
+    assert resolve_resume_path(tiny_settings(out, "--resume_from_checkpoint", "latest").monitoring.resume_from_checkpoint,
+                               out).name == "checkpoint-2"
     with pytest.raises(TrainingError, match="is not a checkpoint folder"):
         train.main(tiny_args(out, "--resume_from_checkpoint", str(tmp_path / "nope")))
 
@@ -457,6 +501,7 @@ def test_push_to_hub_uploads_the_folder_without_checkpoints(tmp_path, monkeypatc
     upload = calls["upload"]
     assert upload["repo_id"] == Repo.repo_id and upload["folder_path"] == str(out)
     assert "checkpoint-*" in upload["ignore_patterns"] and "checkpoint-*/**" in upload["ignore_patterns"]
+    assert not [p for p in out.rglob("*") if p.is_file() and b"hf_x" in p.read_bytes()]  # the token is written nowhere
 
 
 def test_push_to_hub_offline_fails_clearly_and_keeps_the_run(tmp_path, monkeypatch):
@@ -512,7 +557,7 @@ def test_mixed_precision_keeps_trainable_lora_in_fp32(tmp_path):
     from types import SimpleNamespace
 
     accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision="bf16")
-    models = prepare_models(accelerator, tiny_args(tmp_path, "--mixed_precision", "bf16"))
+    models = prepare_models(accelerator, tiny_settings(tmp_path, "--mixed_precision", "bf16"))
     for model in (models.unet, models.text_encoder):
         trainable = [p for p in model.parameters() if p.requires_grad]
         frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -522,12 +567,10 @@ def test_mixed_precision_keeps_trainable_lora_in_fp32(tmp_path):
 
 
 def test_latent_cache_only_without_augmentation():
-    args = train.parse_args(["--pretrained_model_name_or_path", "x", "--object_class", "b", "--data_dir", "d"])
-    assert not augmentation_is_static(args)  # the paper's random resize changes pixels every epoch
-    args.max_scale = 1.0
-    assert augmentation_is_static(args)
-    args.random_flip = True
-    assert not augmentation_is_static(args)
+    assert not DEFAULTS.augmentation.is_static  # the paper's random resize changes pixels every epoch
+    assert AugmentationSettings(max_scale=1.0).is_static
+    assert not AugmentationSettings(max_scale=1.0, random_flip=True).is_static
+    assert not AugmentationSettings(max_scale=1.0, defect_crop_probability=0.5).is_static
 
 
 def test_resume_with_cached_latents_reproduces_the_uninterrupted_run(tmp_path):

@@ -40,10 +40,12 @@ from defectfill.runs.files import (
     SUMMARY_FILENAME,
     SYNTHESIS_FILENAME,
 )
+from defectfill.runs.records import FORMAT_VERSION_KEY, found_format
 
 logger = logging.getLogger("defectfill")
 
-FINGERPRINT_VERSION = 1
+# Format 2: `format_version` (1: `version`).
+FINGERPRINT_VERSION = 2
 # Folders whose files belong to one output each (named by its number); removed with an unfinished output.
 OUTPUT_FOLDERS = ("images", "masks", "candidates", "defect_masks", "semantic", "sources")
 
@@ -110,24 +112,20 @@ class SynthesisFolder:
     def has_outputs(self) -> bool:
         return bool(self.rows(require_files=False)) or any((self.path / "images").glob("*.png"))
 
-    def recorded_fingerprint(self, legacy_fields: Iterable[str] | None = None) -> dict | None:
-        """The fingerprint the folder was claimed with; for a folder from before fingerprints were recorded,
-        the `legacy_fields` of its synthesis.json (None when it has neither)."""
+    def recorded_fingerprint(self) -> tuple[object, dict] | None:
+        """(format version, fingerprint) the folder was claimed with; None when it records none."""
         path = self.path / FINGERPRINT_FILENAME
-        if path.is_file():
-            try:
-                return json.loads(path.read_text()).get("fingerprint", {})
-            except json.JSONDecodeError as error:
-                raise SynthesisError(f"{path} is not JSON ({error}); use another --output_dir") from error
-        record = self.path / SYNTHESIS_FILENAME
-        if legacy_fields is not None and record.is_file():
-            payload = json.loads(record.read_text())
-            return {name: payload.get(name) for name in legacy_fields}
-        return None
+        if not path.is_file():
+            return None
+        try:
+            payload = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise SynthesisError(f"{path} is not JSON ({error}); use another --output_dir") from error
+        return found_format(payload), payload.get("fingerprint", {})
 
     # -- the resume protocol ---------------------------------------------------------------------------
 
-    def check(self, fingerprint: dict, overwrite: bool | None = None, legacy_fields: Iterable[str] | None = None) -> list[str]:
+    def check(self, fingerprint: dict, overwrite: bool | None = None) -> list[str]:
         """Read only (call it before loading anything): what differs between the folder's outputs and
         `fingerprint`; an error unless the folder is new, empty, made with the same fingerprint, or `overwrite`
         (None: the writer has no --overwrite)."""
@@ -135,31 +133,32 @@ class SynthesisFolder:
             raise SynthesisError(f"--output_dir {self.path} exists and is not a folder")
         if not self.path.exists():
             return []
-        recorded = self.recorded_fingerprint(legacy_fields)
+        recorded = self.recorded_fingerprint()
         if recorded is None:
             changes = ["(no record of what made its outputs)"] if self.has_outputs() else []
-        elif (self.path / FINGERPRINT_FILENAME).is_file():
-            changes = fingerprint_differences(recorded, fingerprint)
-        else:  # a folder from before fingerprints: compare what its synthesis.json recorded
-            changes = fingerprint_differences(recorded, {name: fingerprint.get(name) for name in recorded})
+        elif recorded[0] != FINGERPRINT_VERSION:
+            changes = [f"(its {FINGERPRINT_FILENAME} is format {recorded[0]}, from another defectfill; this one writes format "
+                       f"{FINGERPRINT_VERSION})"]
+        else:
+            changes = fingerprint_differences(recorded[1], fingerprint)
         if changes and not overwrite:
             remedy = "the same flags to resume it" if overwrite is None else "--overwrite to delete them"
             raise SynthesisError(f"--output_dir {self.path} holds outputs made with other settings ({'; '.join(changes)}); "
                                  f"use a new --output_dir, or {remedy}")
         return changes
 
-    def claim(self, fingerprint: dict, overwrite: bool | None = None, legacy_fields: Iterable[str] | None = None) -> set[int]:
+    def claim(self, fingerprint: dict, overwrite: bool | None = None) -> set[int]:
         """Make the folder this fingerprint's, under the lock: resume it (remove the files of unfinished outputs),
         refuse another's (or empty it with `overwrite`), and record the fingerprint. Returns the outputs done."""
         self.path.mkdir(parents=True, exist_ok=True)
         with self.lock():
-            if self.check(fingerprint, overwrite, legacy_fields):
+            if self.check(fingerprint, overwrite):
                 self.clear()
             done = self.done()
             removed = self.remove_orphans(done)
             if removed:
                 logger.info("%s: removed %d files of unfinished outputs (the run was interrupted)", self.path, removed)
-            write_json_atomic(self.path / FINGERPRINT_FILENAME, {"version": FINGERPRINT_VERSION, "fingerprint": fingerprint})
+            write_json_atomic(self.path / FINGERPRINT_FILENAME, {FORMAT_VERSION_KEY: FINGERPRINT_VERSION, "fingerprint": fingerprint})
         return done
 
     def clear(self) -> None:

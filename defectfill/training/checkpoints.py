@@ -70,13 +70,13 @@ def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
         shutil.rmtree(old)
 
 
-def resolve_resume_path(args, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from: the one named, or with 'latest' the newest complete one in the run
-    folder (incomplete ones, e.g. from a run killed while saving, are skipped and named in the log)."""
-    if not args.resume_from_checkpoint:
+def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from (--resume_from_checkpoint): the one named, or with 'latest' the newest complete
+    one in the run folder (incomplete ones, e.g. from a run killed while saving, are skipped and named in the log)."""
+    if not resume_from_checkpoint:
         return None
-    if args.resume_from_checkpoint != "latest":
-        return Path(args.resume_from_checkpoint)
+    if resume_from_checkpoint != "latest":
+        return Path(resume_from_checkpoint)
     checkpoints = list_checkpoints(output_dir)
     for path in reversed(checkpoints):
         if is_complete_checkpoint(path):

@@ -14,6 +14,8 @@ from defectfill.data.mvtec import check_defect_types, list_defect_types, load_de
 from defectfill.data.split import few_shot_split, load_split, select_split
 from defectfill.data.transform import PairTransform
 from defectfill.errors import TrainingError
+from defectfill.settings import DataSourceSettings
+from defectfill.training.settings import TrainingSettings
 
 
 class FewShotDefectDataset(Dataset):
@@ -64,54 +66,53 @@ def collate(examples: list[dict]) -> dict:
     return {key: torch.stack([e[key] for e in examples]) for key in ("pixel_values", "masks", "row_index", "sample_seed")}
 
 
-def load_training_split(args, defect_type: str):
+def load_training_split(settings: TrainingSettings, defect_type: str):
     """The training rows of `defect_type` and the split (saved next to the run)."""
+    data, few_shot = settings.data, settings.few_shot
     full = load_defect_dataset(
-        args.object_class, data_dir=args.data_dir, dataset_name=args.dataset_name, defect_types=[defect_type],
-        **({"config_name": args.dataset_config_name, "cache_dir": args.cache_dir} if args.dataset_name else {}),
+        data.object_class, data_dir=data.data_dir, dataset_name=data.dataset_name, defect_types=[defect_type],
+        **({"config_name": data.dataset_config_name, "cache_dir": settings.model.cache_dir} if data.dataset_name else {}),
     )
-    if args.split_file:
-        split = load_split(args.split_file)
+    if few_shot.split_file:
+        split = load_split(few_shot.split_file)
         if defect_type not in split["defect_types"]:
-            raise TrainingError(f"--split_file {args.split_file} has no entry for defect type {defect_type!r}")
+            raise TrainingError(f"--split_file {few_shot.split_file} has no entry for defect type {defect_type!r}")
         split = {**split, "defect_types": {defect_type: split["defect_types"][defect_type]}}
     else:
-        split = few_shot_split(full, args.split_strategy, args.train_fraction, args.train_count, args.seed)
+        split = few_shot_split(full, few_shot.split_strategy, few_shot.train_fraction, few_shot.train_count, settings.seed)
     train_rows = select_split(full, split, "train")
     if len(train_rows) == 0:
-        raise TrainingError(f"no training image of {args.object_class}/{defect_type} in the split")
+        raise TrainingError(f"no training image of {data.object_class}/{defect_type} in the split")
     return train_rows, split
 
 
-def build_dataloader(train_rows, args, num_processes: int) -> DataLoader:
-    transform = PairTransform(args.resolution, (1.0, args.max_scale), args.random_flip, args.defect_crop_probability,
-                                 args.defect_crop_context)
-    sampler = EpochShuffleSampler(len(train_rows), args.train_batch_size * num_processes, args.seed)
+def build_dataloader(train_rows, settings: TrainingSettings, num_processes: int) -> DataLoader:
+    augmentation, batch_size = settings.augmentation, settings.optimization.train_batch_size
+    transform = PairTransform(augmentation.resolution, (1.0, augmentation.max_scale), augmentation.random_flip,
+                              augmentation.defect_crop_probability, augmentation.defect_crop_context)
+    sampler = EpochShuffleSampler(len(train_rows), batch_size * num_processes, settings.seed)
     return DataLoader(
-        FewShotDefectDataset(train_rows, transform), batch_size=args.train_batch_size, sampler=sampler,
-        collate_fn=collate, num_workers=args.dataloader_num_workers, drop_last=True,
+        FewShotDefectDataset(train_rows, transform), batch_size=batch_size, sampler=sampler,
+        collate_fn=collate, num_workers=settings.runtime.dataloader_num_workers, drop_last=True,
         # Its own generator: creating an iterator would otherwise draw from the global torch RNG, so a
         # resumed run (new iterator after the restored RNG state) would draw different noise.
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(settings.seed),
     )
 
 
-def augmentation_is_static(args) -> bool:
-    """True when a row's transformed pixels are the same every epoch (latents may be cached)."""
-    return args.max_scale == 1.0 and not args.random_flip and args.defect_crop_probability == 0
-
-
-def defect_types_to_train(args) -> list[str]:
-    if args.dataset_name:
-        if args.defect_type in (None, "all"):
+def defect_types_to_train(data: DataSourceSettings, defect_type: str | None) -> list[str]:
+    """The defect types a command trains: `defect_type` (--defect_type), every one of the class with "all", or the
+    class's only one when None."""
+    if data.dataset_name:
+        if defect_type in (None, "all"):
             raise TrainingError("with --dataset_name, give --defect_type")
-        return [args.defect_type]
-    available = list_defect_types(args.data_dir, args.object_class)
-    if args.defect_type == "all":
+        return [defect_type]
+    available = list_defect_types(data.data_dir, data.object_class)
+    if defect_type == "all":
         return available
-    if args.defect_type is None:
+    if defect_type is None:
         if len(available) != 1:
-            raise TrainingError(f"{args.object_class} has defect types {', '.join(available)}: choose one with --defect_type (or 'all')")
+            raise TrainingError(f"{data.object_class} has defect types {', '.join(available)}: choose one with --defect_type (or 'all')")
         return available
-    check_defect_types([args.defect_type], available, f"{args.data_dir}/{args.object_class}")
-    return [args.defect_type]
+    check_defect_types([defect_type], available, f"{data.data_dir}/{data.object_class}")
+    return [defect_type]

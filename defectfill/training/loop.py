@@ -13,6 +13,7 @@ from defectfill.errors import TrainingError
 from defectfill.models import Models
 from defectfill.step import DefectFillStep
 from defectfill.training.checkpoints import checkpoint_step, save_checkpoint
+from defectfill.training.settings import TrainingSettings
 from defectfill.training.validation import Validation, log_validation
 
 logger = logging.getLogger("defectfill")
@@ -44,13 +45,14 @@ class NonFiniteGuard:
 class TrainingLoop:
     """The optimisation loop: steps, skips, logging, checkpoints and validation."""
 
-    def __init__(self, accelerator, models: Models, args, defectfill_step: DefectFillStep, optimizer, dataloader, lr_scheduler,
-                 output_dir: Path):
-        self.accelerator, self.models, self.args, self.step = accelerator, models, args, defectfill_step
+    def __init__(self, accelerator, models: Models, settings: TrainingSettings, defectfill_step: DefectFillStep, optimizer,
+                 dataloader, lr_scheduler, output_dir: Path):
+        self.accelerator, self.models, self.settings, self.step = accelerator, models, settings, defectfill_step
+        self.optimization, self.monitoring = settings.optimization, settings.monitoring
         self.optimizer, self.dataloader, self.lr_scheduler, self.output_dir = optimizer, dataloader, lr_scheduler, output_dir
         self.global_step, self.first_epoch, self.skip_batches = 0, 0, 0
-        self.guard = NonFiniteGuard(args.max_nonfinite_steps)
-        self.steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+        self.guard = NonFiniteGuard(self.optimization.max_nonfinite_steps)
+        self.steps_per_epoch = math.ceil(len(dataloader) / self.optimization.gradient_accumulation_steps)
         self.history: list[dict[str, float]] = []
 
     def resume(self, path: Path | None) -> None:
@@ -60,15 +62,15 @@ class TrainingLoop:
         self.accelerator.load_state(str(path))
         self.global_step = checkpoint_step(path)
         self.first_epoch = self.global_step // self.steps_per_epoch
-        self.skip_batches = (self.global_step % self.steps_per_epoch) * self.args.gradient_accumulation_steps
+        self.skip_batches = (self.global_step % self.steps_per_epoch) * self.optimization.gradient_accumulation_steps
 
     def trainable_parameters(self):
-        models = [self.models.unet] + ([self.models.text_encoder] if self.args.train_text_encoder else [])
+        models = [self.models.unet] + ([self.models.text_encoder] if self.optimization.train_text_encoder else [])
         return [p for m in models for p in m.parameters() if p.requires_grad]
 
     def run(self, bar, validation: Validation) -> None:
         epoch = self.first_epoch
-        while self.global_step < self.args.max_train_steps:
+        while self.global_step < self.optimization.max_train_steps:
             self.dataloader.set_epoch(epoch)
             batches = self.dataloader
             if epoch == self.first_epoch and self.skip_batches:
@@ -77,7 +79,7 @@ class TrainingLoop:
                 if self.train_step(batch):
                     bar.update(1)
                     self.after_optimizer_step(validation)
-                if self.global_step >= self.args.max_train_steps:
+                if self.global_step >= self.optimization.max_train_steps:
                     return
             epoch += 1
 
@@ -85,7 +87,7 @@ class TrainingLoop:
         """One micro-batch; True when it completed an optimizer step."""
         models, accelerator = self.models, self.accelerator
         models.unet.train()
-        if self.args.train_text_encoder:
+        if self.optimization.train_text_encoder:
             models.text_encoder.train()
         with accelerator.accumulate(models.unet, models.text_encoder):
             with self.step(batch) as output:  # backward inside: the [V*] capture records until it is done
@@ -95,21 +97,21 @@ class TrainingLoop:
                     return False
                 accelerator.backward(losses["loss"])
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(self.trainable_parameters(), self.args.max_grad_norm)
+                accelerator.clip_grad_norm_(self.trainable_parameters(), self.optimization.max_grad_norm)
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
             return False
         self.global_step += 1
-        if self.global_step % self.args.logging_steps == 0 or self.global_step == self.args.max_train_steps:
+        if self.global_step % self.monitoring.logging_steps == 0 or self.global_step == self.optimization.max_train_steps:
             self.log(losses)
         return True
 
     def log(self, terms: dict[str, torch.Tensor]) -> None:
         values = {f"loss/{k}": v.detach().item() for k, v in terms.items()}
         values["lr/unet"] = self.lr_scheduler.get_last_lr()[0]
-        if self.args.train_text_encoder:
+        if self.optimization.train_text_encoder:
             values["lr/text_encoder"] = self.lr_scheduler.get_last_lr()[1]
         values["skipped_nonfinite_steps"] = self.guard.total
         self.history.append({"step": self.global_step, **values})
@@ -120,9 +122,9 @@ class TrainingLoop:
                 "last_logged": self.history[-1] if self.history else None}
 
     def after_optimizer_step(self, validation: Validation) -> None:
-        args, accelerator = self.args, self.accelerator
-        if args.checkpointing_steps and self.global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, self.output_dir, self.global_step, args.checkpoints_total_limit)
-        if args.validation_steps and self.global_step % args.validation_steps == 0 and self.global_step < args.max_train_steps:
+        monitoring, accelerator, step = self.monitoring, self.accelerator, self.global_step
+        if monitoring.checkpointing_steps and step % monitoring.checkpointing_steps == 0:
+            save_checkpoint(accelerator, self.output_dir, step, monitoring.checkpoints_total_limit)
+        if monitoring.validation_steps and step % monitoring.validation_steps == 0 and step < self.optimization.max_train_steps:
             if accelerator.is_main_process:
-                log_validation(accelerator, self.models, args, validation, self.global_step, self.step)
+                log_validation(accelerator, self.models, self.settings, validation, step, self.step)

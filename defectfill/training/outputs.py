@@ -7,7 +7,6 @@ import os
 import tempfile
 from pathlib import Path
 
-from defectfill.cli import public_options
 from defectfill.data.split import save_split
 from defectfill.errors import TrainingError
 from defectfill.fileio import save_image_atomic, write_text_atomic
@@ -17,6 +16,7 @@ from defectfill.runs.files import CHECKPOINT_PREFIX, LORA_FILENAME, MODEL_CARD_F
 from defectfill.runs.hub import upload_folder_to_hub
 from defectfill.runs.lora import save_lora
 from defectfill.runs.records import RunRecord
+from defectfill.training.settings import TrainingSettings, recorded_training
 
 
 def resolved_if_local(name_or_path: str) -> str:
@@ -25,30 +25,16 @@ def resolved_if_local(name_or_path: str) -> str:
     return str(path.resolve()) if path.exists() else str(name_or_path)
 
 
-# Options that say where things are or how a run is watched, not what the LoRA learns: left out of `training_options`.
-NOT_TRAINING_OPTIONS = ("pretrained_model_name_or_path", "data_dir", "dataset_name", "cache_dir", "output_dir", "split_file",
-                        "resume_from_checkpoint", "logging_dir", "report_to", "logging_steps", "push_to_hub", "hub_model_id",
-                        "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "num_validation_images",
-                        "num_inference_steps", "guidance_scale", "dataloader_num_workers", "config")
-
-
-def training_options(args) -> dict:
-    """The run's training options as the run record keeps them (`public_options`: never a secret)."""
-    return {key: value for key, value in public_options(args).items() if key not in NOT_TRAINING_OPTIONS}
-
-
-def run_record(args, defect_type: str, split: dict) -> RunRecord:
-    """What synthesis needs to use the run (defectfill_run.json next to the LoRA), the training-time scale included."""
+def run_record(settings: TrainingSettings, defect_type: str, split: dict) -> RunRecord:
+    """What synthesis needs to use the run (defectfill_run.json next to the LoRA), and the training settings that
+    decide the LoRA (`recorded_training`), the training-time scale included."""
+    model, data, token = settings.model, settings.data, settings.method.token
     return RunRecord(
-        base_model=resolved_if_local(args.pretrained_model_name_or_path), revision=args.revision, token=args.token,
-        object_class=args.object_class, defect_type=defect_type, defect_prompt=defect_prompt(args.token),
-        object_prompt=object_prompt(args.object_class, args.token), resolution=args.resolution, rank=args.rank,
-        lora_alpha=args.lora_alpha, train_text_encoder=args.train_text_encoder,
-        loss_weights={"defect": args.lambda_defect, "object": args.lambda_object, "attention": args.lambda_attention},
-        max_train_steps=args.max_train_steps, seed=args.seed, data_dir=resolved_if_local(args.data_dir) if args.data_dir else None,
-        dataset_name=args.dataset_name, split=split, max_scale=args.max_scale,
-        defect_crop_probability=args.defect_crop_probability, crop_context=args.defect_crop_context,
-        training_options=training_options(args),
+        base_model=resolved_if_local(model.pretrained_model_name_or_path), revision=model.revision, token=token,
+        object_class=data.object_class, defect_type=defect_type, defect_prompt=defect_prompt(token),
+        object_prompt=object_prompt(data.object_class, token), resolution=settings.augmentation.resolution, split=split,
+        data_dir=resolved_if_local(data.data_dir) if data.data_dir else None, dataset_name=data.dataset_name,
+        training=recorded_training(settings),
     )
 
 
@@ -73,7 +59,7 @@ def save_model_card(output_dir: Path, record: RunRecord, repo_id: str | None, im
         save_image_atomic(image, output_dir / f"validation_{index}.png")
         widget.append({"text": record.object_prompt, "output": {"url": f"validation_{index}.png"}})
     n_train = sum(len(e["train"]) for e in record.split["defect_types"].values())
-    weights = record.loss_weights
+    training = record.training
     data = ModelCardData(
         license="openrail++", base_model=record.base_model, library_name="diffusers",
         tags=["stable-diffusion", "stable-diffusion-diffusers", "diffusers", "inpainting", "lora", "defectfill",
@@ -107,13 +93,13 @@ Or with Low-Fidelity Selection and an exact background: `python infer_defectfill
 
 | setting | value |
 |---|---|
-| steps | {record.max_train_steps} |
+| steps | {training["max_train_steps"]} |
 | resolution | {record.resolution} |
 | defect scale | {record.defect_crop_probability or 0:.0%} defect crops (context {record.crop_context}), max resize {record.max_scale} |
 | LoRA rank / alpha | {record.rank} / {record.lora_alpha} |
 | text-encoder LoRA | {record.train_text_encoder} |
-| loss weights (defect, object, attention) | {weights['defect']}, {weights['object']}, {weights['attention']} |
-| seed | {record.seed} |
+| loss weights (defect, object, attention) | {training["lambda_defect"]}, {training["lambda_object"]}, {training["lambda_attention"]} |
+| seed | {training["seed"]} |
 
 Scale: {training_scale_note(record)}
 
@@ -123,23 +109,24 @@ needs is in `defectfill_run.json`.
     write_text_atomic(output_dir / MODEL_CARD_FILENAME, str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")))
 
 
-def save_final_outputs(accelerator, models: Models, args, output_dir: Path, record: RunRecord, images=None) -> None:
+def save_final_outputs(accelerator, models: Models, output_dir: Path, record: RunRecord, hub_model_id: str | None,
+                       images=None) -> None:
     """LoRA, run JSON, split and model card, each written to a temp name then moved into place."""
     unet = accelerator.unwrap_model(models.unet)
-    text_encoder = accelerator.unwrap_model(models.text_encoder) if args.train_text_encoder else None
+    text_encoder = accelerator.unwrap_model(models.text_encoder) if record.train_text_encoder else None
     with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
         save_lora(tmp, unet, text_encoder)
         os.replace(Path(tmp) / LORA_FILENAME, output_dir / LORA_FILENAME)
     record.write(output_dir)
     save_split(record.split, output_dir / SPLIT_FILENAME)
-    save_model_card(output_dir, record, args.hub_model_id, images)
+    save_model_card(output_dir, record, hub_model_id, images)
 
 
-def push_to_hub(output_dir: Path, args) -> str:
-    """Upload the run folder (LoRA, run JSON, split, model card, validation images, TensorBoard logs);
-    checkpoints stay local."""
+def push_to_hub(output_dir: Path, hub_model_id: str | None, token: str | None = None) -> str:
+    """Upload the run folder (LoRA, run JSON, split, model card, validation images, TensorBoard logs) to
+    `hub_model_id` (None: the folder's name) with the Hub `token` (None: the login's); checkpoints stay local."""
     try:
-        return upload_folder_to_hub(output_dir, args.hub_model_id, args.hub_token, commit_message="DefectFill LoRA",
+        return upload_folder_to_hub(output_dir, hub_model_id, token, commit_message="DefectFill LoRA",
                                        ignore_patterns=[f"{CHECKPOINT_PREFIX}*/**", f"{CHECKPOINT_PREFIX}*"])
     except Exception as error:  # offline, bad token, no write access: the run itself is safe on disk
         raise TrainingError(f"the run is saved in {output_dir}, but pushing it to the Hub failed: {error}") from error

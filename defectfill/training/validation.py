@@ -19,8 +19,10 @@ from defectfill.data.transform import PairTransform
 from defectfill.models import Models
 from defectfill.runs.records import RunRecord
 from defectfill.runs.settings import plan_run
+from defectfill.settings import BaseModelSettings
 from defectfill.step import DefectFillStep
 from defectfill.synthesis import SynthesisSettings, prepare_job, round_robin, synthesize
+from defectfill.training.settings import TrainingSettings
 
 logger = logging.getLogger("defectfill")
 
@@ -33,22 +35,23 @@ class Validation:
     pairs: list[tuple[Path, Path]] = field(default_factory=list)
 
 
-def validation_setup(args, record: RunRecord, output_dir: Path) -> Validation:
+def validation_setup(settings: TrainingSettings, record: RunRecord, output_dir: Path) -> Validation:
     """Held-out good images (`test/good`, else any good image) with the run's held-out masks, round-robin, painted
     with the run's synthesis settings (`plan_run`: its prompt, resolution and training scale) and one candidate
     per pair (no LPIPS model inside the training loop). No pairs when the data is not a local folder."""
-    settings = plan_run(str(output_dir), record, num_candidates=1, num_inference_steps=args.num_inference_steps,
-                        guidance_scale=args.guidance_scale, seed=args.seed).settings
-    if args.data_dir is None or args.validation_steps <= 0 or args.num_validation_images <= 0:
-        return Validation(settings)
-    goods = list_good_images(args.data_dir, args.object_class, splits=("test",)) or list_good_images(args.data_dir, args.object_class)
-    masks = list_heldout_masks(args.data_dir, record.split, record.defect_type)
+    monitoring, data = settings.monitoring, settings.data
+    painting = plan_run(str(output_dir), record, num_candidates=1, num_inference_steps=monitoring.num_inference_steps,
+                        guidance_scale=monitoring.guidance_scale, seed=settings.seed).settings
+    if data.data_dir is None or monitoring.validation_steps <= 0 or monitoring.num_validation_images <= 0:
+        return Validation(painting)
+    goods = list_good_images(data.data_dir, data.object_class, splits=("test",)) or list_good_images(data.data_dir, data.object_class)
+    masks = list_heldout_masks(data.data_dir, record.split, record.defect_type)
     if not goods or not masks:
-        return Validation(settings)
-    return Validation(settings, round_robin(goods, masks, args.num_validation_images))
+        return Validation(painting)
+    return Validation(painting, round_robin(goods, masks, monitoring.num_validation_images))
 
 
-def log_validation(accelerator, models: Models, args, validation: Validation, step: int,
+def log_validation(accelerator, models: Models, settings: TrainingSettings, validation: Validation, step: int,
                    defectfill_step: DefectFillStep | None) -> list:
     """Inpaint the validation pairs with the current LoRA through the synthesis core and log the generated
     regions (what synthesis pastes back) and the [V*] map. Runs on a fork of the random state: validating
@@ -59,25 +62,26 @@ def log_validation(accelerator, models: Models, args, validation: Validation, st
     python_state = random.getstate()
     try:
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(args.seed)
-            images = validation_images(accelerator, models, args, validation)
+            torch.manual_seed(settings.seed)
+            images = validation_images(accelerator, models, settings.model, validation)
             log_images(accelerator, "validation", images, step)
             if defectfill_step is not None and defectfill_step.records_attention:
-                log_attention_preview(accelerator, args, validation.pairs[0], step, defectfill_step)
+                resolution = settings.augmentation.resolution
+                log_attention_preview(accelerator, resolution, validation.pairs[0], step, defectfill_step)
             return images
     finally:
         random.setstate(python_state)
 
 
-def validation_images(accelerator, models: Models, args, validation: Validation) -> list:
+def validation_images(accelerator, models: Models, model: BaseModelSettings, validation: Validation) -> list:
     from diffusers import StableDiffusionInpaintPipeline
     from PIL import Image
 
     pipeline = StableDiffusionInpaintPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=accelerator.unwrap_model(models.unet),
+        model.pretrained_model_name_or_path, unet=accelerator.unwrap_model(models.unet),
         text_encoder=accelerator.unwrap_model(models.text_encoder), vae=models.vae, tokenizer=models.tokenizer,
-        revision=args.revision, variant=args.variant, torch_dtype=models.vae.dtype, safety_checker=None,
-        requires_safety_checker=False, cache_dir=args.cache_dir,
+        revision=model.revision, variant=model.variant, torch_dtype=models.vae.dtype, safety_checker=None,
+        requires_safety_checker=False, cache_dir=model.cache_dir,
     )
     pipeline.set_progress_bar_config(disable=True)
     settings = validation.settings
@@ -91,12 +95,13 @@ def validation_images(accelerator, models: Models, args, validation: Validation)
     return [result.region for result in results]
 
 
-def final_validation(accelerator, models: Models, args, validation: Validation, step: int, defectfill_step: DefectFillStep) -> list:
+def final_validation(accelerator, models: Models, settings: TrainingSettings, validation: Validation, step: int,
+                     defectfill_step: DefectFillStep) -> list:
     """The last validation, after the run is saved: a failure is logged, and the run stays whole."""
     if not validation.pairs:
         return []
     try:
-        return log_validation(accelerator, models, args, validation, step, defectfill_step)
+        return log_validation(accelerator, models, settings, validation, step, defectfill_step)
     except Exception as error:  # the LoRA and run file are already on disk; validation is a view of them
         logger.error("the final validation failed (the trained LoRA is saved): %s: %s", type(error).__name__, error)
         return []
@@ -112,11 +117,11 @@ def log_images(accelerator, name: str, images: list, step: int) -> None:
             tracker.log({name: [wandb.Image(i) for i in images]}, step=step)
 
 
-def log_attention_preview(accelerator, args, pair, step: int, defectfill_step: DefectFillStep) -> None:
+def log_attention_preview(accelerator, resolution: int, pair, step: int, defectfill_step: DefectFillStep) -> None:
     """The [V*] map of the object branch on a validation pair (a seeded random timestep), next to its mask."""
     from PIL import Image
 
-    image, mask = PairTransform(args.resolution)(Image.open(pair[0]), Image.open(pair[1]))
+    image, mask = PairTransform(resolution)(Image.open(pair[0]), Image.open(pair[1]))
     dtype = defectfill_step.vae.dtype
     batch = {"pixel_values": image[None].to(accelerator.device, dtype), "masks": mask[None].to(accelerator.device, dtype)}
     preview = dataclasses.replace(defectfill_step, unet=accelerator.unwrap_model(defectfill_step.unet),
