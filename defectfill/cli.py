@@ -7,8 +7,10 @@ script calls so that any `DefectFillError` ends the command with its message and
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import yaml
 
@@ -131,6 +133,25 @@ def add_selection_arguments(group) -> None:
                             "candidates x select_at x steps + keep x (1 - select_at) x steps.")
     group.add_argument("--keep", type=int, default=SynthesisSettings.keep,
                        help="With --select_at < 1: the candidates that go on to the last step; the best finished one is kept.")
+
+
+Settings = TypeVar("Settings")
+
+
+def settings_from_args(cls: type[Settings], args: argparse.Namespace) -> Settings:
+    """The frozen settings dataclass `cls` filled from parsed flags: every field from the attribute of the same
+    name (a list becomes a tuple), a field whose type is itself a dataclass filled the same way from the same
+    flags, a field the Namespace lacks keeping its default. Field names are the flags' dests: one name."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            values[field.name] = settings_from_args(hint, args)
+        elif hasattr(args, field.name):
+            value = getattr(args, field.name)
+            values[field.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
 
 
 # Options whose values are secrets: never written to a tracker, a log line, a run file, a model card or an upload.

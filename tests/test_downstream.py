@@ -391,7 +391,7 @@ def test_the_readme_demo_config_parses_to_the_documented_settings():
     assert (args.epochs, args.samples_per_epoch, args.encoder_weights, args.validation_fraction) == (8, 48, "none", 0.0)
     assert args.synthetic_shares == [1, 2] and args.with_real and not args.allow_test_leak
     build = yaml.safe_load((REPO_ROOT / "configs" / "tiny_build.yaml").read_text())
-    assert (build["output_dir"], build["mask_source"], build["mask_from"]) == ("outputs/tiny-dataset-metal_nut", "augment", "train")
+    assert (build["output_dir"], build["mask_augment"], build["mask_from"]) == ("outputs/tiny-dataset-metal_nut", True, "train")
     readme = (REPO_ROOT / "README.md").read_text()
     block = ("python train_defectfill.py --config configs/tiny.yaml --defect_type all --output_dir outputs/tiny-metal_nut\n"
              "python build_dataset_defectfill.py --config configs/tiny_build.yaml\n"
