@@ -28,8 +28,9 @@ from defectfill.build.augment import (
 from defectfill.build.defect_masks import visible_at_latent_size
 from defectfill.build.export import default_export_dir
 from defectfill.build.plan import defect_index_table, discover_runs, make_items, parse_defects_per_image
-from defectfill.build.settings import BuildMaskSettings
+from defectfill.build.settings import BuildMaskSettings, BuildSettings
 from defectfill.build.summary import preview_rows
+from defectfill.cli import settings_from_args
 from defectfill.errors import BuildError, DownstreamError, RunFileError, SynthesisError
 from defectfill.masks import MaskSource
 from defectfill.runs.files import (
@@ -183,6 +184,14 @@ def test_the_mask_flags_name_one_origin(tmp_path):
             build.parse_args([*base, *bad])
     with pytest.raises(BuildError, match="--mask_dir"):
         BuildMaskSettings(mask_from=MaskSource.DIR)
+
+
+def test_the_demo_build_config_parses_to_its_settings():
+    settings = settings_from_args(BuildSettings, build.parse_args(["--config", str(REPO_ROOT / "configs" / "tiny_build.yaml")]))
+    assert settings.lora == ("outputs/tiny-metal_nut",) and settings.num_images == 6
+    assert (settings.masks.mask_from, settings.masks.mask_dir, settings.masks.mask_augment) == (MaskSource.TRAIN, None, True)
+    assert settings.masks.defects_per_image == "1:0.7,2:0.3" and settings.output.export == "mvtec"
+    assert (settings.generation.scheduler, settings.generation.num_inference_steps) == ("DPMSolverMultistepScheduler", 10)
 
 
 def test_a_folder_holding_another_build_is_refused(class_runs, tmp_path):
