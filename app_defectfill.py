@@ -30,10 +30,11 @@ from typing import Sequence
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no telemetry
 
 from defectfill.app.handlers import AppState  # noqa: E402
-from defectfill.app.policy import PUBLIC_DATASET_ROOT, AppPolicy, mode_errors, serving_mode  # noqa: E402
+from defectfill.app.policy import GENERATE_SETTINGS, PUBLIC_DATASET_ROOT, AppPolicy, mode_errors, serving_mode  # noqa: E402
 from defectfill.app.runs import AppPaths  # noqa: E402
+from defectfill.app.settings import AppSettings  # noqa: E402
 from defectfill.app.ui import build_app, launch  # noqa: E402
-from defectfill.cli import add_selection_arguments, parse_args_with_config, run_main  # noqa: E402
+from defectfill.cli import add_selection_arguments, parse_args_with_config, run_main, settings_from_args  # noqa: E402
 
 logger = logging.getLogger("defectfill")
 
@@ -94,7 +95,7 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     if not 0 < args.select_at <= 1 or args.keep < 1:
         parser.error(f"--select_at must be in (0, 1] and --keep >= 1, got {args.select_at} and {args.keep}")
     public, _ = serving_mode(args.public, args.private, args.share, args.server_name)
-    errors = mode_errors(args, public)
+    errors = mode_errors(args.private, args.share, {name: getattr(args, name) for name in GENERATE_SETTINGS}, public)
     if errors:
         parser.error("; ".join(errors))
     return args
@@ -102,19 +103,21 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if args.lora is None:
+    settings = settings_from_args(AppSettings, args)
+    if settings.lora is None:
         logger.info("no --lora: opening the bundled demo run %s (tiny 64 px model, offline, CPU)", PATHS.shown(PATHS.demo_run))
-    policy = AppPolicy.from_args(args, PATHS)  # a wrong --lora fails here, in the CLI's words, before a server starts
+    policy = AppPolicy.from_settings(settings, PATHS)  # a wrong --lora fails here, in the CLI's words, before a server starts
     logger.info("%s", policy.mode_note().replace("**", "").replace("`", ""))
     if policy.public:
         logger.info("runs served: %s; dataset root: %s", ", ".join(policy.runs),
                     policy.dataset_root if policy.datasets else "off (--no-public_datasets)")
-    state = AppState.from_args(args, PATHS)
+    state = AppState.from_settings(settings, PATHS)
     logger.info("%s", state.selection_note.replace("**", ""))
     logger.info("device %s, dtype %s", state.device, str(state.dtype).replace("torch.", ""))
     logger.info("the pipeline (base model + LoRA) loads on the first Generate")
     app = build_app(state, policy=policy)
-    launch(app, policy, server_name=args.server_name, server_port=args.server_port, share=args.share)
+    server = settings.server
+    launch(app, policy, server_name=server.server_name, server_port=server.server_port, share=server.share)
     return app
 
 

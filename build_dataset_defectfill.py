@@ -3,7 +3,7 @@
 shapes, sometimes several defects in one image, exact labels, on every process `accelerate launch` starts.
 
     python build_dataset_defectfill.py --lora runs/metal_nut --num_images 50 --output_dir synthetic/metal_nut \
-        --mask_source augment --defects_per_image 1:0.8,2:0.2 --export mvtec
+        --mask_from train --defects_per_image 1:0.8,2:0.2 --export mvtec
     accelerate launch build_dataset_defectfill.py ...   # the same images, split across the processes
 
 `--lora` is the folder `train_defectfill.py --defect_type all` writes (one run per defect type) or several
@@ -26,9 +26,10 @@ from typing import Sequence
 
 from defectfill.build.builder import build_dataset
 from defectfill.build.plan import parse_defects_per_image
-from defectfill.cli import add_model_arguments, add_selection_arguments, parse_args_with_config, run_main
-from defectfill.data.mvtec import MASK_FROM
+from defectfill.build.settings import BuildSettings
+from defectfill.cli import add_model_arguments, add_selection_arguments, parse_args_with_config, run_main, settings_from_args
 from defectfill.errors import DefectFillError
+from defectfill.masks import SPLIT_MASK_SOURCES, mask_origin
 from defectfill.synthesis import Scorer, check_selection
 
 # ----------------------------------------------------------------------------------------------------
@@ -54,25 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_images", type=int, default=10, help="Images per defect type (the type painted first).")
 
     masks = p.add_argument_group("masks")
-    masks.add_argument("--mask_source", default="augment",
-                       help="augment: new masks drawn from the runs' real masks (those of --mask_from); heldout (or real): "
-                            "those real masks as they are; or a folder of user-drawn masks (<DIR>/<defect_type>/*.png, or "
-                            "<DIR>/*.png for every type).")
-    masks.add_argument("--mask_from", default="train", choices=MASK_FROM,
-                       help="Which real masks of each run's few-shot split augment and heldout draw from: train (the "
-                            "default: a training set for a detector then holds no shape or position of its test defects) "
-                            "or heldout (the test set's masks; for looking at the generator, not for training a detector: "
-                            "downstream_defectfill.py refuses such a set unless --allow_test_leak).")
-    masks.add_argument("--mask_max_rotation", type=float, default=180.0, help="augment: rotation in degrees, uniform in [-x, x].")
-    masks.add_argument("--mask_scale", type=float, nargs=2, default=(0.75, 1.25), metavar=("MIN", "MAX"), help="augment: scale range.")
+    masks.add_argument("--mask_from", default=None, choices=SPLIT_MASK_SOURCES,
+                       help="Which real masks of each run's few-shot split the defects are painted in: train (the default: "
+                            "a training set for a detector then holds no shape or position of its test defects) or heldout "
+                            "(the test set's masks; for looking at the generator, not for training a detector: "
+                            "downstream_defectfill.py refuses such a set unless --allow_test_leak). Recorded as mask_from.")
+    masks.add_argument("--mask_dir", default=None,
+                       help="A folder of user-drawn masks instead of the split's (<DIR>/<defect_type>/*.png, or <DIR>/*.png "
+                            "for every type); recorded as mask_from: dir. Not with --mask_from.")
+    masks.add_argument("--mask_augment", action=argparse.BooleanOptionalAction, default=True,
+                       help="Draw new masks from the real ones (flips, rotation, scale, elastic warp, a new position on the "
+                            "object: the --mask_* options below); --no-mask_augment uses the masks as they are.")
+    masks.add_argument("--mask_max_rotation", type=float, default=180.0, help="--mask_augment: rotation in degrees, uniform in [-x, x].")
+    masks.add_argument("--mask_scale", type=float, nargs=2, default=(0.75, 1.25), metavar=("MIN", "MAX"),
+                       help="--mask_augment: scale range.")
     masks.add_argument("--mask_elastic", type=float, default=0.04,
-                       help="augment: elastic warp, as a fraction of the mask's size (0 = off).")
+                       help="--mask_augment: elastic warp, as a fraction of the mask's size (0 = off).")
     masks.add_argument("--mask_flip", action=argparse.BooleanOptionalAction, default=True,
-                       help="augment: random horizontal/vertical flips.")
+                       help="--mask_augment: random horizontal/vertical flips.")
     masks.add_argument("--mask_jitter", type=float, default=None,
-                       help="augment: keep each new mask within this fraction of the image side of where its real mask was "
+                       help="--mask_augment: keep each new mask within this fraction of the image side of where its real mask was "
                             "(position-bound defects); default: anywhere on the object.")
-    masks.add_argument("--mask_attempts", type=int, default=50, help="augment: masks drawn per defect before the defect is skipped.")
+    masks.add_argument("--mask_attempts", type=int, default=50, help="--mask_augment: masks drawn per defect before the defect is skipped.")
     masks.add_argument("--foreground_dir", default=None,
                        help="Object masks of the good images (same relative path or file stem, optionally _mask); default: "
                             "estimated from each good image (mask_augment.estimate_foreground).")
@@ -99,8 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--crop_context", type=float, default=None, help="Context around the mask in the crop; default: the run's.")
     add_selection_arguments(gen)
     gen.add_argument("--lpips_net", default="alex", choices=("alex", "vgg", "squeeze"), help="LPIPS backbone.")
-    gen.add_argument("--lpips_random_backbone", action="store_true",
-                     help="LPIPS with a random backbone: offline tests and benchmarks only, never for a real dataset.")
 
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", default="defectfill-dataset", help="Output folder (imagefolder layout).")
@@ -112,7 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
                           "imagefolder would read test/ as a split).")
     out.add_argument("--export_good", default="copy", choices=("copy", "symlink", "none"),
                      help="How --export brings the good images (train/good, test/good).")
-    out.add_argument("--preview_rows", type=int, default=8, help="Rows of preview.png (clean | mask | generated).")
     return p
 
 
@@ -130,7 +131,8 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     try:
         parse_defects_per_image(args.defects_per_image)
         check_selection(args.num_candidates, args.select_at, args.keep)
-    except DefectFillError as error:
+        args.mask_from = mask_origin(args.mask_from, args.mask_dir)
+    except (DefectFillError, ValueError) as error:
         parser.error(str(error))
     return args
 
@@ -139,7 +141,7 @@ def main(args: argparse.Namespace, scorer: Scorer | None = None) -> Path:
     """Build the dataset (on this process's share of the items under `accelerate launch`); `scorer` replaces
     the LPIPS scorer (tests)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    return build_dataset(args, scorer)
+    return build_dataset(settings_from_args(BuildSettings, args), scorer)
 
 
 if __name__ == "__main__":

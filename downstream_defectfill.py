@@ -44,8 +44,9 @@ from __future__ import annotations
 
 import argparse
 
-from defectfill.cli import parse_args_with_config, run_main
+from defectfill.cli import parse_args_with_config, run_main, settings_from_args
 from defectfill.downstream.protocol import run_comparison
+from defectfill.downstream.settings import DownstreamSettings
 from defectfill.downstream.sources import BASELINES
 
 
@@ -105,7 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--patience", type=int, default=20, help="Early stopping: epochs without a better validation AP.")
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", default="downstream-results", help="Where the JSON, table and figures go.")
-    out.add_argument("--num_map_images", type=int, default=6, help="Test images in anomaly_maps.png.")
     out.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="Progress bars while training.")
     return p
 
@@ -124,7 +124,7 @@ def parse_args(input_args=None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
-    return run_comparison(args)
+    return run_comparison(settings_from_args(DownstreamSettings, args))
 
 
 if __name__ == "__main__":

@@ -28,16 +28,12 @@ says which file is missing. The figures are computed by `defectfill.evaluation`.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from defectfill.cli import parse_args_with_config, run_main
-from defectfill.evaluation import evaluate_folder, format_table
-from defectfill.fileio import write_json_atomic
-from defectfill.models import default_device
-from defectfill.scoring import LpipsModel
+from defectfill.cli import parse_args_with_config, run_main, settings_from_args
+from defectfill.evaluation import EvalSettings, run_evaluation
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,14 +65,7 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace, feature: int | torch.nn.Module = 2048, distance: Callable | None = None) -> list[dict]:
     """`feature` and `distance` replace Inception and LPIPS (tests, or other extractors)."""
-    device = default_device(args.device)
-    distance = distance or LpipsModel(args.lpips_net, device).distance
-    results = [evaluate_folder(Path(folder), args, feature, distance, device) for folder in args.generated]
-    print(format_table(results, args.kid_scale))
-    output = Path(args.output_json) if args.output_json else Path(args.generated[0]).parent / "eval_results.json"
-    write_json_atomic(output, {"kid_scale": args.kid_scale, "kid_subsets": args.kid_subsets,
-                               "kid_max_subset_size": args.kid_max_subset_size, "results": results})
-    return results
+    return run_evaluation(settings_from_args(EvalSettings, args), feature, distance)
 
 
 if __name__ == "__main__":

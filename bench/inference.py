@@ -238,16 +238,31 @@ def bench_fast(args, device, dtype) -> dict:
     return {"settings": fast, "paper": {"candidates": args.paper_candidates, "steps": args.paper_steps}, "rows": rows}
 
 
+def random_lpips_home(folder: Path) -> Path:
+    """A TORCH_HOME whose cache holds random AlexNet weights under the file name torchvision downloads, so that the
+    builder's LPIPS loads offline (random features; the classifier LPIPS drops, one zero expanded: a 10 MB file)."""
+    import torchvision
+
+    checkpoints = folder / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    state = torchvision.models.alexnet(weights=None).state_dict()
+    state = {k: v if k.startswith("features.") else torch.zeros(1).expand(v.shape) for k, v in state.items()}
+    torch.save(state, checkpoints / Path(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url).name)
+    return folder
+
+
 def run_builder(args, output_dir: Path, processes: int, threads: int | None) -> dict:
-    """build_dataset_defectfill.py in a subprocess (under accelerate launch for several processes); its summary."""
+    """build_dataset_defectfill.py in a subprocess (under accelerate launch for several processes); its summary.
+    With --lpips_random_backbone its LPIPS loads random AlexNet weights from a cache beside `output_dir`."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if args.lpips_random_backbone:
+        env["TORCH_HOME"] = str(random_lpips_home(output_dir.parent / "torch_home"))
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     script = [str(REPO_ROOT / "build_dataset_defectfill.py"), "--lora", args.builder_lora, "--output_dir", str(output_dir),
               "--num_images", str(args.builder_images), "--num_candidates", str(args.num_candidates),
               "--num_inference_steps", str(args.num_inference_steps), "--resolution", str(args.resolution),
-              "--batch_size", str(args.builder_batch_size), "--mask_source", "augment", "--defects_per_image", "1",
-              "--lpips_random_backbone"]
+              "--batch_size", str(args.builder_batch_size), "--mask_augment", "--defects_per_image", "1"]
     if processes > 1:
         env["ACCELERATE_USE_CPU"] = "true" if not torch.cuda.is_available() else env.get("ACCELERATE_USE_CPU", "false")
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,10 +20,29 @@ import torch
 from PIL import Image
 
 from defectfill.errors import EvaluationError
+from defectfill.fileio import write_json_atomic
 from defectfill.images import image_files
+from defectfill.models import default_device
 from defectfill.runs.files import METADATA_FILENAME, SYNTHESIS_FILENAME
 from defectfill.runs.folder import read_metadata
 from defectfill.runs.records import SynthesisRecord
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What `eval_defectfill.py` is asked for (field names are its flags' dests)."""
+
+    generated: tuple[str, ...] = ()
+    real_dir: str | None = None
+    train_dir: str | None = None
+    image_size: int = 256
+    kid_subsets: int = 100
+    kid_max_subset_size: int = 1000
+    kid_scale: float = 1000.0
+    lpips_net: str = "alex"
+    device: str | None = None
+    seed: int = 0
+    output_json: str | None = None
 
 
 def load_images(paths: Sequence[Path], size: int) -> torch.Tensor:
@@ -118,19 +138,21 @@ def stability_warnings(num_generated: int, num_real: int, num_centres: int) -> l
     return warnings
 
 
-def evaluate_folder(folder: Path, args, feature, distance, device: str) -> dict:
+def evaluate_folder(folder: Path, settings: EvalSettings, feature, distance, device: str) -> dict:
+    """KID and IC-LPIPS of one synthesis folder against its real references, with the warnings that apply."""
     fake_paths = generated_images_of(folder)
     record = SynthesisRecord.read(folder)
-    real_paths = image_files(Path(args.real_dir)) if args.real_dir else split_images_of(folder, record, "heldout")
-    centre_paths = image_files(Path(args.train_dir)) if args.train_dir else split_images_of(folder, record, "train")
-    real, fake = load_images(real_paths, args.image_size), load_images(fake_paths, args.image_size)
-    centres = load_images(centre_paths, args.image_size)
-    kid = kid_score(real, fake, feature, args.kid_subsets, args.kid_max_subset_size, args.seed, device)
+    real_paths = image_files(Path(settings.real_dir)) if settings.real_dir else split_images_of(folder, record, "heldout")
+    centre_paths = image_files(Path(settings.train_dir)) if settings.train_dir else split_images_of(folder, record, "train")
+    size = settings.image_size
+    real, fake, centres = load_images(real_paths, size), load_images(fake_paths, size), load_images(centre_paths, size)
+    kid = kid_score(real, fake, feature, settings.kid_subsets, settings.kid_max_subset_size, settings.seed, device)
     result = {
         "folder": str(folder), "object_class": record.object_class if record else None,
         "defect_type": (record.defect_type if record else None) or folder.name, "num_generated": len(fake_paths),
         "num_real": len(real_paths), "num_clusters": len(centre_paths), **kid,
-        f"kid_x{args.kid_scale:g}": kid["kid"] * args.kid_scale, **ic_lpips(to_signed(fake), to_signed(centres), distance),
+        f"kid_x{settings.kid_scale:g}": kid["kid"] * settings.kid_scale,
+        **ic_lpips(to_signed(fake), to_signed(centres), distance),
     }
     result["warnings"] = stability_warnings(len(fake_paths), len(real_paths), len(centre_paths))
     for warning in result["warnings"]:
@@ -153,3 +175,18 @@ def format_table(results: list[dict], scale: float) -> str:
     lines.append("KID: " + "; ".join(f"{n} subsets of {size} images" for n, size in sorted(subsets)) +
                  f", printed x{scale:g}. IC-LPIPS: clusters around the few-shot training images (DFMGAN).")
     return "\n".join(lines)
+
+
+def run_evaluation(settings: EvalSettings, feature: int | torch.nn.Module = 2048, distance: Callable | None = None) -> list[dict]:
+    """Every --generated folder evaluated, the table printed and the results JSON written (default: eval_results.json
+    beside the first folder). `feature` and `distance` replace Inception and LPIPS (tests, or other extractors)."""
+    from defectfill.scoring import LpipsModel
+
+    device = default_device(settings.device)
+    distance = distance or LpipsModel(settings.lpips_net, device).distance
+    results = [evaluate_folder(Path(folder), settings, feature, distance, device) for folder in settings.generated]
+    print(format_table(results, settings.kid_scale))
+    output = Path(settings.output_json) if settings.output_json else Path(settings.generated[0]).parent / "eval_results.json"
+    write_json_atomic(output, {"kid_scale": settings.kid_scale, "kid_subsets": settings.kid_subsets,
+                               "kid_max_subset_size": settings.kid_max_subset_size, "results": results})
+    return results

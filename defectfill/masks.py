@@ -14,12 +14,14 @@ steps in training and in synthesis, so a LoRA is applied to masks shaped like th
    the masks the losses weigh; `latent_mask` is the same for a region mask, as the builder checks it.
 
 The VAE's scale factor (pixels per latent pixel) comes from its config (`vae_scale_factor`): 8 for SD's VAE,
-2 for the bundled tiny one. Pure numpy / torch / PIL; nothing of ours is imported here.
+2 for the bundled tiny one. Where a tool's masks come from is one vocabulary (`MaskSource`: train, heldout,
+dir), the same in flags, records and metadata rows. Pure numpy / torch / PIL; nothing of ours is imported here.
 """
 
 from __future__ import annotations
 
 import math
+from enum import Enum
 
 import numpy as np
 import torch
@@ -27,6 +29,39 @@ import torch.nn.functional as F
 from PIL import Image
 
 MASK_THRESHOLD = 128
+DEFAULT_CROP_CONTEXT = 0.5  # context around a defect's box in a crop, as a fraction of the box (training and synthesis)
+
+
+class MaskSource(str, Enum):
+    """Where the masks painted in come from: the training part of a run's few-shot split (`train`), its held-out
+    part, the downstream test set's masks (`heldout`), or a folder of the user's (`dir`). The values are the words
+    of the flags (`--mask_from`), the records (`mask_from` in synthesis.json) and the metadata rows."""
+
+    TRAIN = "train"
+    HELDOUT = "heldout"
+    DIR = "dir"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# The parts of a run's split that `--mask_from` may name; a folder of the user's is given by `--mask_dir`.
+SPLIT_MASK_SOURCES = (MaskSource.TRAIN.value, MaskSource.HELDOUT.value)
+
+
+def mask_origin(mask_from: str | None, mask_dir: str | None) -> MaskSource:
+    """The origin of a tool's masks from its flags: `dir` for a user's folder (`mask_dir`), else the split part
+    `mask_from` names (default `train`). Both at once name two origins: a ValueError."""
+    if mask_dir:
+        if mask_from is not None and MaskSource(mask_from) is not MaskSource.DIR:
+            raise ValueError(f"--mask_dir and --mask_from {mask_from} name two origins of the masks; give one")
+        return MaskSource.DIR
+    if mask_from is None:
+        return MaskSource.TRAIN
+    origin = MaskSource(mask_from)
+    if origin is MaskSource.DIR:
+        raise ValueError("masks from a folder (dir) need the folder: give --mask_dir")
+    return origin
 
 
 def binarize_mask(mask: Image.Image) -> np.ndarray:
@@ -49,7 +84,7 @@ def vae_scale_factor(vae_or_config) -> int:
     return 2 ** (len(channels) - 1)
 
 
-def mask_crop_box(mask: np.ndarray, min_size: int, context: float = 0.5) -> tuple[int, int, int, int] | None:
+def mask_crop_box(mask: np.ndarray, min_size: int, context: float = DEFAULT_CROP_CONTEXT) -> tuple[int, int, int, int] | None:
     """A square (left, top, right, bottom) box around the mask's bounding box, `context` times larger,
     at least `min_size` pixels, moved to lie inside the image. None when no square fits the mask (its
     box is wider or taller than the image's short side) or the mask is empty: use the whole image then.

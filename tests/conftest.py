@@ -60,3 +60,24 @@ def tiny_run(tmp_path_factory) -> Path:
         "--train_batch_size", "2", "--validation_steps", "0", "--checkpointing_steps", "1000", "--report_to", "none",
     ]))
     return output_dir
+
+
+@pytest.fixture(scope="session")
+def offline_lpips_weights(tmp_path_factory) -> Path:
+    """LPIPS loads offline: TORCH_HOME (in os.environ, so subprocesses see it too) points at a cache holding random
+    AlexNet weights under the file name torchvision downloads. LPIPS uses AlexNet's features (random here, seeded);
+    the classifier it drops is saved as one zero expanded to its shape, so the file is 10 MB, not 240."""
+    import torch
+    import torchvision
+
+    home = tmp_path_factory.mktemp("torch_home")
+    checkpoints = home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        state = torchvision.models.alexnet(weights=None).state_dict()
+    state = {k: v if k.startswith("features.") else torch.zeros(1).expand(v.shape) for k, v in state.items()}
+    torch.save(state, checkpoints / Path(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url).name)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(home))
+        yield home

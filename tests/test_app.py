@@ -5,7 +5,6 @@ by Playwright) that paints a stroke and generates, on a local and on a public se
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import json
@@ -33,12 +32,13 @@ from defectfill.app.editor import editor_value, mask_from_editor, mask_layer  # 
 from defectfill.app.handlers import AppState, Source, inference_dtype, upload_good_image  # noqa: E402
 from defectfill.app.policy import AppPolicy, RequestRefused, serving_mode, session_folder_name  # noqa: E402
 from defectfill.app.runs import AppPaths, RunInfo, run_summary  # noqa: E402
+from defectfill.app.settings import AppSettings, PageDefaults, ServerSettings  # noqa: E402
 from defectfill.app.ui import build_app, launch  # noqa: E402
+from defectfill.cli import settings_from_args  # noqa: E402
 from defectfill.errors import RunFileError, SynthesisError  # noqa: E402
 from defectfill.runs.files import LORA_FILENAME, PREVIEW_FILENAME, RUN_FILENAME  # noqa: E402
 from defectfill.runs.folder import read_metadata  # noqa: E402
 from defectfill.runs.records import SynthesisRecord, read_run  # noqa: E402
-from defectfill.scoring import LpipsModel  # noqa: E402
 from defectfill.synthesis import (  # noqa: E402
     Job,
     SynthesisResult,
@@ -61,14 +61,22 @@ DEMO = REPO_ROOT / "models" / "demo-lora-metal_nut-color"
 FAST = dict(num_candidates=2, num_inference_steps=2, guidance_scale=7.5, seed=0, crop_to_mask=True)
 
 
-def fast_args(*extra: str) -> argparse.Namespace:
-    return app.parse_args(["--num_candidates", "2", "--num_inference_steps", "2", *extra])
+def settings_of(*flags: str) -> AppSettings:
+    """The app's settings as its command line makes them."""
+    return settings_from_args(AppSettings, app.parse_args(list(flags)))
+
+
+def fast_settings(*extra: str) -> AppSettings:
+    return settings_of("--num_candidates", "2", "--num_inference_steps", "2", *extra)
 
 
 @pytest.fixture(scope="module")
-def state() -> AppState:
-    """The app's state with a random-backbone LPIPS (offline: no AlexNet weights here), so selection runs."""
-    return AppState(fast_args(), LpipsModel(pretrained_backbone=False).masked_scores, "selection on (test)", PATHS)
+def state(offline_lpips_weights) -> AppState:
+    """The app's state as the app makes it: LPIPS loads (its AlexNet weights from the offline cache), so selection
+    runs."""
+    state = AppState.from_settings(fast_settings(), PATHS)
+    assert state.scorer is not None and "Low-Fidelity Selection is on" in state.selection_note
+    return state
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +168,9 @@ def test_flags_have_help_and_config_files_work(tmp_path):
     assert all(a.help for a in parser._actions)
     config = tmp_path / "app.yaml"
     config.write_text("lora: runs/x\nserver_port: 7999\nshare: false\n")
-    args = app.parse_args(["--config", str(config), "--device", "cpu"])
-    assert (args.lora, args.server_port, args.device, args.share) == (["runs/x"], 7999, "cpu", False)
+    settings = settings_of("--config", str(config), "--device", "cpu")
+    assert (settings.lora, settings.device, settings.page) == (("runs/x",), "cpu", PageDefaults())
+    assert settings.server == ServerSettings(server_name=settings.server.server_name, server_port=7999)
     assert app.parse_args([]).server_name == os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     assert inference_dtype("auto", "cpu") == torch.float32 and inference_dtype("fp16", "cpu") == torch.float16
 
@@ -214,7 +223,7 @@ def test_without_lpips_selection_is_off_and_one_candidate_is_made(demo_run, demo
         raise SynthesisError("LPIPS needs the torchvision 'alex' backbone weights, which could not be loaded (offline)")
 
     monkeypatch.setattr(handlers, "LpipsModel", offline)
-    state = AppState.from_args(fast_args(), PATHS)
+    state = AppState.from_settings(fast_settings(), PATHS)
     assert state.scorer is None and "Low-Fidelity Selection is off" in state.selection_note
     assert "Low-Fidelity Selection is off" in run_summary(demo_run, state.selection_note, PATHS)
     state._pipeline, state._pipeline_key = demo_pipeline, (demo_run.base_model, demo_run.lora, demo_run.record.base_model)
@@ -244,7 +253,7 @@ def test_lora_of_another_base_model_is_named(demo_run, tmp_path):
     weights[key] = torch.zeros(weights[key].shape[0], weights[key].shape[1] * 2)
     save_file(weights, other / LORA_FILENAME)
     run = app_runs.load_run(str(other), PATHS)
-    fresh = AppState(fast_args(), None, "off", PATHS)
+    fresh = AppState(fast_settings(), None, "off", PATHS)
     source, _ = handlers.pick_good_image(str(run.good_images[0]))
     with pytest.raises(SynthesisError, match=r"trained on .*tiny-sd2-inpainting.*expects input size \d+, the base model has in_features"):
         handlers.generate(fresh, run, source, heldout_editor(run, source), None, **FAST)
@@ -335,9 +344,9 @@ def public_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def public_server(state, public_root):
     """The app as a Space serves it (--public, on 127.0.0.1 here), sharing the test state's loaded pipeline."""
-    args = app.parse_args(["--public", "--lora", str(DEMO), "--output_dir", str(public_root / "datasets"),
-                           "--num_candidates", "2", "--num_inference_steps", "2"])
-    policy = AppPolicy.from_args(args, PATHS)
+    settings = settings_of("--public", "--lora", str(DEMO), "--output_dir", str(public_root / "datasets"),
+                           "--num_candidates", "2", "--num_inference_steps", "2")
+    policy = AppPolicy.from_settings(settings, PATHS)
     blocks = build_app(state, policy=policy)
     try:
         yield serve(blocks, policy)
@@ -412,7 +421,7 @@ def test_the_readme_space_recipe_starts_in_public_mode(monkeypatch):
     space = {"SPACE_ID": "you/defectfill", "GRADIO_SERVER_NAME": "0.0.0.0"}
     for name, value in space.items():
         monkeypatch.setenv(name, value)
-    policy = AppPolicy.from_args(app.parse_args(flags), PATHS, environ=space)
+    policy = AppPolicy.from_settings(settings_of(*flags), PATHS, environ=space)
     assert policy.public and "SPACE_ID" in policy.reason and list(policy.runs) == [flags[flags.index("--lora") + 1]]
     assert policy.dataset_root == (Path.cwd() / "outputs" / "app-datasets").resolve() and policy.datasets
 

@@ -28,8 +28,11 @@ from defectfill.build.augment import (
 from defectfill.build.defect_masks import visible_at_latent_size
 from defectfill.build.export import default_export_dir
 from defectfill.build.plan import defect_index_table, discover_runs, make_items, parse_defects_per_image
+from defectfill.build.settings import BuildMaskSettings, BuildSettings
 from defectfill.build.summary import preview_rows
+from defectfill.cli import settings_from_args
 from defectfill.errors import BuildError, DownstreamError, RunFileError, SynthesisError
+from defectfill.masks import MaskSource
 from defectfill.runs.files import (
     FINGERPRINT_FILENAME,
     LORA_FILENAME,
@@ -164,8 +167,31 @@ def test_an_empty_user_mask_is_an_error_before_anything_is_written(class_runs, t
     masks.mkdir()
     Image.new("L", (128, 128), 0).save(masks / "blank.png")
     with pytest.raises(BuildError, match=r"mask .*blank\.png is empty"):
-        run_build(class_runs, tmp_path / "out", "--mask_source", str(masks), "--num_candidates", "1")
+        run_build(class_runs, tmp_path / "out", "--mask_dir", str(masks), "--num_candidates", "1")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_mask_flags_name_one_origin(tmp_path):
+    """--mask_from names a part of the runs' split (default train), --mask_dir a user's folder (recorded as dir);
+    both at once name two origins."""
+    base = ["--lora", "runs/x"]
+    assert build.parse_args(base).mask_from is MaskSource.TRAIN
+    assert build.parse_args([*base, "--mask_from", "heldout"]).mask_from is MaskSource.HELDOUT
+    args = build.parse_args([*base, "--mask_dir", str(tmp_path)])
+    assert args.mask_from is MaskSource.DIR and args.mask_augment
+    for bad in (["--mask_dir", str(tmp_path), "--mask_from", "train"], ["--mask_from", "dir"]):
+        with pytest.raises(SystemExit):
+            build.parse_args([*base, *bad])
+    with pytest.raises(BuildError, match="--mask_dir"):
+        BuildMaskSettings(mask_from=MaskSource.DIR)
+
+
+def test_the_demo_build_config_parses_to_its_settings():
+    settings = settings_from_args(BuildSettings, build.parse_args(["--config", str(REPO_ROOT / "configs" / "tiny_build.yaml")]))
+    assert settings.lora == ("outputs/tiny-metal_nut",) and settings.num_images == 6
+    assert (settings.masks.mask_from, settings.masks.mask_dir, settings.masks.mask_augment) == (MaskSource.TRAIN, None, True)
+    assert settings.masks.defects_per_image == "1:0.7,2:0.3" and settings.output.export == "mvtec"
+    assert (settings.generation.scheduler, settings.generation.num_inference_steps) == ("DPMSolverMultistepScheduler", 10)
 
 
 def test_a_folder_holding_another_build_is_refused(class_runs, tmp_path):
@@ -285,6 +311,29 @@ def test_a_build_from_heldout_masks_is_refused_downstream(class_runs, tmp_path):
         downstream.main(downstream.parse_args(["--synthetic", str(out), "--output_dir", str(tmp_path / "d")]))
 
 
+def test_a_build_from_a_mask_folder_records_dir(class_runs, tmp_path):
+    """--mask_dir: the user's masks (here copies of real ones, per defect type), augmented by default; rows and
+    synthesis.json record mask_from dir and name the folder's files as the source masks."""
+    drawn = tmp_path / "drawn"
+    for defect_type, name in (("color", "003_mask.png"), ("scratch", "004_mask.png")):
+        (drawn / defect_type).mkdir(parents=True)
+        (drawn / defect_type / name).write_bytes((SYNTHETIC_DATA / "metal_nut" / "ground_truth" / defect_type / name).read_bytes())
+    out = run_build(class_runs, tmp_path / "out", "--mask_dir", str(drawn), "--num_candidates", "1", "--num_images", "1")
+    rows = rows_of(out)
+    assert rows and json.loads((out / SYNTHESIS_FILENAME).read_text())["mask_from"] == "dir"
+    for row in rows:
+        assert row["mask_from"] == "dir" and all(row["augmented"])
+        assert all(Path(m).parent == drawn / d for m, d in zip(row["source_masks"], row["defect_types"]))
+
+
+def test_lpips_selection_loads_its_weights_from_the_cache_offline(class_runs, tmp_path, offline_lpips_weights):
+    """With 2 candidates and no scorer given, the builder loads LPIPS itself (AlexNet from $TORCH_HOME's cache,
+    offline) and records each kept defect's LPIPS inside its mask."""
+    out = run_build(class_runs, tmp_path / "out", "--num_candidates", "2", "--num_images", "1", "--defects_per_image", "1")
+    rows = rows_of(out)
+    assert len(rows) == 2 and all(row["candidate"][0] in (0, 1) and row["lpips"][0] > 0 for row in rows)
+
+
 def test_weak_results_are_redrawn_with_the_next_seeds(class_build):
     """Item 0's first draw scored below --min_lpips: its candidates 0-1 are recorded as rejected, 2-3 drawn
     with the next seeds, and the higher (3) kept; the summary counts the rejects."""
@@ -366,7 +415,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_a_killed_build_resumes_without_duplicates_or_orphans(class_runs, tmp_path, monkeypatch):
-    flags = ("--mask_source", "heldout", "--num_candidates", "1", "--batch_size", "1", "--num_images", "1")
+    flags = ("--no-mask_augment", "--num_candidates", "1", "--batch_size", "1", "--num_images", "1")
     whole = run_build(class_runs, tmp_path / "whole", *flags)
     real, calls = SynthesisFolder.save_result, []
 
@@ -386,7 +435,7 @@ def test_a_killed_build_resumes_without_duplicates_or_orphans(class_runs, tmp_pa
     assert snapshot(out).keys() == snapshot(whole).keys()
     assert [k for k, content in snapshot(whole).items() if snapshot(out)[k] != content] == []
     assert rows_of(out, timing=False) == rows_of(whole, timing=False)
-    # held-out masks used as they are: the label is the real mask
+    # the training masks used as they are: the label is the real mask
     for row in rows_of(out):
         for name, source in zip(row["defect_mask_file_names"], row["source_masks"]):
             assert np.array_equal(as_array(out / name) >= 128, as_array(source, "L") >= 128)

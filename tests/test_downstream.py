@@ -13,12 +13,14 @@ import yaml
 from PIL import Image
 
 import dataset_mvtec as dm
+from defectfill.cli import settings_from_args
 from defectfill.data.split import merge_splits
 from defectfill.downstream import data as copy_paste_module
 from defectfill.downstream.data import augment_batch, copy_paste_set, mask_center, real_defects, train_good_set
 from defectfill.downstream.metrics import au_pro, auroc, average_precision, f1_max, image_scores_from_maps, localization_metrics, pro_curve
 from defectfill.downstream.models import split_validation, train_localizer
 from defectfill.downstream.report import CURVES_FILENAME, MAPS_FILENAME, RESULTS_FILENAME, format_cell, summarize, thin_curve
+from defectfill.downstream.settings import DetectorModelSettings, DownstreamSettings
 from defectfill.downstream.sources import SyntheticSource, count_test_set_reuse, leak_error, parse_synthetic_entry
 from defectfill.errors import DownstreamError
 from defectfill.runs.files import METADATA_FILENAME
@@ -371,10 +373,11 @@ def test_early_stopping_chooses_on_a_validation_set_carved_from_training(synthet
     goods = train_good_set(synthetic_data_dir, "metal_nut", 32)
     real = real_defects(synthetic_data_dir, "metal_nut", split, "train", 32)
     defects = copy_paste_set(real, goods, None, count=8, seed=0)
-    args = downstream.parse_args(["--resolution", "32", "--encoder", "resnet18", "--encoder_depth", "3",
-                                  "--decoder_channels", "16", "16", "16", "--epochs", "3", "--samples_per_epoch", "8",
-                                  "--validation_fraction", "0.25", "--patience", "1", "--no-progress"])
-    _, history = train_localizer(args, defects, goods, seed=0, device="cpu", label="test")
+    settings = settings_from_args(DownstreamSettings, downstream.parse_args([
+        "--resolution", "32", "--encoder", "resnet18", "--encoder_depth", "3", "--decoder_channels", "16", "16", "16",
+        "--epochs", "3", "--samples_per_epoch", "8", "--validation_fraction", "0.25", "--patience", "1", "--no-progress"]))
+    assert settings.model == DetectorModelSettings(32, "resnet18", 3, (16, 16, 16))
+    _, history = train_localizer(settings.model, settings.training, defects, goods, seed=0, device="cpu", label="test")
     assert 1 <= len(history["validation_pixel_ap"]) <= 3 and len(history["loss"]) == len(history["validation_pixel_ap"])
     best = int(np.argmax(history["validation_pixel_ap"])) + 1
     assert history["epoch_kept"] == best
@@ -391,7 +394,7 @@ def test_the_readme_demo_config_parses_to_the_documented_settings():
     assert (args.epochs, args.samples_per_epoch, args.encoder_weights, args.validation_fraction) == (8, 48, "none", 0.0)
     assert args.synthetic_shares == [1, 2] and args.with_real and not args.allow_test_leak
     build = yaml.safe_load((REPO_ROOT / "configs" / "tiny_build.yaml").read_text())
-    assert (build["output_dir"], build["mask_source"], build["mask_from"]) == ("outputs/tiny-dataset-metal_nut", "augment", "train")
+    assert (build["output_dir"], build["mask_augment"], build["mask_from"]) == ("outputs/tiny-dataset-metal_nut", True, "train")
     readme = (REPO_ROOT / "README.md").read_text()
     block = ("python train_defectfill.py --config configs/tiny.yaml --defect_type all --output_dir outputs/tiny-metal_nut\n"
              "python build_dataset_defectfill.py --config configs/tiny_build.yaml\n"

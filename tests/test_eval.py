@@ -74,9 +74,10 @@ def test_ic_lpips_as_dfmgan_defines_it_by_hand():
     assert evaluation.ic_lpips(generated, centres, l1_distance, max_cluster_size=1)["cluster_sizes"] == [1, 1, 0]
 
 
-def test_ic_lpips_with_the_real_lpips_network():
-    """With the real LPIPS network (random backbone, offline) and one centre, IC-LPIPS is the pair's own LPIPS."""
-    lpips_distance = LpipsModel("alex", pretrained_backbone=False).distance
+def test_ic_lpips_with_the_real_lpips_network(offline_lpips_weights):
+    """With the real LPIPS network (its AlexNet weights from the offline cache) and one centre, IC-LPIPS is the
+    pair's own LPIPS."""
+    lpips_distance = LpipsModel("alex").distance
     a, b = random_images(2, 3, size=32).float() / 127.5 - 1
     expected = lpips_distance(a[None], b[None]).item()
     assert expected > 0

@@ -1,6 +1,6 @@
 """Drive the app in a real browser (Debian's chromium, headless, through Playwright): paint a stroke
 across the middle of the image, Generate, wait for the result, and save a screenshot. The browser test
-(tests/test_app.py) uses `paint_stroke_and_generate`; `docs/app_screenshot.png` is made with
+(tests/test_app.py) uses `paint_stroke_and_generate`; `docs/app_screenshot.png` is made (`take_screenshot`) with
 
     python app_defectfill.py &                # the real app, offline defaults
     python scripts/app_screenshot.py --url http://127.0.0.1:7860 --output docs/app_screenshot.png
@@ -8,7 +8,6 @@ across the middle of the image, Generate, wait for the result, and save a screen
 
 from __future__ import annotations
 
-import argparse
 import io
 from pathlib import Path
 
@@ -50,13 +49,8 @@ def paint_stroke_and_generate(page, url: str, half_length: int = 40, timeout_ms:
     return fetch_image(page, "#result img"), fetch_image(page, "#mask img")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default="http://127.0.0.1:7860", help="The running app.")
-    parser.add_argument("--output", default="docs/app_screenshot.png", help="Screenshot file (PNG).")
-    parser.add_argument("--width", type=int, default=1400, help="Browser window width.")
-    parser.add_argument("--height", type=int, default=1250, help="Browser window height.")
-    args = parser.parse_args(argv)
+def take_screenshot(url: str, output: str, width: int = 1400, height: int = 1250) -> None:
+    """Paint a stroke and Generate on the app at `url` in headless chromium, and save the whole page to `output`."""
     from playwright.sync_api import sync_playwright
 
     chromium = find_chromium()
@@ -65,13 +59,8 @@ def main(argv=None) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"])
         try:
-            page = browser.new_page(viewport={"width": args.width, "height": args.height})
-            paint_stroke_and_generate(page, args.url)
-            page.screenshot(path=args.output, full_page=True)
+            page = browser.new_page(viewport={"width": width, "height": height})
+            paint_stroke_and_generate(page, url)
+            page.screenshot(path=output, full_page=True)
         finally:
             browser.close()
-    print(args.output)
-
-
-if __name__ == "__main__":
-    main()

@@ -4,7 +4,6 @@ which the page shows."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -17,6 +16,7 @@ from PIL import Image
 
 from defectfill.app.editor import as_pil, editor_value, mask_from_editor
 from defectfill.app.runs import AppPaths, RunInfo
+from defectfill.app.settings import AppSettings
 from defectfill.errors import SynthesisError
 from defectfill.models import default_device, precision_dtype
 from defectfill.runs.folder import SynthesisFolder
@@ -53,26 +53,27 @@ class AppState:
     """What the handlers share: the loaded pipeline (one at a time, reloaded when the run changes), the
     LPIPS scorer (None: selection off, `selection_note` says why), the device and dtype."""
 
-    def __init__(self, args: argparse.Namespace, scorer: Scorer | None, selection_note: str, paths: AppPaths):
-        self.args, self.paths = args, paths
-        self.device = default_device(args.device)
-        self.dtype = inference_dtype(args.mixed_precision, self.device)
+    def __init__(self, settings: AppSettings, scorer: Scorer | None, selection_note: str, paths: AppPaths):
+        self.settings, self.paths = settings, paths
+        self.device = default_device(settings.device)
+        self.dtype = inference_dtype(settings.mixed_precision, self.device)
         self.scorer = scorer
         self.selection_note = selection_note
         self._pipeline_key: tuple | None = None
         self._pipeline = None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, paths: AppPaths) -> "AppState":
+    def from_settings(cls, settings: AppSettings, paths: AppPaths) -> "AppState":
         """Loads LPIPS for Low-Fidelity Selection; offline without its backbone weights, selection is off."""
-        device = default_device(args.device)
+        device = default_device(settings.device)
         try:
-            scorer = LpipsModel(args.lpips_net, device).masked_scores
-            note = f"Low-Fidelity Selection is on: the candidate with the highest LPIPS ({args.lpips_net}) inside the mask is kept."
+            scorer = LpipsModel(settings.lpips_net, device).masked_scores
+            note = (f"Low-Fidelity Selection is on: the candidate with the highest LPIPS ({settings.lpips_net}) inside the "
+                    "mask is kept.")
         except SynthesisError as error:
             scorer = None
             note = f"**Low-Fidelity Selection is off**: {error}. Each Generate makes 1 candidate."
-        return cls(args, scorer, note, paths)
+        return cls(settings, scorer, note, paths)
 
     def pipeline(self, run: RunInfo, progress: Callable | None = None):
         key = (run.base_model, run.lora, run.record.base_model if run.record else None)

@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 from PIL import Image
 
 from defectfill.app.runs import AppPaths, RunInfo, list_runs
+from defectfill.app.settings import AppSettings
 from defectfill.errors import RequestRefused, SynthesisError
 
 PUBLIC_DATASET_ROOT = "outputs/app-datasets"
@@ -136,14 +137,15 @@ def serving_mode(public: bool, private: bool, share: bool, server_name: str,
     return False, f"listening on {server_name} only"
 
 
-def mode_errors(args, public: bool) -> list[str]:
-    """What is wrong with the flags for the mode: --private with --share, and defaults above the public caps."""
+def mode_errors(private: bool, share: bool, page_values: Mapping[str, float | None], public: bool) -> list[str]:
+    """What is wrong with the flags for the mode: --private with --share, and the page's starting values
+    (`page_values`, by GENERATE_SETTINGS name) above the public caps."""
     errors = []
-    if getattr(args, "private", False) and getattr(args, "share", False):
+    if private and share:
         errors.append("--private cannot be used with --share: a gradio.live link is reachable by anyone")
     if public:
         for name, setting in GENERATE_SETTINGS.items():
-            value = getattr(args, name, None)
+            value = page_values.get(name)
             if value is not None and not setting.minimum <= value <= setting.public_maximum:
                 errors.append(f"--{name} {value} is outside what a public server accepts "
                               f"({format_number(setting.minimum)} to {format_number(setting.public_maximum)})")
@@ -219,16 +221,17 @@ class AppPolicy:
     limits: PublicLimits = field(default_factory=PublicLimits)
 
     @classmethod
-    def from_args(cls, args, paths: AppPaths, environ: Mapping[str, str] = os.environ) -> "AppPolicy":
-        """The policy of `app_defectfill.py`'s flags; lists the runs of `--lora` (a wrong one fails here, in the
+    def from_settings(cls, settings: AppSettings, paths: AppPaths, environ: Mapping[str, str] = os.environ) -> "AppPolicy":
+        """The policy of `app_defectfill.py`'s settings; lists the runs of `--lora` (a wrong one fails here, in the
         CLI's words, before a server starts)."""
-        public, reason = serving_mode(args.public, args.private, args.share, args.server_name, environ)
-        locations = list(args.lora or [str(paths.demo_run)])
+        server = settings.server
+        public, reason = serving_mode(server.public, server.private, server.share, server.server_name, environ)
+        locations = list(settings.lora or [str(paths.demo_run)])
         runs = unique_labels([pair for location in locations for pair in list_runs(location, paths).items()])
-        root = Path(args.output_dir or PUBLIC_DATASET_ROOT).resolve() if public else None
+        root = Path(settings.output_dir or PUBLIC_DATASET_ROOT).resolve() if public else None
         if root is not None and root.exists() and not root.is_dir():
             raise SynthesisError(f"--output_dir {root} is not a folder (public mode: the dataset root, one folder per session)")
-        return cls(paths, public, reason, locations, runs, root, bool(args.public_datasets))
+        return cls(paths, public, reason, locations, runs, root, bool(server.public_datasets))
 
     @classmethod
     def local(cls, paths: AppPaths, location: str | None = None) -> "AppPolicy":

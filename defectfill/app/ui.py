@@ -57,7 +57,7 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
 
     paths = state.paths
     policy = policy or AppPolicy.local(paths, lora)
-    args = state.args
+    settings, page = state.settings, state.settings.page
     limits = policy.limits if policy.public else None
     download_root = Path(tempfile.mkdtemp(prefix="defectfill-app-"))
 
@@ -90,13 +90,14 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
     def on_run(lora_value, request: gr.Request):
         if not lora_value:
             raise SynthesisError("no run selected")
-        run = load_run(policy.run_for(lora_value), paths, args.pretrained_model_name_or_path, args.data_dir)
+        run = load_run(policy.run_for(lora_value), paths, settings.model.pretrained_model_name_or_path,
+                       settings.data.data_dir)
         goods = policy.choices(policy.good_labels(run))
         source, editor = pick_good_image(policy.good_image(run, goods[0][1])) if goods else (None, None)
         return (run, run_summary(run, state.selection_note, paths, shown=lambda path: policy.shown(path, run)),
                 gr.update(choices=goods, value=goods[0][1] if goods else None),
                 gr.update(choices=mask_choices(run), value=""), source, editor, run.crop_to_mask,
-                policy.dataset_label(session(request), default_output_dir(run, args.output_dir)))
+                policy.dataset_label(session(request), default_output_dir(run, settings.output_dir)))
 
     @error_to_app
     def on_good(run, value):
@@ -119,7 +120,7 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
             raise SynthesisError("no run loaded: pick a run first")
         mask = policy.heldout_mask(run, heldout)
         generated = generate(state, run, source, editor, mask, **numbers, crop_to_mask=bool(crop), progress=progress,
-                             keep=args.keep)
+                             keep=page.keep)
         files = save_downloads(generated, download_folder(download_root, policy.limits.cache_seconds if policy.public else None))
         gallery = list(zip(generated.result.candidates, generated.captions()))
         return (generated, gr.update(value=gallery, selected_index=generated.result.chosen), generated.result.image,
@@ -164,16 +165,16 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
                                       **pick_any)
                 with gr.Accordion("Settings", open=True):
                     selection = state.scorer is not None
-                    candidates = slider("num_candidates", args.num_candidates if selection else 1, interactive=selection,
+                    candidates = slider("num_candidates", page.num_candidates if selection else 1, interactive=selection,
                                         label="Candidates (Low-Fidelity Selection)" if selection
                                         else "Candidates: 1 (Low-Fidelity Selection is off: no LPIPS weights)")
-                    steps = slider("num_inference_steps", args.num_inference_steps, label="Denoising steps")
-                    guidance = slider("guidance_scale", args.guidance_scale, label="Guidance scale")
-                    select_at = slider("select_at", args.select_at, interactive=selection, elem_id="select_at",
+                    steps = slider("num_inference_steps", page.num_inference_steps, label="Denoising steps")
+                    guidance = slider("guidance_scale", page.guidance_scale, label="Guidance scale")
+                    select_at = slider("select_at", page.select_at, interactive=selection, elem_id="select_at",
                                        label="Score the candidates after this share of the steps (1: finished, as the paper; "
                                              "less: only the best finishes, fewer UNet passes)")
                     low, high = GENERATE_SETTINGS["seed"].page_range(policy.public)
-                    seed = gr.Number(value=args.seed, precision=0, label="Seed", minimum=low, maximum=high)
+                    seed = gr.Number(value=page.seed, precision=0, label="Seed", minimum=low, maximum=high)
                     crop = gr.Checkbox(value=True, label="Crop to mask (generate around the mask at full resolution)")
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
         status = gr.Markdown(elem_id="status")

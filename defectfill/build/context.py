@@ -1,9 +1,8 @@
-"""A build's context (its runs, masks and settings, decided once) and its fingerprint: everything that decides
-the output images, so that a folder is resumed only by the same build."""
+"""A build's context (its runs, masks and settings, decided once, before anything is painted) and its fingerprint:
+everything that decides the output images, so that a folder is resumed only by the same build."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -12,33 +11,35 @@ from typing import Sequence
 
 import numpy as np
 
-from defectfill.build.augment import AugmentSettings, is_texture_class
-from defectfill.build.defect_masks import load_mask_files, mask_origin, mask_sources
+from defectfill.build.augment import is_texture_class
+from defectfill.build.defect_masks import load_mask_files, mask_files
 from defectfill.build.plan import Item, defect_index_table, discover_runs, parse_defects_per_image
+from defectfill.build.settings import BuildSettings
+from defectfill.errors import BuildError
+from defectfill.masks import vae_scale_factor
 from defectfill.runs.files import LORA_FILENAME
 from defectfill.runs.settings import RunOverrides, RunPlan
-from defectfill.synthesis import SynthesisSettings
+from defectfill.synthesis import SynthesisSettings, check_scheduler
 
 
-@dataclass
+@dataclass(frozen=True)
 class BuildContext:
-    """Everything a build decided from its flags and runs, shared by its steps."""
+    """Everything a build decided from its settings and runs, before anything is painted; shared by its steps."""
 
-    args: argparse.Namespace
-    runs: list[RunPlan]
+    settings: BuildSettings
+    runs: tuple[RunPlan, ...]
     index_table: dict[str, int]
     mask_paths: dict[str, list[Path]]
     masks: dict[str, list[np.ndarray]]
-    augment: AugmentSettings
     texture: bool
     data_dir: str | None
     object_class: str
     base_model: str
-    vae_scale_factor: int = 8  # read from the pipeline's VAE once it is loaded
-    scheduler: str = "the base model's"  # the sampler's class name, once checked
+    vae_scale_factor: int  # pixels per latent pixel, from the base model's VAE config
+    scheduler: str  # the sampler's class name
 
     @property
-    def settings(self) -> dict[str, SynthesisSettings]:
+    def synthesis(self) -> dict[str, SynthesisSettings]:
         """Each defect type's synthesis settings (its run's, with the flags' overrides)."""
         return {run.defect_type: run.settings for run in self.runs}
 
@@ -55,38 +56,58 @@ def lora_digest(lora: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def make_context(args) -> BuildContext:
-    """The runs (`discover_runs`, with the flags' overrides) and every mask file, read and checked before anything
-    is painted."""
-    runs = discover_runs(args.lora, args.defect_types, RunOverrides.from_args(args), num_candidates=args.num_candidates,
-                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                         select_at=args.select_at, keep=args.keep)
+def run_overrides(settings: BuildSettings) -> RunOverrides:
+    """What the build's settings change of every run's record."""
+    generation = settings.generation
+    return RunOverrides(pretrained_model_name_or_path=settings.model.pretrained_model_name_or_path,
+                        object_class=settings.data.object_class, resolution=generation.resolution,
+                        crop_to_mask=generation.crop_to_mask, crop_context=generation.crop_context,
+                        data_dir=settings.data.data_dir)
+
+
+def base_vae_scale_factor(base_model: str, revision: str | None) -> int:
+    """Pixels per latent pixel of the base model's VAE, from its config (nothing is loaded)."""
+    from diffusers import AutoencoderKL
+
+    try:
+        return vae_scale_factor(AutoencoderKL.load_config(base_model, subfolder="vae", revision=revision))
+    except (OSError, ValueError, KeyError) as error:
+        raise BuildError(f"cannot read the VAE config of the base model {base_model} ({error})") from error
+
+
+def make_context(settings: BuildSettings) -> BuildContext:
+    """The runs (`discover_runs`, with the settings' overrides), every mask file read and checked, the sampler
+    checked and the VAE's scale read from the base model's configs: all before anything is painted."""
+    g = settings.generation
+    runs = discover_runs(settings.lora, settings.defect_types, run_overrides(settings), num_candidates=g.num_candidates,
+                         num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale, seed=g.seed,
+                         select_at=g.select_at, keep=g.keep)
     first = runs[0]
     base_model, data_dir, object_class = first.base_model, first.data_dir, first.object_class
-    mask_paths = {r.defect_type: mask_sources(args, r, data_dir) for r in runs}
-    masks = {d: load_mask_files(paths) for d, paths in mask_paths.items()}
-    texture = args.object_type == "texture" or (args.object_type == "auto" and is_texture_class(object_class))
-    augment = AugmentSettings(flip=args.mask_flip, max_rotation=args.mask_max_rotation, min_scale=args.mask_scale[0],
-                                 max_scale=args.mask_scale[1], elastic=args.mask_elastic, jitter=args.mask_jitter)
-    return BuildContext(args, runs, defect_index_table(runs), mask_paths, masks, augment, texture, data_dir, object_class,
-                        base_model)
-
-
+    mask_paths = {r.defect_type: mask_files(settings.masks, r, data_dir) for r in runs}
+    object_type = settings.masks.object_type
+    return BuildContext(
+        settings=settings, runs=tuple(runs), index_table=defect_index_table(runs), mask_paths=mask_paths,
+        masks={d: load_mask_files(paths) for d, paths in mask_paths.items()},
+        texture=object_type == "texture" or (object_type == "auto" and is_texture_class(object_class)),
+        data_dir=data_dir, object_class=object_class, base_model=base_model,
+        vae_scale_factor=base_vae_scale_factor(base_model, settings.model.revision),
+        scheduler=check_scheduler(g.scheduler, base_model, first.settings, settings.model.revision),
+    )
 
 
 def build_fingerprint(context: BuildContext, items: Sequence[Item]) -> dict:
     """Everything that decides the output images: a folder built with another fingerprint is another build."""
-    a = context.args
+    s, masks, g = context.settings, context.settings.masks, context.settings.generation
     return {
-        "base_model": context.base_model, "revision": a.revision, "variant": a.variant, "mixed_precision": a.mixed_precision,
-        "scheduler": a.scheduler, "object_class": context.object_class,
+        "base_model": context.base_model, "revision": s.model.revision, "variant": s.model.variant,
+        "mixed_precision": s.mixed_precision, "scheduler": g.scheduler, "object_class": context.object_class,
         "runs": {r.defect_type: lora_digest(r.lora) for r in context.runs},
-        "settings": {d: asdict(s) for d, s in context.settings.items()},
-        "mask_source": a.mask_source, "mask_from": mask_origin(a),
-        "augment": asdict(context.augment) if a.mask_source == "augment" else None,
-        "mask_attempts": a.mask_attempts, "foreground_dir": a.foreground_dir, "texture": context.texture,
-        "min_on_object": a.min_on_object, "defects_per_image": parse_defects_per_image(a.defects_per_image),
-        "min_lpips": a.min_lpips, "max_redraws": a.max_redraws, "lpips_net": a.lpips_net,
-        "lpips_random_backbone": a.lpips_random_backbone, "num_images": a.num_images,
+        "settings": {d: asdict(settings) for d, settings in context.synthesis.items()},
+        "mask_from": masks.mask_from.value, "mask_dir": masks.mask_dir, "mask_augment": masks.mask_augment,
+        "augment": asdict(masks.augment) if masks.mask_augment else None,
+        "mask_attempts": masks.mask_attempts, "foreground_dir": masks.foreground_dir, "texture": context.texture,
+        "min_on_object": masks.min_on_object, "defects_per_image": parse_defects_per_image(masks.defects_per_image),
+        "min_lpips": g.min_lpips, "max_redraws": g.max_redraws, "lpips_net": g.lpips_net, "num_images": s.num_images,
         "items": hashlib.sha256(json.dumps([[i.index, str(i.image_path), i.defect_types] for i in items]).encode()).hexdigest()[:16],
     }

@@ -1,6 +1,7 @@
-"""The masks of a build: where each defect type's real masks come from (held-out, augmented from them, or a
-user's folder), where on a good image a defect may go (its foreground), and the masks of one item's defects,
-drawn from the item's own seed and checked the way synthesis will see them."""
+"""The masks of a build: where each defect type's masks come from (the training or held-out masks of the runs'
+split, or a user's folder: `MaskSource`), where on a good image a defect may go (its foreground), and the masks of
+one item's defects (new ones drawn from those, or those as they are), drawn from the item's own seed and checked
+the way synthesis will see them."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from PIL import Image
 
 from defectfill.build.augment import draw_mask, estimate_foreground, pick_mask
 from defectfill.build.plan import Item, item_rng
+from defectfill.build.settings import BuildMaskSettings
 from defectfill.data.mvtec import list_split_masks
 from defectfill.errors import BuildError, SynthesisError
 from defectfill.images import IMAGE_EXTENSIONS, image_files
-from defectfill.masks import MASK_THRESHOLD, binarize_mask, latent_mask, resize_mask
+from defectfill.masks import MASK_THRESHOLD, MaskSource, binarize_mask, latent_mask, resize_mask
 from defectfill.runs.settings import RunPlan
 from defectfill.synthesis import SynthesisSettings, prepare_job
 
@@ -25,34 +27,25 @@ if TYPE_CHECKING:
     from defectfill.build.context import BuildContext
 
 
-# `--mask_source` values that draw from the real masks of the runs' split (`--mask_from` says which part).
-REAL_MASK_SOURCES = ("augment", "heldout", "real")
-
-
-def mask_origin(args) -> str:
-    """Where the build's masks come from, as rows and synthesis.json record it: "train", "heldout" or "dir"."""
-    return args.mask_from if args.mask_source in REAL_MASK_SOURCES else "dir"
-
-
-def mask_sources(args, run: RunPlan, data_dir: str | None) -> list[Path]:
-    """The mask files a defect type draws from: the real masks of the run's split (`--mask_from`: its training part
-    or its held-out part), or the user's folder."""
-    if args.mask_source in REAL_MASK_SOURCES:
+def mask_files(masks: BuildMaskSettings, run: RunPlan, data_dir: str | None) -> list[Path]:
+    """The mask files a defect type draws from: the real masks of the run's split (`mask_from` train or heldout: its
+    training part or its held-out part), or the user's folder (`mask_from` dir, `mask_dir`)."""
+    if masks.mask_from is not MaskSource.DIR:
         if not data_dir:
-            raise BuildError(f"--mask_source {args.mask_source} needs --data_dir (the run {run.lora} records none)")
-        masks = list_split_masks(data_dir, run.record.split, run.defect_type, args.mask_from)
-        if not masks:
-            raise BuildError(f"the split of {run.lora} holds no {args.mask_from} mask of {run.defect_type}; "
-                             "give another --mask_from or --mask_source DIR")
-        return masks
-    folder = Path(args.mask_source)
+            raise BuildError(f"--mask_from {masks.mask_from} needs --data_dir (the run {run.lora} records none)")
+        files = list_split_masks(data_dir, run.record.split, run.defect_type, masks.mask_from.value)
+        if not files:
+            raise BuildError(f"the split of {run.lora} holds no {masks.mask_from} mask of {run.defect_type}; "
+                             "give another --mask_from or --mask_dir")
+        return files
+    folder = Path(masks.mask_dir)
     if not folder.is_dir():
-        raise BuildError(f"--mask_source {args.mask_source}: not augment, heldout (real) or a folder of masks")
-    masks = image_files(folder / run.defect_type) or image_files(folder)
-    if not masks:
-        raise BuildError(f"--mask_source {folder} holds no mask for {run.defect_type} "
+        raise BuildError(f"--mask_dir {folder}: not a folder of masks")
+    files = image_files(folder / run.defect_type) or image_files(folder)
+    if not files:
+        raise BuildError(f"--mask_dir {folder} holds no mask for {run.defect_type} "
                          f"(expected {folder / run.defect_type}/*.png or {folder}/*.png)")
-    return masks
+    return files
 
 
 def load_mask_files(paths: Sequence[Path]) -> list[np.ndarray]:
@@ -91,15 +84,16 @@ def find_foreground_file(folder: Path, image_path: Path, data_dir: str | None, o
     return next((c for c in candidates if c.is_file()), None)
 
 
-def foreground_of(args, image: Image.Image, image_path: Path, texture: bool, data_dir: str | None,
+def foreground_of(foreground_dir: str | None, image: Image.Image, image_path: Path, texture: bool, data_dir: str | None,
                   object_class: str) -> np.ndarray | None:
-    """Where on the image a defect may go; None for a texture (the whole image)."""
+    """Where on the image a defect may go (the object mask in `foreground_dir`, else estimated); None for a texture
+    (the whole image)."""
     if texture:
         return None
-    if args.foreground_dir:
-        path = find_foreground_file(Path(args.foreground_dir), image_path, data_dir, object_class)
+    if foreground_dir:
+        path = find_foreground_file(Path(foreground_dir), image_path, data_dir, object_class)
         if path is None:
-            raise BuildError(f"--foreground_dir {args.foreground_dir} has no object mask for {image_path} "
+            raise BuildError(f"--foreground_dir {foreground_dir} has no object mask for {image_path} "
                              f"(looked for the same relative path or {image_path.stem}[_mask].png)")
         with Image.open(path) as mask_image:
             return resize_mask(binarize_mask(mask_image), image.size)
@@ -119,22 +113,23 @@ class Defect:
 def draw_item_masks(item: Item, image: Image.Image, context: "BuildContext") -> tuple[list[Defect], Counter, list[str]]:
     """The masks of an item's defects, in painting order, never overlapping: (defects, mask rejections by
     reason, defect types dropped because no mask fitted). Deterministic per item."""
-    rng = item_rng(context.args.seed, item.index, 2)
-    augment = context.args.mask_source == "augment"
-    foreground = foreground_of(context.args, image, item.image_path, context.texture, context.data_dir,
+    masks = context.settings.masks
+    rng = item_rng(context.settings.generation.seed, item.index, 2)
+    augment = masks.mask_augment
+    foreground = foreground_of(masks.foreground_dir, image, item.image_path, context.texture, context.data_dir,
                                context.object_class) if augment else None
     taken = np.zeros(image.size[::-1], dtype=bool)
     defects, rejected, dropped = [], Counter(), []
     for slot, defect_type in enumerate(item.defect_types):
         sources = [resize_mask(m, image.size) for m in context.masks[defect_type]]
-        settings = context.settings[defect_type]
+        settings = context.synthesis[defect_type]
         checks = dict(visible_at_latent=lambda m, s=settings: visible_at_latent_size(m, s, context.vae_scale_factor),
                       avoid=taken if taken.any() else None)
         if augment:
-            checks.update(foreground=foreground, min_on_object=context.args.min_on_object)
-            mask, source, why = draw_mask(sources, rng, context.augment, context.args.mask_attempts, **checks)
+            checks.update(foreground=foreground, min_on_object=masks.min_on_object)
+            mask, source, why = draw_mask(sources, rng, masks.augment, masks.mask_attempts, **checks)
         else:
-            start = item.index % context.args.num_images if slot == 0 else int(rng.integers(len(sources)))
+            start = item.index % context.settings.num_images if slot == 0 else int(rng.integers(len(sources)))
             mask, source, why = pick_mask(sources, start % len(sources), **checks)
         rejected.update({f"{defect_type}/{k}": v for k, v in why.items()})
         if mask is None:
@@ -142,6 +137,6 @@ def draw_item_masks(item: Item, image: Image.Image, context: "BuildContext") -> 
                 return [], rejected, [defect_type]
             dropped.append(defect_type)
             continue
-        defects.append(Defect(defect_type, mask, str(context.mask_paths[defect_type][source]), context.args.mask_source == "augment"))
+        defects.append(Defect(defect_type, mask, str(context.mask_paths[defect_type][source]), augment))
         taken |= mask
     return defects, rejected, dropped

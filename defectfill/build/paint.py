@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from defectfill.build.context import BuildContext
-from defectfill.build.defect_masks import Defect, draw_item_masks, mask_origin
+from defectfill.build.defect_masks import Defect, draw_item_masks
 from defectfill.build.plan import COMBINED, MAX_DEFECTS_PER_IMAGE, Item
 from defectfill.fileio import save_image_atomic
 from defectfill.runs.folder import SynthesisFolder
@@ -34,7 +34,7 @@ def paint_defects(pipeline, batch: list[tuple[Item, Image.Image, list[Defect]]],
     """Paint every item's defects in order, one pipeline call per (slot, defect type) of the batch, redrawing
     weak ones; returns per item {image, results (per slot, None if rejected), rejected candidates, UNet passes (every
     draw's, a guided pair counted once)}."""
-    args = context.args
+    generation = context.settings.generation
     states = [{"image": image, "slots": [None] * len(defects), "rejected": [], "unet_passes": 0.0} for _, image, defects in batch]
     for slot in range(max((len(d) for _, _, d in batch), default=0)):
         groups: dict[str, list[int]] = {}
@@ -43,17 +43,17 @@ def paint_defects(pipeline, batch: list[tuple[Item, Image.Image, list[Defect]]],
                 groups.setdefault(defects[slot].defect_type, []).append(i)
         for defect_type, members in groups.items():
             use_adapter(pipeline, defect_type)
-            settings = context.settings[defect_type]
+            settings = context.synthesis[defect_type]
             todo, first = list(members), 0
-            for _ in range(args.max_redraws + 1):
+            for _ in range(generation.max_redraws + 1):
                 jobs = [prepare_job(states[i]["image"], batch[i][2][slot].mask, batch[i][0].index * MAX_DEFECTS_PER_IMAGE + slot,
                                               settings) for i in todo]
-                results = synthesize(pipeline, jobs, settings, scorer, first, score_single=args.min_lpips > 0)
+                results = synthesize(pipeline, jobs, settings, scorer, first, score_single=generation.min_lpips > 0)
                 weak = []
                 for i, result in zip(todo, results):
                     states[i]["unet_passes"] += result.unet_passes
                     score = result.final_score
-                    if args.min_lpips > 0 and score < args.min_lpips:
+                    if generation.min_lpips > 0 and score < generation.min_lpips:
                         states[i]["rejected"].append({"slot": slot, "defect_type": defect_type, "first_candidate": first,
                                                       "num_candidates": settings.num_candidates, "lpips": score})
                         weak.append(i)
@@ -88,13 +88,13 @@ def save_item(output_dir: Path, item: Item, defects: list[Defect], state: dict, 
         "defect_types": types, "object_class": context.object_class, "num_defects": len(kept),
         "defect_mask_file_names": names, "semantic_mask_file_name": semantic_mask_name(item.index),
         "source_masks": [d.source_mask for d, _ in kept], "augmented": [d.augmented for d, _ in kept],
-        "prompts": [context.settings[t].prompt for t in types], "seed": context.args.seed,
+        "prompts": [context.synthesis[t].prompt for t in types], "seed": context.settings.generation.seed,
         "candidate": [r.chosen + first for _, (r, first) in kept], "lpips": [r.final_score for _, (r, _) in kept],
         "crop_box": [list(r.job.box) for _, (r, _) in kept], "rejected_candidates": state["rejected"],
         "mask_rejections": dict(rejections), "dropped_defects": dropped, "unet_passes": state["unet_passes"],
-        "mask_from": mask_origin(context.args),
+        "mask_from": context.settings.masks.mask_from.value,
     }
-    candidates = [c for _, (r, _) in kept for c in r.candidates] if context.args.save_candidates else None
+    candidates = [c for _, (r, _) in kept for c in r.candidates] if context.settings.output.save_candidates else None
     return SynthesisFolder(output_dir).save_result(item.index, state["image"], union, row, candidates)
 
 

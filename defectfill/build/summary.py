@@ -7,7 +7,6 @@ from collections import Counter
 from pathlib import Path
 
 from defectfill.build.context import BuildContext
-from defectfill.build.defect_masks import mask_origin
 from defectfill.data.split import merge_splits
 from defectfill.runs.folder import SynthesisFolder, item_of_file
 
@@ -20,9 +19,10 @@ def summarize(rows: dict[str, dict], skipped: dict[str, dict], context: BuildCon
     new_rows = [r for name, r in rows.items() if item_of_file(name) not in (done_before or set())]
     new_skipped = [entry for key, entry in skipped.items() if int(key) not in (done_before or set())]
     passes = sum(r.get("unet_passes", 0.0) for r in new_rows) + sum(e.get("unet_passes", 0.0) for e in new_skipped)
-    settings = next(iter(context.settings.values()))
+    settings = next(iter(context.synthesis.values()))
     process_seconds = sum(r.get("seconds", 0.0) for r in new_rows)
-    drawn = sum(sum(r["num_candidates"] for r in row.get("rejected_candidates", [])) + context.args.num_candidates * row["num_defects"]
+    candidates = context.settings.generation.num_candidates
+    drawn = sum(sum(r["num_candidates"] for r in row.get("rejected_candidates", [])) + candidates * row["num_defects"]
                 for row in new_rows)
     per_type, per_label, reasons = Counter(), Counter(), Counter()
     rejected_candidates = 0
@@ -104,7 +104,7 @@ def write_synthesis_record(output_dir: Path, context: BuildContext, unet_passes_
         pretrained_model_name_or_path=context.base_model, lora=",".join(r.lora for r in context.runs),
         defect_type=first.defect_type if len(context.runs) == 1 else None,
         scale_source="each run's training scale, unless a flag overrides it", scheduler=context.scheduler,
-        unet_passes_per_image=unet_passes_per_image, mask_from=mask_origin(context.args),
+        unet_passes_per_image=unet_passes_per_image, mask_from=context.settings.masks.mask_from.value,
         # every run's split, merged: the test set of a build is the held-out part of all its defect types
         split=merged_split(context),
     )

@@ -12,36 +12,37 @@ import torch.nn.functional as F
 
 from defectfill.downstream.data import ImageSet, augment_batch, concat_sets
 from defectfill.downstream.metrics import average_precision
+from defectfill.downstream.settings import DetectorModelSettings, DetectorTrainingSettings
 from defectfill.errors import DownstreamError
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def build_localizer(args, seed: int) -> torch.nn.Module:
+def build_localizer(settings: DetectorModelSettings, seed: int) -> torch.nn.Module:
     import segmentation_models_pytorch as smp
 
     torch.manual_seed(seed)
-    weights = None if args.encoder_weights == "none" else args.encoder_weights
+    weights = None if settings.encoder_weights == "none" else settings.encoder_weights
     try:
-        return smp.Unet(encoder_name=args.encoder, encoder_weights=weights, encoder_depth=args.encoder_depth,
-                        decoder_channels=list(args.decoder_channels), in_channels=3, classes=1)
+        return smp.Unet(encoder_name=settings.encoder, encoder_weights=weights, encoder_depth=settings.encoder_depth,
+                        decoder_channels=list(settings.decoder_channels), in_channels=3, classes=1)
     except (KeyError, ValueError) as error:
-        raise DownstreamError(f"--encoder {args.encoder}: {error}") from error
+        raise DownstreamError(f"--encoder {settings.encoder}: {error}") from error
     except OSError as error:
-        raise DownstreamError(f"--encoder_weights {args.encoder_weights}: the weights could not be downloaded ({error}); "
+        raise DownstreamError(f"--encoder_weights {settings.encoder_weights}: the weights could not be downloaded ({error}); "
                               "offline, use --encoder_weights none") from error
 
 
-def build_classifier(args, num_classes: int, seed: int) -> torch.nn.Module:
+def build_classifier(settings: DetectorModelSettings, num_classes: int, seed: int) -> torch.nn.Module:
     import torchvision
 
     torch.manual_seed(seed)
-    weights = "IMAGENET1K_V1" if args.encoder_weights == "imagenet" else None
+    weights = "IMAGENET1K_V1" if settings.encoder_weights == "imagenet" else None
     try:
-        model = getattr(torchvision.models, args.classifier)(weights=weights)
+        model = getattr(torchvision.models, settings.classifier)(weights=weights)
     except OSError as error:
-        raise DownstreamError(f"--encoder_weights imagenet: the {args.classifier} weights could not be downloaded "
+        raise DownstreamError(f"--encoder_weights imagenet: the {settings.classifier} weights could not be downloaded "
                               f"({error}); offline, use --encoder_weights none") from error
     model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
     return model
@@ -103,28 +104,29 @@ def localizer_batch(defects: ImageSet, goods: ImageSet, size: int, generator: to
     return augment_where(images, masks, flags, generator)
 
 
-def train_localizer(args, defects: ImageSet, goods: ImageSet, seed: int, device, label: str):
+def train_localizer(model_settings: DetectorModelSettings, training: DetectorTrainingSettings, defects: ImageSet,
+                    goods: ImageSet, seed: int, device, label: str):
     """A U-Net trained on `defects` and `goods`; returns (model, history). With a validation part carved out
     (--validation_fraction), the epoch with the best validation pixel AP is restored."""
     import segmentation_models_pytorch as smp
     from tqdm.auto import tqdm
 
-    train_defects, val_defects = split_validation(defects, args.validation_fraction, seed)
-    train_goods, val_goods = split_validation(goods, args.validation_fraction, seed + 1)
-    model = build_localizer(args, seed).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
-    scheduler = step_schedule(optimizer, args.epochs)
+    train_defects, val_defects = split_validation(defects, training.validation_fraction, seed)
+    train_goods, val_goods = split_validation(goods, training.validation_fraction, seed + 1)
+    model = build_localizer(model_settings, seed).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=training.learning_rate)
+    scheduler = step_schedule(optimizer, training.epochs)
     focal = smp.losses.FocalLoss(mode="binary", gamma=2.0)
     generator = torch.Generator().manual_seed(seed)
-    steps = math.ceil(args.samples_per_epoch / args.batch_size)
-    history = {"loss": [], "validation_pixel_ap": [], "epoch_kept": args.epochs}
+    steps = math.ceil(training.samples_per_epoch / training.batch_size)
+    history = {"loss": [], "validation_pixel_ap": [], "epoch_kept": training.epochs}
     best = (-1.0, None)
-    bar = tqdm(range(args.epochs), desc=f"localizer {label}", disable=not args.progress, leave=False)
+    bar = tqdm(range(training.epochs), desc=f"localizer {label}", disable=not training.progress, leave=False)
     for epoch in bar:
         model.train()
         total = 0.0
         for step in range(steps):
-            size = min(args.batch_size, args.samples_per_epoch - step * args.batch_size)
+            size = min(training.batch_size, training.samples_per_epoch - step * training.batch_size)
             images, masks = localizer_batch(train_defects, train_goods, size, generator)
             loss = focal(model(normalize(images, device)), masks[:, None].to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -132,23 +134,24 @@ def train_localizer(args, defects: ImageSet, goods: ImageSet, seed: int, device,
             optimizer.step()
             total += float(loss.detach()) * size
         scheduler.step()
-        history["loss"].append(total / args.samples_per_epoch)
+        history["loss"].append(total / training.samples_per_epoch)
         bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
         if val_defects is not None:
             val = concat_sets([val_defects, val_goods])
-            ap = average_precision(predict_maps(model, val.images, args.batch_size, device), val.masks)
+            ap = average_precision(predict_maps(model, val.images, training.batch_size, device), val.masks)
             history["validation_pixel_ap"].append(ap)
             if ap > best[0]:
                 best = (ap, {k: v.detach().clone() for k, v in model.state_dict().items()})
                 history["epoch_kept"] = epoch + 1
-            elif epoch + 1 - history["epoch_kept"] >= args.patience:
+            elif epoch + 1 - history["epoch_kept"] >= training.patience:
                 break
     if best[1] is not None:
         model.load_state_dict(best[1])
     return model, history
 
 
-def train_classifier(args, defects: ImageSet, classes: list[str], seed: int, device, label: str):
+def train_classifier(model_settings: DetectorModelSettings, training: DetectorTrainingSettings, defects: ImageSet,
+                     classes: list[str], seed: int, device, label: str):
     """A ResNet trained to tell the defect types `classes` apart on the images of `defects` of one of those
     types (a `combined` image, several types in one, is left out); images marked to be are augmented."""
     from tqdm.auto import tqdm
@@ -156,15 +159,15 @@ def train_classifier(args, defects: ImageSet, classes: list[str], seed: int, dev
     keep = [i for i, d in enumerate(defects.defect_types) if d in classes]
     data = defects.select(keep)
     labels = torch.tensor([classes.index(d) for d in data.defect_types])
-    model = build_classifier(args, len(classes), seed).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
-    scheduler = step_schedule(optimizer, args.classifier_epochs)
+    model = build_classifier(model_settings, len(classes), seed).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=training.learning_rate)
+    scheduler = step_schedule(optimizer, training.classifier_epochs)
     generator = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(args.classifier_epochs), desc=f"classifier {label}", disable=not args.progress, leave=False):
+    for _ in tqdm(range(training.classifier_epochs), desc=f"classifier {label}", disable=not training.progress, leave=False):
         model.train()
-        order = torch.cat([torch.randperm(len(data), generator=generator) for _ in range(args.classifier_repeats)])
-        for start in range(0, len(order), args.batch_size):
-            index = order[start:start + args.batch_size]
+        order = torch.cat([torch.randperm(len(data), generator=generator) for _ in range(training.classifier_repeats)])
+        for start in range(0, len(order), training.batch_size):
+            index = order[start:start + training.batch_size]
             images, _ = augment_where(data.images[index].float() / 255, data.masks[index], data.augment[index], generator)
             loss = F.cross_entropy(model(normalize(images, device)), labels[index].to(device))
             optimizer.zero_grad(set_to_none=True)

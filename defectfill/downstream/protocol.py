@@ -5,7 +5,7 @@ and the report (`downstream_defectfill.py` is its command line)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from defectfill.downstream.models import (
 from defectfill.downstream.report import (
     COLUMNS,
     CURVES_FILENAME,
+    MAP_IMAGES,
     MAPS_FILENAME,
     PEER_FIGURES,
     PEER_SOURCE,
@@ -35,6 +36,7 @@ from defectfill.downstream.report import (
     summarize,
     sweep_table,
 )
+from defectfill.downstream.settings import DownstreamSettings
 from defectfill.downstream.sources import (
     REAL_PLUS,
     SyntheticSource,
@@ -63,12 +65,12 @@ class RealData:
         return self.test.select([i for i, d in enumerate(self.test.defect_types) if d != GOOD])
 
 
-def copy_paste_count(args, real: RealData, targets: ImageSet | None) -> int:
+def copy_paste_count(settings: DownstreamSettings, real: RealData, targets: ImageSet | None) -> int:
     """Images in the copy-paste set: --copy_paste_count, else as many as the first synthetic set (without one: 10
     per real training defect, and at least the largest share of the sweep, which then sweeps copy-paste)."""
-    count = args.copy_paste_count or (len(targets) if targets is not None else 10 * len(real.train_defects))
+    count = settings.copy_paste_count or (len(targets) if targets is not None else 10 * len(real.train_defects))
     if targets is None:  # copy-paste is the swept set
-        count = max([count, *(share_count(share, real) for share in args.synthetic_shares)])
+        count = max([count, *(share_count(share, real) for share in settings.synthetic_shares)])
     return count
 
 
@@ -76,45 +78,46 @@ def share_count(share: float, real: RealData) -> int:
     return max(1, round(share * len(real.train_defects)))
 
 
-def training_sets(args, real: RealData, synthetic_sets: dict[str, ImageSet]) -> dict[str, ImageSet | None]:
+def training_sets(settings: DownstreamSettings, real: RealData, synthetic_sets: dict[str, ImageSet]) -> dict[str, ImageSet | None]:
     """Every set compared, by name: the baselines asked for, the synthetic sets, and (--with_real) each generated
     set with the real training defects added (`real+NAME`, the set a team would train on). The real defects are
     augmented wherever they are; generated images are used as they are."""
     real_part = real.train_defects.augmented()
     sets: dict[str, ImageSet | None] = {}
     generated: dict[str, ImageSet] = {}
-    if "untrained" in args.baselines:
+    if "untrained" in settings.baselines:
         sets["untrained"] = None
-    if "real_only" in args.baselines:
+    if "real_only" in settings.baselines:
         sets["real_only"] = real_part
-    if "copy_paste" in args.baselines:
+    if "copy_paste" in settings.baselines:
         targets = next(iter(synthetic_sets.values()), None)
         generated["copy_paste"] = copy_paste_set(real.train_defects, real.goods, targets,
-                                                 copy_paste_count(args, real, targets), seed=0)
+                                                 copy_paste_count(settings, real, targets), seed=0)
     generated.update(synthetic_sets)
     sets.update(generated)
-    if args.with_real:
+    if settings.with_real:
         sets.update({f"{REAL_PLUS}{name}": concat_sets([real_part, data]) for name, data in generated.items()})
     return sets
 
 
-def sweep_sets(args, real: RealData, sets: dict[str, ImageSet | None], synthetic_names: list[str]) -> dict[str, dict[float, str]]:
+def sweep_sets(settings: DownstreamSettings, real: RealData, sets: dict[str, ImageSet | None],
+               synthetic_names: list[str]) -> dict[str, dict[float, str]]:
     """The size sweep (--synthetic_shares): the real defects plus `share` x as many images of the first synthetic
     set (copy-paste without one), one fixed random subset per share, the same for every seed. Adds the sets to
     train to `sets`; returns {generator: {share: set name}}, a share that takes the whole generated set naming the
     `real+NAME` set of the main table."""
     generator_name = synthetic_names[0] if synthetic_names else "copy_paste" if "copy_paste" in sets else None
-    if not args.synthetic_shares or generator_name is None:
+    if not settings.synthetic_shares or generator_name is None:
         return {}
     data = sets[generator_name]
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
     sweep: dict[float, str] = {}
-    for share in args.synthetic_shares:
+    for share in settings.synthetic_shares:
         count = share_count(share, real)
         if count > len(data):
             raise DownstreamError(f"--synthetic_shares {share:g}: {count} images of {generator_name} wanted, it has "
                                   f"{len(data)}; make more (--num_images) or give smaller shares")
-        name = f"{REAL_PLUS}{generator_name}" if count == len(data) and args.with_real else \
+        name = f"{REAL_PLUS}{generator_name}" if count == len(data) and settings.with_real else \
             f"{REAL_PLUS}{generator_name} ({share:g}x)"
         if name not in sets:
             sets[name] = concat_sets([real.train_defects.augmented(), data.select(sorted(order[:count]))])
@@ -149,115 +152,110 @@ def provenance_notes(sources: list[SyntheticSource], reuse: dict[str, dict], set
     return notes
 
 
-def protocol_notes(args, classes: list[str]) -> list[str]:
+def protocol_notes(settings: DownstreamSettings, classes: list[str]) -> list[str]:
     """What a reader of the table must know: the encoders, the classifier's scope, the schedule."""
-    encoders = "ImageNet-pretrained" if args.encoder_weights == "imagenet" else "random init (offline; the peers pretrain on ImageNet)"
+    training = settings.training
+    encoders = ("ImageNet-pretrained" if settings.model.encoder_weights == "imagenet"
+                else "random init (offline; the peers pretrain on ImageNet)")
     notes = [f"encoders: {encoders}"]
     if len(classes) < 2:
         notes.append(f"classification: n/a, the split holds one defect type ({', '.join(classes)}); it needs two or more")
-    if args.validation_fraction > 0:
-        notes.append(f"early stopping on {args.validation_fraction:.0%} of each training set (validation pixel AP)")
+    if training.validation_fraction > 0:
+        notes.append(f"early stopping on {training.validation_fraction:.0%} of each training set (validation pixel AP)")
     else:
-        notes.append(f"fixed schedule, last epoch reported ({args.epochs} localizer / {args.classifier_epochs} classifier epochs)")
+        notes.append(f"fixed schedule, last epoch reported ({training.epochs} localizer / {training.classifier_epochs} "
+                     "classifier epochs)")
     return notes
 
 
-def evaluate_set(args, data: ImageSet | None, real: RealData, classes: list[str], seed: int, device,
+def evaluate_set(settings: DownstreamSettings, data: ImageSet | None, real: RealData, classes: list[str], seed: int, device,
                  label: str) -> tuple[dict, torch.Tensor]:
     """One training set at one seed: the localizer (and, with two or more defect types, the classifier) trained
     on it and tested on the real test set. Returns (its figures, its anomaly maps of the test images)."""
     if data is None:
-        model, history = build_localizer(args, seed).to(device), {"loss": [], "epoch_kept": 0}
+        model, history = build_localizer(settings.model, seed).to(device), {"loss": [], "epoch_kept": 0}
     else:
-        model, history = train_localizer(args, data, real.goods, seed, device, label)
-    maps = predict_maps(model, real.test.images, args.batch_size, device)
+        model, history = train_localizer(settings.model, settings.training, data, real.goods, seed, device, label)
+    maps = predict_maps(model, real.test.images, settings.training.batch_size, device)
     figures = localization_metrics(maps, real.test.masks)
     figures["classification_accuracy"] = None
     if data is not None and len(classes) >= 2:
-        classifier = train_classifier(args, data, classes, seed, device, label)
+        classifier = train_classifier(settings.model, settings.training, data, classes, seed, device, label)
         figures["classification_accuracy"] = classification_accuracy(classifier, real.heldout_defects, classes,
-                                                                     args.batch_size, device)
+                                                                     settings.training.batch_size, device)
     return {"seed": seed, **figures, "epoch_kept": history["epoch_kept"],
             "final_loss": history["loss"][-1] if history["loss"] else None}, maps
 
 
-def check_test_set_reuse(args, sources: list[SyntheticSource], split: dict, data_dir) -> dict[str, dict]:
+def check_test_set_reuse(settings: DownstreamSettings, sources: list[SyntheticSource], split: dict, data_dir) -> dict[str, dict]:
     """Each source's count of images made from the test set; a leaky source stops the comparison unless
     --allow_test_leak (before any image is loaded or model trained)."""
     reuse = {s.name: count_test_set_reuse(s, split, data_dir) for s in sources}
     errors = [e for e in (leak_error(s.name, reuse[s.name]) for s in sources) if e]
-    if errors and not args.allow_test_leak:
+    if errors and not settings.allow_test_leak:
         raise DownstreamError("\n".join(errors))
     return reuse
 
 
-def train_and_test(args, sets: dict[str, ImageSet | None], real: RealData, classes: list[str], device):
+def train_and_test(settings: DownstreamSettings, sets: dict[str, ImageSet | None], real: RealData, classes: list[str], device):
     """Every set at every seed: ({name: per-seed figures}, {name: anomaly maps of the first seed})."""
     per_seed: dict[str, list[dict]] = {name: [] for name in sets}
     first_maps: dict[str, torch.Tensor] = {}
-    for seed in args.seeds:
+    for seed in settings.seeds:
         for name, data in sets.items():
-            figures, maps = evaluate_set(args, data, real, classes, seed, device, f"{name} seed {seed}")
+            figures, maps = evaluate_set(settings, data, real, classes, seed, device, f"{name} seed {seed}")
             per_seed[name].append(figures)
-            if seed == args.seeds[0]:
+            if seed == settings.seeds[0]:
                 first_maps[name] = maps
     return per_seed, first_maps
 
 
-def run_comparison(args) -> dict:
-    """The whole comparison the flags describe; writes the results JSON, table, curves and maps to
-    `--output_dir` and returns the results."""
+def run_comparison(settings: DownstreamSettings) -> dict:
+    """The whole comparison `settings` describe; writes the results JSON, table, curves and maps to
+    `output_dir` and returns the results."""
     import datasets
     from accelerate import Accelerator
 
     started = time.perf_counter()
     datasets.disable_progress_bars()  # the loaders' filter bars; training has its own
     device = Accelerator().device
-    sources = read_synthetic_sources(args.synthetic)
-    build_localizer(args, args.seeds[0])  # a wrong --encoder or unreachable weights fail before any work
-    if args.encoder_weights == "imagenet":
-        build_classifier(args, 2, args.seeds[0])
-    data_dir = agreed_value("--data_dir", args.data_dir, sources, "data_dir")
-    object_class = agreed_value("--object_class", args.object_class, sources, "object_class")
-    split = collect_split(args.split_file, sources)
+    sources = read_synthetic_sources(settings.synthetic)
+    build_localizer(settings.model, settings.seeds[0])  # a wrong --encoder or unreachable weights fail before any work
+    if settings.model.encoder_weights == "imagenet":
+        build_classifier(settings.model, 2, settings.seeds[0])
+    data_dir = agreed_value("--data_dir", settings.data.data_dir, sources, "data_dir")
+    object_class = agreed_value("--object_class", settings.data.object_class, sources, "object_class")
+    split = collect_split(settings.split_file, sources)
     classes = sorted(split["defect_types"])
-    reuse = check_test_set_reuse(args, sources, split, data_dir)
-    leaky = any(r["masks"] or r["images"] for r in reuse.values())
+    reuse = check_test_set_reuse(settings, sources, split, data_dir)
 
-    real = RealData(real_test_set(data_dir, object_class, split, args.resolution),
-                    real_defects(data_dir, object_class, split, "train", args.resolution),
-                    train_good_set(data_dir, object_class, args.resolution))
-    sets = training_sets(args, real, {s.name: load_synthetic_set(s, object_class, args.resolution) for s in sources})
-    notes = protocol_notes(args, classes) + provenance_notes(sources, reuse, sets, classes)
+    resolution = settings.model.resolution
+    real = RealData(real_test_set(data_dir, object_class, split, resolution),
+                    real_defects(data_dir, object_class, split, "train", resolution),
+                    train_good_set(data_dir, object_class, resolution))
+    sets = training_sets(settings, real, {s.name: load_synthetic_set(s, object_class, resolution) for s in sources})
+    notes = protocol_notes(settings, classes) + provenance_notes(sources, reuse, sets, classes)
     main_names = list(sets)
-    sweep = sweep_sets(args, real, sets, [s.name for s in sources])
-    per_seed, first_maps = train_and_test(args, sets, real, classes, device)
+    sweep = sweep_sets(settings, real, sets, [s.name for s in sources])
+    per_seed, first_maps = train_and_test(settings, sets, real, classes, device)
 
     summary = {name: {k: summarize([r[k] for r in rows]) for k in COLUMNS} for name, rows in per_seed.items()}
-    test = real.test
-    header = (f"{'LEAKY (--allow_test_leak: a synthetic set was made from the test set, see the notes). ' if leaky else ''}"
-              f"Downstream evaluation, {object_class}: mean ± std over seeds {', '.join(map(str, args.seeds))}, in %; "
-              f"test: {int(test.is_defective.sum())} held-out real defects ({', '.join(classes)}) + "
-              f"{int((~test.is_defective).sum())} test/good images at {args.resolution} px; training: "
-              f"{len(real.train_defects)} real defects, {len(real.goods)} train/good images; {args.encoder} U-Net, "
-              f"{args.classifier} classifier, device {device}.")
-    blocks = [header, "", results_table({n: summary[n] for n in main_names}), "", *[f"- {n}" for n in notes], ""]
-    if sweep:
-        blocks += [sweep_table(sweep, summary, len(real.train_defects)), ""]
-    text = "\n".join([*blocks, f"Peers on MVTec AD ({PEER_SOURCE}; a different data set, pretrained encoders and test-set "
-                      "epoch selection: context, not a comparison):", "", results_table({}, PEER_FIGURES), ""])
+    leaky = any(r["masks"] or r["images"] for r in reuse.values())
+    sweep_text = sweep_table(sweep, summary, len(real.train_defects)) if sweep else None
+    text = comparison_text(settings, object_class, real, classes, str(device), leaky, {n: summary[n] for n in main_names},
+                           notes, sweep_text)
     print(text)
-    output_dir = Path(args.output_dir)
+    output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output_dir / TABLE_FILENAME, text)
     shown = {n: first_maps[n] for n in main_names}
-    plot_curves(shown, test, output_dir / CURVES_FILENAME)
-    map_grid(shown, test, args.num_map_images, output_dir / MAPS_FILENAME)
+    plot_curves(shown, real.test, output_dir / CURVES_FILENAME)
+    map_grid(shown, real.test, MAP_IMAGES, output_dir / MAPS_FILENAME)
     seconds = time.perf_counter() - started
     results = {
         "object_class": object_class, "data_dir": str(data_dir), "device": str(device),
-        "encoder_weights": args.encoder_weights, "split": split, "classes": classes, "leaky": leaky,
-        "test_set": {d: test.defect_types.count(d) for d in sorted(set(test.defect_types))},
+        "encoder_weights": settings.model.encoder_weights, "split": split, "classes": classes, "leaky": leaky,
+        "test_set": {d: real.test.defect_types.count(d) for d in sorted(set(real.test.defect_types))},
         "training_sets": {name: {"images": len(data) if data is not None else 0,
                                  "augmented": int(data.augment.sum()) if data is not None else 0,
                                  "defect_types": sorted(set(data.defect_types)) if data is not None else []}
@@ -265,11 +263,27 @@ def run_comparison(args) -> dict:
         "synthetic_folders": {s.name: [str(f) for f in s.folders] for s in sources},
         "test_set_reuse": reuse,
         "sweep": {g: {f"{share:g}": name for share, name in shares.items()} for g, shares in sweep.items()},
-        "settings": {k: v for k, v in vars(args).items()},
-        "notes": notes, "summary": summary, "per_seed": per_seed,
-        "peer_figures": {"source": PEER_SOURCE, "percent": PEER_FIGURES},
-        "seconds": round(seconds, 1),
+        "settings": asdict(settings), "notes": notes, "summary": summary, "per_seed": per_seed,
+        "peer_figures": {"source": PEER_SOURCE, "percent": PEER_FIGURES}, "seconds": round(seconds, 1),
     }
     write_json_atomic(output_dir / RESULTS_FILENAME, results)
     print(f"wrote {output_dir / RESULTS_FILENAME}, {TABLE_FILENAME}, {CURVES_FILENAME}, {MAPS_FILENAME} ({seconds:.0f} s)")
     return results
+
+
+def comparison_text(settings: DownstreamSettings, object_class: str, real: RealData, classes: list[str], device: str,
+                    leaky: bool, summary: dict, notes: list[str], sweep: str | None) -> str:
+    """The table of the main sets, the notes, the size sweep's table and the peers' figures, under a title that
+    says what was tested and how (and LEAKY first for a set made from the test set)."""
+    test, model = real.test, settings.model
+    header = (f"{'LEAKY (--allow_test_leak: a synthetic set was made from the test set, see the notes). ' if leaky else ''}"
+              f"Downstream evaluation, {object_class}: mean ± std over seeds {', '.join(map(str, settings.seeds))}, in %; "
+              f"test: {int(test.is_defective.sum())} held-out real defects ({', '.join(classes)}) + "
+              f"{int((~test.is_defective).sum())} test/good images at {model.resolution} px; training: "
+              f"{len(real.train_defects)} real defects, {len(real.goods)} train/good images; {model.encoder} U-Net, "
+              f"{model.classifier} classifier, device {device}.")
+    blocks = [header, "", results_table(summary), "", *[f"- {n}" for n in notes], ""]
+    if sweep:
+        blocks += [sweep, ""]
+    return "\n".join([*blocks, f"Peers on MVTec AD ({PEER_SOURCE}; a different data set, pretrained encoders and test-set "
+                      "epoch selection: context, not a comparison):", "", results_table({}, PEER_FIGURES), ""])

@@ -18,6 +18,7 @@ RESULTS_FILENAME = "downstream_results.json"
 TABLE_FILENAME = "downstream_table.md"
 CURVES_FILENAME = "curves.png"
 MAPS_FILENAME = "anomaly_maps.png"
+MAP_IMAGES = 6  # test images in anomaly_maps.png
 LOCALIZATION_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_au_pro")
 COLUMNS = LOCALIZATION_KEYS + ("classification_accuracy",)
 COLUMN_TITLES = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "P-AUPRO", "Cls acc")

@@ -16,6 +16,7 @@ from defectfill.data.split import load_split, merge_splits
 from defectfill.data.synthetic import load_synthetic
 from defectfill.downstream.data import ImageSet, Part, concat_sets, dataset_to_set, mask_center, square_mask
 from defectfill.errors import DownstreamError
+from defectfill.masks import MaskSource
 from defectfill.runs.files import METADATA_FILENAME, SPLIT_FILENAME, SYNTHESIS_FILENAME
 from defectfill.runs.folder import read_metadata
 from defectfill.runs.records import SynthesisRecord
@@ -148,7 +149,7 @@ def mask_key(path: str | Path) -> tuple[str, ...]:
 def heldout_mask_keys(data_dir: str | Path, split: dict) -> set[tuple[str, ...]]:
     """The masks of the split's held-out images (the test set's defects)."""
     return {mask_key(p) for defect_type in split["defect_types"]
-            for p in list_split_masks(data_dir, split, defect_type, "heldout")}
+            for p in list_split_masks(data_dir, split, defect_type, MaskSource.HELDOUT.value)}
 
 
 def count_test_set_reuse(source: SyntheticSource, split: dict, data_dir: str | Path) -> dict[str, int]:
@@ -164,7 +165,7 @@ def count_test_set_reuse(source: SyntheticSource, split: dict, data_dir: str | P
         for row in read_metadata(folder, require_files=False).values():
             counts["rows"] += 1
             masks = [m for m in [row.get("source_mask"), *(row.get("source_masks") or [])] if m]
-            if row.get("mask_from") == "heldout" or any(mask_key(m) in heldout for m in masks):
+            if row.get("mask_from") == MaskSource.HELDOUT or any(mask_key(m) in heldout for m in masks):
                 counts["masks"] += 1
             image = row.get("source_image")
             if image and Path(image).parts[-3:-1] == ("test", GOOD):

@@ -178,7 +178,7 @@ def downstream_figures(run_dir: Path, work: Path, seeds: int) -> dict:
 
     synthetic, output, config = work / "synthetic", work / "downstream", work / "downstream.yaml"
     run_repo_script("build_dataset_defectfill.py", "--lora", str(run_dir), "--output_dir", str(synthetic),
-                    "--num_images", str(DOWNSTREAM_IMAGES), "--mask_source", "augment", "--mask_from", "train",
+                    "--num_images", str(DOWNSTREAM_IMAGES), "--mask_augment", "--mask_from", "train",
                     "--num_candidates", "1", "--num_inference_steps", str(STEPS))
     # The tiny downstream config without the demo's synthetic set and sweep: --synthetic adds to a config's list.
     settings = {k: v for k, v in yaml.safe_load(DOWNSTREAM_CONFIG.read_text()).items()
