@@ -176,3 +176,30 @@ def test_a_lora_on_the_unet_and_both_text_encoders_saves_as_sdxl_does_and_change
     fresh.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
     assert {"unet", "text_encoder", "text_encoder_2"} <= set(fresh.get_list_adapters())
     assert np.abs(paint(fresh) - before).max() > 1e-3
+
+
+def test_the_bench_s_sdxl_inpainting_configs_build_the_published_shape():
+    """bench/sdxl_inpainting_configs.json (the real model's component configs, sources cited in it) builds, on the
+    meta device, SDXL inpainting's parameter counts, a 9-channel UNet whose added embedding takes 6 time ids x 256 + the
+    1280-wide pooled text embedding, and 36 decoder cross-attention layers for the [V*] capture (3 x 10 + 3 x 2)."""
+    import json
+
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from defectfill.attention import decoder_cross_attention_modules
+    from tests.conftest import REPO_ROOT
+
+    configs = json.loads((REPO_ROOT / "bench" / "sdxl_inpainting_configs.json").read_text())
+    fields = {name: {k: v for k, v in config.items() if not k.startswith("_")} for name, config in configs.items() if name != "_about"}
+    with init_empty_weights():
+        models = {"unet": UNet2DConditionModel(**fields["unet"]), "vae": AutoencoderKL(**fields["vae"]),
+                  "text_encoder": CLIPTextModel(CLIPTextConfig(**fields["text_encoder"])),
+                  "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**fields["text_encoder_2"]))}
+    counts = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+    assert counts == {"unet": 2_567_478_084, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840}
+    unet = models["unet"]
+    assert unet.config.in_channels == 9 and unet.add_embedding.linear_1.in_features == 6 * 256 + 1280
+    layers = decoder_cross_attention_modules(unet)
+    assert len(layers) == 36 and sum(name.startswith("up_blocks.0.") for name in layers) == 30
