@@ -74,15 +74,17 @@ def resolve_base_id(name: str) -> str:
     return mirror
 
 
+def canonical_base(name: str) -> str:
+    """One key per model a name loads: a local folder's resolved path, a withdrawn id's mirror, any other id as given
+    (for checks that runs share a base: a run recorded on the withdrawn id shares the mirror's)."""
+    return str(Path(name).resolve()) if Path(name).is_dir() else (mirror_of(name) or name)
+
+
 def same_base(first: str | None, second: str | None) -> bool:
-    """Whether two base-model names load the same model (a withdrawn id and its mirror do); paths compare resolved."""
+    """Whether two base-model names load the same model (`canonical_base`); None only matches None."""
     if not first or not second:
         return first == second
-
-    def canonical(name: str) -> str:
-        return str(Path(name).resolve()) if Path(name).is_dir() else (mirror_of(name) or name)
-
-    return canonical(first) == canonical(second)
+    return canonical_base(first) == canonical_base(second)
 
 
 @dataclass(frozen=True)

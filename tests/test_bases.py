@@ -71,6 +71,7 @@ def test_a_run_trained_on_the_withdrawn_id_has_the_mirror_s_base(tmp_path):
     assert same_base(WITHDRAWN, MIRROR) and same_base(MIRROR, WITHDRAWN)
     assert not same_base(MIRROR, "stable-diffusion-v1-5/stable-diffusion-inpainting")
     assert same_base(str(tmp_path), str(tmp_path / ".." / tmp_path.name)) and not same_base(str(tmp_path), MIRROR)
+    assert len({bases.canonical_base(name) for name in (WITHDRAWN, MIRROR, MIRROR)}) == 1
 
 
 # ----------------------------------------------------------------------------------------------------
