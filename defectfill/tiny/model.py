@@ -1,5 +1,5 @@
 """Build the tiny, randomly initialised SD2-inpainting-shaped pipeline that the tests and the offline
-demo load exactly as users load ``stabilityai/stable-diffusion-2-inpainting``.
+demo load exactly as users load ``sd2-community/stable-diffusion-2-inpainting``.
 
 Architecture (scaled down from SD2-inpainting, same structure):
 - UNet2DConditionModel, 9 input channels (latents, mask, masked-image latents), linear projections

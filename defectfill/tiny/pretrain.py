@@ -442,7 +442,7 @@ tags:
 ---
 # tiny-sd2-inpainting
 
-A tiny pipeline with the structure of `stabilityai/stable-diffusion-2-inpainting`, **pre-trained on
+A tiny pipeline with the structure of `sd2-community/stable-diffusion-2-inpainting`, **pre-trained on
 procedural images** so that the tests and the offline demo of defectfill exercise the real loading code
 (`from_pretrained`, `load_lora_weights`) without the Hub *and* show real learning.
 
