@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defectfill.docs import read_block
 from defectfill.errors import DefectFillError
-from defectfill.tiny import generalisation
-from defectfill.tiny.families import CRACK_RGB, FAMILIES, STAIN_RGB, UNSEEN_HUE_BANDS, RegionStatistics, local_contrast, write_families
-from defectfill.tiny.generalisation import change, distances, main, mean_distances, readme_markdown
-from defectfill.tiny.pretrain import (
+from scripts.tiny import generalisation
+from scripts.tiny.docs import read_block
+from scripts.tiny.families import CRACK_RGB, FAMILIES, STAIN_RGB, UNSEEN_HUE_BANDS, RegionStatistics, local_contrast, write_families
+from scripts.tiny.generalisation import change, distances, main, mean_distances, readme_markdown
+from scripts.tiny.pretrain import (
     CLASSES,
     GENERALISATION_BLOCK,
     MEASURED_BLOCK,

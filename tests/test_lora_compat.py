@@ -20,7 +20,7 @@ import torch
 
 from defectfill.runs.files import LORA_FILENAME
 from tests.conftest import REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL
-from tests.lora_load_probe import WEIGHT_NAME, probe
+from tests.helpers.lora_load_probe import WEIGHT_NAME, probe
 
 # The older stack: a common mid-2025 one. transformers 4.57 needs huggingface_hub < 1.0, which today's diffusers does
 # not accept, so it comes with the diffusers of its time; the rest (torch, accelerate, safetensors) is the suite's.
@@ -28,6 +28,7 @@ OLD_STACK = ("diffusers==0.35.2", "transformers==4.57.6", "peft==0.17.1", "huggi
 DEMO_RUN = REPO_ROOT / "models" / "demo-lora-metal_nut-color"
 IMAGE = SYNTHETIC_DATA / "metal_nut" / "train" / "good" / "000.png"
 MASK = SYNTHETIC_DATA / "metal_nut" / "ground_truth" / "color" / "003_mask.png"
+PROBE = REPO_ROOT / "tests" / "helpers" / "lora_load_probe.py"
 
 
 def old_stack_dir() -> Path:
@@ -67,7 +68,7 @@ def test_lora_files_load_the_same_in_an_older_stack(tiny_run, tmp_path):
     snippet = tmp_path / "card_snippet.py"
     snippet.write_text(card_snippet(tiny_run))
     output = tmp_path / "old.npz"
-    command = [sys.executable, str(REPO_ROOT / "tests" / "lora_load_probe.py"), "--base", str(TINY_MODEL), "--image", str(IMAGE),
+    command = [sys.executable, str(PROBE), "--base", str(TINY_MODEL), "--image", str(IMAGE),
                "--mask", str(MASK), "--output", str(output), "--snippet", str(snippet)]
     command += [f"--lora={name}={folder}" for name, folder in loras.items()]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(filter(None, [str(old_stack), os.environ.get("PYTHONPATH")])))
@@ -119,7 +120,7 @@ def test_the_bundled_text_encoder_keeps_clips_text_model_level(tiny_pipeline, tm
     from transformers import CLIPTextModel
 
     from defectfill.runs.lora import TEXT_MODEL_PREFIX
-    from defectfill.tiny.model import TEXT_ENCODER_WEIGHTS, save_pipeline
+    from scripts.tiny.model import TEXT_ENCODER_WEIGHTS, save_pipeline
 
     stored = load_file(TINY_MODEL / TEXT_ENCODER_WEIGHTS)
     assert stored and all(key.startswith(TEXT_MODEL_PREFIX) for key in stored)

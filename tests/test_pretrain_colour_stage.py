@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from defectfill.tiny.families import UNSEEN_HUE_BANDS
-from defectfill.tiny.pretrain import COLOUR_SETTINGS, FROM_SCRATCH_SETTINGS, main, surface_crop
+from scripts.tiny.families import UNSEEN_HUE_BANDS
+from scripts.tiny.pretrain import COLOUR_SETTINGS, FROM_SCRATCH_SETTINGS, main, surface_crop
 from tests.conftest import TINY_MODEL
 
 

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from defectfill.runs.records import RunRecord
-from defectfill.tiny import measure
-from defectfill.tiny.paths import CONFIGS, DEMO_RUN
 from defectfill.training.outputs import NOT_TRAINING_OPTIONS
+from scripts.tiny import measure
+from scripts.tiny.paths import CONFIGS, DEMO_RUN
 from tests.conftest import TINY_MODEL
 
 
