@@ -56,8 +56,10 @@ def test_components_load_per_subfolder(tiny_model_path):
     assert CLIPTextModel.from_pretrained(tiny_model_path, subfolder="text_encoder").config.hidden_size == 32
     assert AutoencoderKL.from_pretrained(tiny_model_path, subfolder="vae").config.latent_channels == 4
     assert UNet2DConditionModel.from_pretrained(tiny_model_path, subfolder="unet").config.in_channels == 9
-    # v-prediction, as SD 2's 768 px models: the last pre-training stage (scripts/pretrain_tiny_model.py says why)
-    assert DDPMScheduler.from_pretrained(tiny_model_path, subfolder="scheduler").config.prediction_type == "v_prediction"
+    # what the last UNet pre-training stage trained (scripts/pretrain_tiny_model.py: v-prediction when it ran that stage)
+    stages = json.loads((tiny_model_path / "pretraining.json").read_text())["settings"]
+    expected = "v_prediction" if stages.get("v_prediction_steps") else "epsilon"
+    assert DDPMScheduler.from_pretrained(tiny_model_path, subfolder="scheduler").config.prediction_type == expected
 
 
 def test_tiny_model_builder_is_deterministic_and_shapes_the_bundled_model(tmp_path, tiny_model_path):
