@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Does a tiny base model learn defects it was never tuned on?
 
-The command line of `defectfill.tiny.generalisation`, whose docstring says more.
+The command line of `scripts/tiny/generalisation.py`, whose docstring says more.
 """
 
-from defectfill.tiny.generalisation import main
+from tiny.generalisation import main
 
 if __name__ == "__main__":
     main()

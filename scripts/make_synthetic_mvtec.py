@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Write a small, deterministic, synthetic dataset in the official MVTec AD folder layout.
 
-The command line of `defectfill.tiny.synthetic_data`, whose docstring says more.
+The command line of `scripts/tiny/synthetic_data.py`, whose docstring says more.
 """
 
-from defectfill.tiny.synthetic_data import main
+from tiny.synthetic_data import main
 
 if __name__ == "__main__":
     main()

@@ -2,10 +2,10 @@
 """Build the tiny, randomly initialised SD2-inpainting-shaped pipeline that the tests and the offline
 demo load exactly as users load ``sd2-community/stable-diffusion-2-inpainting``.
 
-The command line of `defectfill.tiny.model`, whose docstring says more.
+The command line of `scripts/tiny/model.py`, whose docstring says more.
 """
 
-from defectfill.tiny.model import main
+from tiny.model import main
 
 if __name__ == "__main__":
     main()

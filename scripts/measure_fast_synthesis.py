@@ -2,10 +2,10 @@
 """How few denoising steps, and how early a selection, keep what synthesis paints: measured on the procedural defect
 families of the generalisation check.
 
-The command line of `defectfill.tiny.fast_synthesis`, whose docstring says more.
+The command line of `scripts/tiny/fast_synthesis.py`, whose docstring says more.
 """
 
-from defectfill.tiny.fast_synthesis import main
+from tiny.fast_synthesis import main
 
 if __name__ == "__main__":
     main()

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Measure what the pre-trained tiny model has learned, against the same architecture at random init.
 
-The command line of `defectfill.tiny.measure`, whose docstring says more.
+The command line of `scripts/tiny/measure.py`, whose docstring says more.
 """
 
-from defectfill.tiny.measure import main
+from tiny.measure import main
 
 if __name__ == "__main__":
     main()

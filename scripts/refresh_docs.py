@@ -2,10 +2,10 @@
 """Run the repository's demos as a user runs them and write what they measure into the docs (previews, timings,
 tables, the model README's tables): after a change of a config, this one command and one commit.
 
-The command line of `defectfill.tiny.demos`, whose docstring lists the parts.
+The command line of `scripts/tiny/demos.py`, whose docstring lists the parts.
 """
 
-from defectfill.tiny.demos import main
+from tiny.demos import main
 
 if __name__ == "__main__":
     main()

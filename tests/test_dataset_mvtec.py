@@ -13,7 +13,7 @@ from PIL import Image
 
 import dataset_mvtec as dm
 from defectfill.runs.files import SPLIT_FILENAME
-from defectfill.tiny.synthetic_data import generate_dataset
+from scripts.tiny.synthetic_data import generate_dataset
 
 
 def test_synthetic_generator_is_deterministic_and_matches_bundled_copy(tmp_path, synthetic_data_dir):

@@ -1,12 +1,12 @@
-"""defectfill.docs: measured blocks are replaced one at a time, markers and the rest of the file kept; every block a
+"""scripts/tiny/docs.py: measured blocks are replaced one at a time, markers and the rest of the file kept; every block a
 script writes exists where it writes it."""
 
 from __future__ import annotations
 
 import pytest
 
-from defectfill.docs import block_names, read_block, write_block
 from defectfill.errors import DefectFillError
+from scripts.tiny.docs import block_names, read_block, write_block
 from tests.conftest import REPO_ROOT, TINY_MODEL
 
 PAGE = """# A page

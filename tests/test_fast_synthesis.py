@@ -185,13 +185,13 @@ def test_only_per_sample_scheduler_state_is_cut():
 
 def solver_grid(base: list[float]) -> dict[str, list[float]]:
     """The base at 50 steps, and every other measured setting far from it (tests override the ones they use)."""
-    from defectfill.tiny.fast_synthesis import SOLVERS, STEP_COUNTS
+    from scripts.tiny.fast_synthesis import SOLVERS, STEP_COUNTS
 
     return {"base@50": base, **{f"{s}@{n}": [99.0, 99.0] for s in SOLVERS for n in STEP_COUNTS}}
 
 
 def test_a_solver_holds_within_the_seed_spread_or_closer():
-    from defectfill.tiny.fast_synthesis import recommend_solver, setting_change, setting_holds
+    from scripts.tiny.fast_synthesis import recommend_solver, setting_change, setting_holds
 
     # base at 50: seeds 10 and 12 (mean 11, spread 2)
     figures = {**solver_grid([10.0, 12.0]), "DPMSolverMultistepScheduler@10": [13.5, 14.5],  # mean 14: 3 farther
@@ -210,7 +210,7 @@ def test_a_solver_holds_within_the_seed_spread_or_closer():
 
 
 def test_early_selection_summary_and_gain_kept_by_hand():
-    from defectfill.tiny.fast_synthesis import gain_kept, recommend_select_at, recommendations, selection_summary
+    from scripts.tiny.fast_synthesis import gain_kept, recommend_select_at, recommendations, selection_summary
 
     final = [[0.1, 0.5, 0.3], [0.4, 0.2, 0.0]]  # full choices: candidate 1, then 0
     distance = [[9.0, 3.0, 6.0], [2.0, 5.0, 8.0]]

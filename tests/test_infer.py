@@ -280,17 +280,25 @@ def test_lpips_without_backbone_weights_says_how_to_provide_them(monkeypatch):
 
 
 def test_synthesis_follows_the_scale_the_run_trained_at(tiny_run, tmp_path):
+    """A run that trained some samples on defect crops is applied to crops around the mask. The run records the
+    config's scale (whatever the config chooses); synthesis runs on a copy of it marked as trained with crops."""
     record = RunRecord.read(tiny_run)
     config = yaml.safe_load((REPO_ROOT / "configs" / "tiny.yaml").read_text())
-    assert record.defect_crop_probability == config["defect_crop_probability"] > 0 and record.max_scale == config["max_scale"]
-    out = run(tiny_run, tmp_path / "out", "--num_images", "1")
+    assert record.defect_crop_probability == config["defect_crop_probability"] and record.max_scale == config["max_scale"]
+    cropped = tmp_path / "cropped"
+    shutil.copytree(tiny_run, cropped, ignore=shutil.ignore_patterns("checkpoint-*"))
+    payload = json.loads((cropped / RUN_FILENAME).read_text())
+    payload.update(defect_crop_probability=0.75, crop_context=payload.get("crop_context") or 0.5)
+    (cropped / RUN_FILENAME).write_text(json.dumps(payload))
+    record = RunRecord.read(cropped)
+    out = run(cropped, tmp_path / "out", "--num_images", "1")
     synthesis_record = SynthesisRecord.read(out)
     assert synthesis_record.crop_to_mask and synthesis_record.crop_context == record.crop_context
     assert synthesis_record.scale_source == "the run's training scale"
     row = json.loads((out / METADATA_FILENAME).read_text())
     assert row["crop_box"] != [0, 0, 128, 128]  # a crop around the mask, as the run trained some of its samples
 
-    flagged = run(tiny_run, tmp_path / "flags", "--num_images", "1", "--no-crop_to_mask")
+    flagged = run(cropped, tmp_path / "flags", "--num_images", "1", "--no-crop_to_mask")
     assert SynthesisRecord.read(flagged).scale_source == "flags"
     assert not SynthesisRecord.read(flagged).crop_to_mask
 

@@ -20,7 +20,7 @@ import torch
 
 from defectfill.runs.files import LORA_FILENAME
 from tests.conftest import REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL
-from tests.lora_load_probe import WEIGHT_NAME, probe
+from tests.helpers.lora_load_probe import WEIGHT_NAME, probe
 
 # The older stack: a common mid-2025 one. transformers 4.57 needs huggingface_hub < 1.0, which today's diffusers does
 # not accept, so it comes with the diffusers of its time; the rest (torch, accelerate, safetensors) is the suite's.
@@ -28,22 +28,37 @@ OLD_STACK = ("diffusers==0.35.2", "transformers==4.57.6", "peft==0.17.1", "huggi
 DEMO_RUN = REPO_ROOT / "models" / "demo-lora-metal_nut-color"
 IMAGE = SYNTHETIC_DATA / "metal_nut" / "train" / "good" / "000.png"
 MASK = SYNTHETIC_DATA / "metal_nut" / "ground_truth" / "color" / "003_mask.png"
+PROBE = REPO_ROOT / "tests" / "helpers" / "lora_load_probe.py"
+PIP_NETWORK_TIMEOUT = 15  # seconds per request: an unreachable index fails the install quickly
+
+
+def old_stack_target() -> Path:
+    """Where the older stack is installed once per machine: outside the repository, keyed by the pins."""
+    digest = hashlib.sha256(" ".join(OLD_STACK).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "defectfill-tests" / f"old-stack-{digest}"
 
 
 def old_stack_dir() -> Path:
-    """The older stack, installed once per machine (outside the repository, keyed by the pins) and reused."""
-    digest = hashlib.sha256(" ".join(OLD_STACK).encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    target = cache / "defectfill-tests" / f"old-stack-{digest}"
+    """The older stack, installed once and reused. Without it and without a package index pip can reach (offline,
+    a firewall), the test skips, saying so: pip waits PIP_NETWORK_TIMEOUT seconds per request and retries once."""
+    target = old_stack_target()
     if (target / "INSTALLED").is_file():
         return target
     shutil.rmtree(target, ignore_errors=True)  # an install that did not finish
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-                             "--target", str(partial), *OLD_STACK], capture_output=True, text=True, timeout=600)
-    if result.returncode:
-        pytest.fail(f"pip could not install the older stack {OLD_STACK} into {partial} (it needs PyPI):\n{result.stderr[-3000:]}")
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+               "--timeout", str(PIP_NETWORK_TIMEOUT), "--retries", "1", "--target", str(partial), *OLD_STACK]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        failure = result.stderr.strip().splitlines()[-3:] if result.returncode else None
+    except subprocess.TimeoutExpired:
+        failure = ["pip did not finish within 600 s"]
+    if failure:
+        shutil.rmtree(partial, ignore_errors=True)
+        pytest.skip(f"pip could not install the older stack {' '.join(OLD_STACK)} (not cached in {target}; it needs a "
+                    f"package index, e.g. PyPI): {' / '.join(failure)}")
     (partial / "INSTALLED").write_text("\n".join(OLD_STACK) + "\n")
     try:
         os.replace(partial, target)
@@ -67,7 +82,7 @@ def test_lora_files_load_the_same_in_an_older_stack(tiny_run, tmp_path):
     snippet = tmp_path / "card_snippet.py"
     snippet.write_text(card_snippet(tiny_run))
     output = tmp_path / "old.npz"
-    command = [sys.executable, str(REPO_ROOT / "tests" / "lora_load_probe.py"), "--base", str(TINY_MODEL), "--image", str(IMAGE),
+    command = [sys.executable, str(PROBE), "--base", str(TINY_MODEL), "--image", str(IMAGE),
                "--mask", str(MASK), "--output", str(output), "--snippet", str(snippet)]
     command += [f"--lora={name}={folder}" for name, folder in loras.items()]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(filter(None, [str(old_stack), os.environ.get("PYTHONPATH")])))
@@ -88,6 +103,21 @@ def test_lora_files_load_the_same_in_an_older_stack(tiny_run, tmp_path):
         np.testing.assert_allclose(old[f"{name}/image"], current[f"{name}/image"], atol=1e-4)
         assert np.abs(old[f"{name}/embedding"] - old[f"{name}/base_embedding"]).max() > 1e-3, name  # text-encoder LoRA applied
         assert np.abs(old[f"{name}/image"] - old[f"{name}/base_image"]).max() > 1e-3, name
+
+
+def test_without_the_cached_stack_and_an_index_the_old_stack_test_skips(tmp_path, monkeypatch):
+    """Offline (here: pip told to use no index and no local wheels) and nothing cached: a skip naming the stack and
+    why, and no half-installed folder taken for the stack next time; a cached stack is reused without pip."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    with pytest.raises(pytest.skip.Exception, match=r"could not install the older stack diffusers==0\.35\.2 .*needs a package index"):
+        old_stack_dir()
+    assert list(tmp_path.glob("defectfill-tests/*")) == []
+    old_stack_target().mkdir(parents=True)
+    (old_stack_target() / "INSTALLED").write_text("\n".join(OLD_STACK) + "\n")
+    assert old_stack_dir() == old_stack_target()
 
 
 def test_snippets_name_the_weight_file():
@@ -119,7 +149,7 @@ def test_the_bundled_text_encoder_keeps_clips_text_model_level(tiny_pipeline, tm
     from transformers import CLIPTextModel
 
     from defectfill.runs.lora import TEXT_MODEL_PREFIX
-    from defectfill.tiny.model import TEXT_ENCODER_WEIGHTS, save_pipeline
+    from scripts.tiny.model import TEXT_ENCODER_WEIGHTS, save_pipeline
 
     stored = load_file(TINY_MODEL / TEXT_ENCODER_WEIGHTS)
     assert stored and all(key.startswith(TEXT_MODEL_PREFIX) for key in stored)

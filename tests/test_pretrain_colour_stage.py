@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from defectfill.tiny.families import UNSEEN_HUE_BANDS
-from defectfill.tiny.pretrain import COLOUR_SETTINGS, FROM_SCRATCH_SETTINGS, main, surface_crop
+from scripts.tiny.families import UNSEEN_HUE_BANDS
+from scripts.tiny.pretrain import COLOUR_SETTINGS, FROM_SCRATCH_SETTINGS, main, surface_crop
 from tests.conftest import TINY_MODEL
 
 
@@ -40,15 +40,17 @@ def test_surface_crops_are_deterministic_for_a_seed():
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
 
 
-def test_bundled_model_records_the_later_stages_and_the_colour_stage_small_latent_drift():
+def test_bundled_model_records_its_stages_and_is_what_they_made():
+    """pretraining.json adds up; the scheduler predicts what the last UNet stage trained; a colour stage, where the
+    recipe has one, moved the clean classes' latents by a small fraction of their unit variance (the UNet stays
+    valid). Which stages the recipe runs is its own choice."""
     record = json.loads((TINY_MODEL / "pretraining.json").read_text())
-    assert record["settings"]["colour_vae_steps"] > 0 and record["settings"]["v_prediction_steps"] > 0
-    # the clean classes' latents moved by a small fraction of their unit variance: the UNet stays valid
-    assert record["colour_vae_latent_drift"] < 0.02
-    assert record["minutes"] == pytest.approx(record["from_scratch_minutes"] + record["colour_vae_minutes"]
-                                              + record["v_prediction_minutes"], abs=0.15)
+    settings = record["settings"]
+    assert record["minutes"] == pytest.approx(record["from_scratch_minutes"] + record.get("colour_vae_minutes", 0)
+                                              + record.get("v_prediction_minutes", 0), abs=0.15)
     scheduler = json.loads((TINY_MODEL / "scheduler" / "scheduler_config.json").read_text())
-    assert scheduler["prediction_type"] == "v_prediction"
+    assert scheduler["prediction_type"] == ("v_prediction" if settings.get("v_prediction_steps") else "epsilon")
+    assert not settings.get("colour_vae_steps") or record["colour_vae_latent_drift"] < 0.02
 
 
 def weights(model_dir):

@@ -56,8 +56,10 @@ def test_components_load_per_subfolder(tiny_model_path):
     assert CLIPTextModel.from_pretrained(tiny_model_path, subfolder="text_encoder").config.hidden_size == 32
     assert AutoencoderKL.from_pretrained(tiny_model_path, subfolder="vae").config.latent_channels == 4
     assert UNet2DConditionModel.from_pretrained(tiny_model_path, subfolder="unet").config.in_channels == 9
-    # v-prediction, as SD 2's 768 px models: the last pre-training stage (scripts/pretrain_tiny_model.py says why)
-    assert DDPMScheduler.from_pretrained(tiny_model_path, subfolder="scheduler").config.prediction_type == "v_prediction"
+    # what the last UNet pre-training stage trained (scripts/pretrain_tiny_model.py: v-prediction when it ran that stage)
+    stages = json.loads((tiny_model_path / "pretraining.json").read_text())["settings"]
+    expected = "v_prediction" if stages.get("v_prediction_steps") else "epsilon"
+    assert DDPMScheduler.from_pretrained(tiny_model_path, subfolder="scheduler").config.prediction_type == expected
 
 
 def test_tiny_model_builder_is_deterministic_and_shapes_the_bundled_model(tmp_path, tiny_model_path):
@@ -65,7 +67,7 @@ def test_tiny_model_builder_is_deterministic_and_shapes_the_bundled_model(tmp_pa
     pretrain_tiny_model.py) has exactly its architecture and tokenizer."""
     from safetensors.torch import load_file
 
-    from scripts.make_tiny_model import main as build
+    from scripts.tiny.model import main as build
 
     first, second = build(["--output_dir", str(tmp_path / "a")]), build(["--output_dir", str(tmp_path / "b")])
     for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
@@ -81,7 +83,7 @@ def test_pretraining_script_writes_a_loadable_pipeline(tmp_path):
     """scripts/pretrain_tiny_model.py (a few steps here): trains, sets the VAE scaling factor, records itself."""
     from diffusers import StableDiffusionInpaintPipeline
 
-    from scripts.pretrain_tiny_model import main as pretrain
+    from scripts.tiny.pretrain import main as pretrain
 
     out = pretrain(["--output_dir", str(tmp_path / "tiny"), "--vae_steps", "2", "--unet_steps", "2", "--colour_vae_steps", "2",
                     "--v_prediction_steps", "2", "--batch_size", "2"])
@@ -138,7 +140,7 @@ def closure(modules: dict[str, set[str]], start: str) -> set[str]:
 
 def test_no_entry_script_imports_another():
     """Scripts share the package, never each other (tests may import them: they are the scripts' users)."""
-    sources = [p for p in REPO_ROOT.glob("*.py")] + list((REPO_ROOT / "scripts").glob("*.py")) + list((REPO_ROOT / "bench").glob("*.py"))
+    sources = [p for p in REPO_ROOT.glob("*.py")] + list((REPO_ROOT / "scripts").rglob("*.py")) + list((REPO_ROOT / "bench").glob("*.py"))
     sources += list(PACKAGE.rglob("*.py"))
     offenders = {p.name: sorted(imported_modules(p) & (set(ENTRY_SCRIPTS) - {p.stem})) for p in sources}
     assert {name: found for name, found in offenders.items() if found} == {}
@@ -155,6 +157,17 @@ def test_the_package_imports_point_one_way():
     for part in ("defectfill.build", "defectfill.downstream"):
         users = {name for name, imports in modules.items() if not name.startswith(part) and any(m.startswith(part) for m in imports)}
         assert users == set(), (part, users)
+
+
+def test_the_package_is_the_product_alone():
+    """The installed package imports nothing of the clone (the scripts' tooling, the tests, the entry scripts, the
+    benchmarks) and finds no file through its own location: the tiny model's tooling lives in scripts/tiny."""
+    clone_only = set(ENTRY_SCRIPTS) | {"scripts", "tests", "tiny", "bench"}
+    imports = {str(p.relative_to(REPO_ROOT)): sorted(imported_modules(p) & clone_only) for p in PACKAGE.rglob("*.py")}
+    assert {name: found for name, found in imports.items() if found} == {}
+    located = [str(p.relative_to(REPO_ROOT)) for p in PACKAGE.rglob("*.py") if "__file__" in p.read_text()]
+    assert located == []
+    assert "package-data" not in (REPO_ROOT / "pyproject.toml").read_text()
 
 
 def test_no_file_edits_sys_path_and_the_package_imports_from_another_folder(tmp_path):
@@ -180,9 +193,9 @@ def test_code_and_docs_cite_nothing_a_user_has_not_seen():
 def test_every_measured_block_names_the_script_that_writes_it():
     """Figures quoted from a measurement live in `<!-- measured:NAME -->` blocks, and each block is written by a
     script: its name appears in the code that writes it."""
-    from defectfill.docs import block_names, read_block
+    from scripts.tiny.docs import block_names, read_block
 
-    code = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
+    code = "\n".join(p.read_text() for p in [*PACKAGE.rglob("*.py"), *(REPO_ROOT / "scripts").rglob("*.py")])
     for doc in (REPO_ROOT / "README.md", REPO_ROOT / "docs" / "downstream.md", REPO_ROOT / "docs" / "fast_synthesis.md",
                 TINY_MODEL_README):
         for name in block_names(doc):

@@ -4,6 +4,7 @@ named with what to do; metadata rows and checkpoint names."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 
 import pytest
 
@@ -12,6 +13,7 @@ from defectfill.runs.files import FINGERPRINT_FILENAME, METADATA_FILENAME, RUN_F
 from defectfill.runs.folder import FINGERPRINT_VERSION, SynthesisFolder, read_metadata
 from defectfill.runs.records import RUN_RECORD_VERSION, SYNTHESIS_RECORD_VERSION, RunRecord, SynthesisRecord
 from defectfill.training.checkpoints import checkpoint_name, checkpoint_step, list_checkpoints
+from tests.helpers.folder_writer import fill
 
 
 def run_record() -> RunRecord:
@@ -100,3 +102,29 @@ def test_checkpoint_names(tmp_path):
         (tmp_path / name).mkdir()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
     assert checkpoint_step(tmp_path / checkpoint_name(7)) == 7 and checkpoint_step("checkpoint-x") is None
+
+
+def test_two_processes_fill_one_folder_through_its_lock(tmp_path):
+    """Two writer processes at once, into one folder at numbers each of its own, merging their rows (`add_rows`),
+    and into another at the next free number (`append`): every output once, the appended ones numbered 0.. without
+    a gap or a number taken twice, no row lost or duplicated in either metadata.jsonl."""
+    count = 12
+    numbered, appended = tmp_path / "numbered", tmp_path / "appended"
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    writers = [context.Process(target=fill, args=(str(numbered), str(appended), writer, count, start)) for writer in (0, 1)]
+    for process in writers:
+        process.start()
+    start.set()
+    for process in writers:
+        process.join(timeout=120)
+    assert [process.exitcode for process in writers] == [0, 0]
+
+    expected = {(writer, item) for writer in (0, 1) for item in range(count)}
+    for folder in (numbered, appended):
+        lines = [json.loads(line) for line in (folder / METADATA_FILENAME).read_text().splitlines()]
+        assert sorted(row["file_name"] for row in lines) == [f"images/{index:05d}.png" for index in range(2 * count)], folder.name
+        assert {(row["writer"], row["item"]) for row in lines} == expected, folder.name
+        assert read_metadata(folder) == {row["file_name"]: row for row in lines}  # every row's files exist
+    rows = read_metadata(numbered)
+    assert all(rows[f"images/{2 * item + writer:05d}.png"]["writer"] == writer for writer, item in expected)

@@ -188,17 +188,14 @@ class SynthesisFolder:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """An exclusive lock on the folder's records (a hidden lock file, `flock`), so several processes that
-        add rows merge them instead of overwriting each other's."""
-        import fcntl
+        """An exclusive lock on the folder's records (a hidden lock file, `filelock.FileLock`: the operating system's
+        file lock, on POSIX and Windows), so several processes that add rows merge them instead of overwriting each
+        other's. A writer waits as long as another holds it."""
+        from filelock import FileLock
 
         self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / LOCK_FILENAME, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with FileLock(self.path / LOCK_FILENAME):
+            yield
 
     def write_rows(self, rows: dict[str, dict]) -> Path:
         return write_text_atomic(self.path / METADATA_FILENAME, "".join(json.dumps(rows[name]) + "\n" for name in sorted(rows)))

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from defectfill.tiny.synthetic_data import _grid, replace_atomically, write_mvtec_category
+from .synthetic_data import _grid, replace_atomically, write_mvtec_category
 
 SIZE = 128
 

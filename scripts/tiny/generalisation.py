@@ -38,14 +38,15 @@ from PIL import Image
 
 from defectfill import synthesis
 from defectfill.data.mvtec import list_good_images, list_heldout_masks
-from defectfill.docs import write_block
 from defectfill.masks import binarize_mask
 from defectfill.runs.files import LORA_FILENAME
 from defectfill.runs.records import RunRecord
 from defectfill.runs.settings import plan_run
-from defectfill.tiny.families import FAMILIES, Family, RegionStatistics, write_families
-from defectfill.tiny.measure import run_repo_script, train_demo_run
-from defectfill.tiny.paths import CONFIGS, README, TINY_MODEL
+
+from .docs import write_block
+from .families import FAMILIES, Family, RegionStatistics, write_families
+from .measure import run_repo_script, train_demo_run
+from .paths import CONFIGS, README, TINY_MODEL
 
 STEPS = 20
 SUMMARY_BLOCK = "generalisation-summary"  # the README's sentence
@@ -367,7 +368,7 @@ def main(argv=None) -> dict:
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(results, indent=2) + "\n")
     if args.update_readme:
-        from defectfill.tiny.pretrain import GENERALISATION_BLOCK, update_readme_section
+        from .pretrain import GENERALISATION_BLOCK, update_readme_section
 
         update_readme_section(Path(args.model), GENERALISATION_BLOCK, readme_markdown(results))
         write_block(README, SUMMARY_BLOCK, summary_markdown(results))

@@ -39,8 +39,9 @@ from defectfill.runs.lora import load_lora_into
 from defectfill.runs.records import RunRecord
 from defectfill.runs.settings import RunOverrides, plan_run
 from defectfill.step import DefectFillStep
-from defectfill.tiny.paths import CONFIGS, REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL
-from defectfill.tiny.synthetic_data import STAIN_RGB
+
+from .paths import CONFIGS, REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL
+from .synthetic_data import STAIN_RGB
 
 DEMO_CONFIG = CONFIGS / "tiny.yaml"
 RESOLUTION = 64
@@ -53,7 +54,7 @@ def load_pipeline(path):
 
 
 def build_random_model(output_dir: Path) -> Path:
-    from defectfill.tiny.model import main as build
+    from .model import main as build
 
     return build(["--output_dir", str(output_dir)])
 
@@ -110,7 +111,7 @@ def named_colour_rgb(colour: str) -> np.ndarray:
     """The centre of a pre-training colour name's HSV range, as RGB (0-255)."""
     import colorsys
 
-    from defectfill.tiny.pretrain import NAMED_COLOURS
+    from .pretrain import NAMED_COLOURS
 
     hue, saturation, value = NAMED_COLOURS[colour]
     return np.asarray(colorsys.hsv_to_rgb(hue / 360, np.mean(saturation), np.mean(value))) * 255
@@ -122,7 +123,7 @@ def prompt_following(pipe, side: int = 20) -> dict[str, float]:
     mean RGB to a named colour's, prompted "a wood with a red spot" vs. the class alone ("a wood"), over
     `PROMPT_COLOURS`; and the local contrast inside the box (`defect_families.local_contrast`) prompted
     "a wood with a striped patch" vs. the class alone."""
-    from defectfill.tiny.families import RegionStatistics
+    from .families import RegionStatistics
 
     mask = centre_box_mask(side)
     inside = np.asarray(mask) > 0
@@ -280,7 +281,7 @@ def as_markdown(results: dict) -> str:
 
 
 def update_readme(model_dir: Path, markdown: str) -> None:
-    from defectfill.tiny.pretrain import MEASURED_BLOCK, update_readme_section
+    from .pretrain import MEASURED_BLOCK, update_readme_section
 
     update_readme_section(model_dir, MEASURED_BLOCK, f"`python scripts/measure_tiny_model.py --update_readme`:\n\n{markdown}")
 

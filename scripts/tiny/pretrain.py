@@ -45,11 +45,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from defectfill.docs import write_block
 from defectfill.fileio import write_text_atomic
 from defectfill.step import tokenize
-from defectfill.tiny import synthetic_data as synthetic
-from defectfill.tiny.model import build_pipeline, save_pipeline
+
+from . import synthetic_data as synthetic
+from .docs import write_block
+from .model import build_pipeline, save_pipeline
 
 RESOLUTION = 64
 
@@ -524,7 +525,7 @@ The downstream rows train a tiny localizer on a toy set.
 
 CHECK_LATER = "Not checked yet: `python scripts/check_generalisation.py --update_readme` writes the table here."
 README_SECTIONS = {"measured": MEASURE_LATER, "generalisation": CHECK_LATER}
-# The model README's measured blocks (`defectfill.docs`) and the scripts that write them.
+# The model README's measured blocks (`docs.py` beside this module) and the scripts that write them.
 MEASURED_BLOCK, GENERALISATION_BLOCK = "tiny-model", "generalisation"
 
 
@@ -547,7 +548,7 @@ def write_model_readme(model_dir: Path, **sections: str) -> None:
 
 
 def update_readme_section(model_dir: Path, name: str, markdown: str) -> None:
-    """Replace one measured block of the model's README (`defectfill.docs`), keeping the rest."""
+    """Replace one measured block of the model's README (`docs.py` beside this module), keeping the rest."""
     write_block(model_dir / "README.md", name, markdown)
 
 

@@ -39,12 +39,13 @@ import numpy as np
 import torch
 
 from defectfill import denoising, synthesis
-from defectfill.docs import write_block
 from defectfill.runs.records import RunRecord
 from defectfill.scoring import LpipsModel
-from defectfill.tiny.families import FAMILIES, RegionStatistics, write_families
-from defectfill.tiny.generalisation import distances, family_case, painted_statistics, synthesis_settings, train_family_runs
-from defectfill.tiny.paths import DOCS, TINY_MODEL
+
+from .docs import write_block
+from .families import FAMILIES, RegionStatistics, write_families
+from .generalisation import distances, family_case, painted_statistics, synthesis_settings, train_family_runs
+from .paths import DOCS, TINY_MODEL
 
 BASE_STEPS = 50
 SOLVERS = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")

@@ -39,11 +39,12 @@ from pathlib import Path
 
 import yaml
 
-from defectfill.docs import write_block
 from defectfill.runs.files import LORA_FILENAME, PREVIEW_FILENAME, SPLIT_FILENAME, SUMMARY_FILENAME
 from defectfill.runs.records import RunRecord
-from defectfill.tiny.paths import CONFIGS, DEMO_RUN, DOCS, README, REPO_ROOT
 from defectfill.training.outputs import save_model_card
+
+from .docs import write_block
+from .paths import CONFIGS, DEMO_RUN, DOCS, README, REPO_ROOT
 
 PARTS = ("demo", "build", "downstream", "model", "generalisation", "app")
 DOWNSTREAM_DOC = DOCS / "downstream.md"

@@ -1,5 +1,5 @@
-"""The bundled files of the repository the tiny tooling reads and writes. The package sits at the top of a
-clone (`pip install -e .`, or the scripts run from the clone), so the repository is the folder above it."""
+"""The bundled files of the repository the tiny tooling reads and writes. This folder is scripts/tiny/ of a
+clone (never installed), so the repository is two folders above it."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ record what comes out: the library versions, the text embedding of the run's pro
 Imports nothing of defectfill, so that it runs unchanged under an older stack put first on PYTHONPATH
 (tests/test_lora_compat.py runs it so, and calls `probe` in the suite's own stack):
 
-    python tests/lora_load_probe.py --base models/tiny-sd2-inpainting --image good.png --mask mask.png \\
+    python tests/helpers/lora_load_probe.py --base models/tiny-sd2-inpainting --image good.png --mask mask.png \\
         --lora demo=models/demo-lora-metal_nut-color --output probe.npz
 """
 
