@@ -20,7 +20,7 @@ import copy
 import logging
 from pathlib import Path
 
-from defectfill import method
+from defectfill import masks, method
 from defectfill.cli import add_hub_arguments, add_model_arguments, parse_args_with_config, public_options, run_main
 from defectfill.data.split import save_split
 from defectfill.runs.files import SPLIT_FILENAME
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Augmentation: with this probability, first crop a square around the defect at full resolution "
                            "(the scale infer_defectfill.py --crop_to_mask generates at). 0 = the paper's whole-image resize. "
                            "Recorded in defectfill_run.json: synthesis crops around its masks when this is > 0.")
-    data.add_argument("--defect_crop_context", type=float, default=0.5,
+    data.add_argument("--defect_crop_context", type=float, default=masks.DEFAULT_CROP_CONTEXT,
                       help="Context around the defect's box in those crops, as a fraction of its side (the same rule as "
                            "infer_defectfill.py --crop_context, which defaults to this run's value).")
     data.add_argument("--random_flip", action="store_true",

@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 MASK_THRESHOLD = 128
+# Context around a defect's box in a crop, as a fraction of its side: the default of training's defect crops and of
+# synthesis's crop around a mask (a run records the value it trained with, and synthesis follows it).
+DEFAULT_CROP_CONTEXT = 0.5
 
 
 def binarize_mask(mask: Image.Image) -> np.ndarray:
@@ -49,7 +52,7 @@ def vae_scale_factor(vae_or_config) -> int:
     return 2 ** (len(channels) - 1)
 
 
-def mask_crop_box(mask: np.ndarray, min_size: int, context: float = 0.5) -> tuple[int, int, int, int] | None:
+def mask_crop_box(mask: np.ndarray, min_size: int, context: float = DEFAULT_CROP_CONTEXT) -> tuple[int, int, int, int] | None:
     """A square (left, top, right, bottom) box around the mask's bounding box, `context` times larger,
     at least `min_size` pixels, moved to lie inside the image. None when no square fits the mask (its
     box is wider or taller than the image's short side) or the mask is empty: use the whole image then.
