@@ -60,3 +60,29 @@ def tiny_run(tmp_path_factory) -> Path:
         "--train_batch_size", "2", "--validation_steps", "0", "--checkpointing_steps", "1000", "--report_to", "none",
     ]))
     return output_dir
+
+
+@pytest.fixture(scope="session")
+def offline_torch_home(tmp_path_factory) -> Path:
+    """A TORCH_HOME whose hub cache holds a random-init AlexNet under the file name torchvision downloads the pretrained
+    weights to: `lpips.LPIPS(net="alex")` then loads offline with its real code (the scores are not the pretrained
+    backbone's, which tests never need)."""
+    import torch
+    import torchvision
+    from torchvision.models import AlexNet_Weights
+
+    home = tmp_path_factory.mktemp("torch_home")
+    checkpoints = home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        weights = torchvision.models.alexnet().state_dict()
+    torch.save(weights, checkpoints / Path(AlexNet_Weights.IMAGENET1K_V1.url).name)
+    return home
+
+
+@pytest.fixture
+def lpips_weights(offline_torch_home, monkeypatch) -> Path:
+    """LPIPS's AlexNet backbone available offline for this test (`offline_torch_home` as TORCH_HOME)."""
+    monkeypatch.setenv("TORCH_HOME", str(offline_torch_home))
+    return offline_torch_home

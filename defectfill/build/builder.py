@@ -18,10 +18,11 @@ from defectfill.data.mvtec import good_images
 from defectfill.fileio import write_json_atomic
 from defectfill.masks import vae_scale_factor
 from defectfill.models import precision_dtype
+from defectfill.painting import Scorer
+from defectfill.pipelines import check_scheduler, load_named_adapters, load_pipeline
 from defectfill.runs.files import SUMMARY_FILENAME
 from defectfill.runs.folder import SynthesisFolder, item_of_file
 from defectfill.scoring import LpipsModel
-from defectfill.synthesis import Scorer, check_scheduler, load_named_adapters, load_pipeline
 
 logger = logging.getLogger("defectfill")
 
@@ -43,7 +44,7 @@ def build_dataset(args: argparse.Namespace, scorer: Scorer | None = None) -> Pat
     folder = SynthesisFolder(args.output_dir)
     fingerprint = build_fingerprint(context, items)
     folder.check(fingerprint)  # on every process (read only): an error stops them all
-    context.scheduler = check_scheduler(args.scheduler, context.base_model, next(iter(context.settings.values())), args.revision)
+    context.scheduler = check_scheduler(args.scheduler, context.base_model, args.revision)
     state.wait_for_everyone()
     if state.is_main_process:
         folder.claim(fingerprint)

@@ -15,9 +15,9 @@ import numpy as np
 from defectfill.build.augment import AugmentSettings, is_texture_class
 from defectfill.build.defect_masks import load_mask_files, mask_origin, mask_sources
 from defectfill.build.plan import Item, defect_index_table, discover_runs, parse_defects_per_image
+from defectfill.painting import SynthesisSettings
 from defectfill.runs.files import LORA_FILENAME
 from defectfill.runs.settings import RunOverrides, RunPlan
-from defectfill.synthesis import SynthesisSettings
 
 
 @dataclass
@@ -58,9 +58,10 @@ def lora_digest(lora: str) -> str:
 def make_context(args) -> BuildContext:
     """The runs (`discover_runs`, with the flags' overrides) and every mask file, read and checked before anything
     is painted."""
-    runs = discover_runs(args.lora, args.defect_types, RunOverrides.from_args(args), num_candidates=args.num_candidates,
-                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                         select_at=args.select_at, keep=args.keep)
+    overrides = RunOverrides(pretrained_model_name_or_path=args.pretrained_model_name_or_path, resolution=args.resolution,
+                             crop_to_mask=args.crop_to_mask, crop_context=args.crop_context, data_dir=args.data_dir)
+    runs = discover_runs(args.lora, args.defect_types, overrides, num_candidates=args.num_candidates,
+                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed)
     first = runs[0]
     base_model, data_dir, object_class = first.base_model, first.data_dir, first.object_class
     mask_paths = {r.defect_type: mask_sources(args, r, data_dir) for r in runs}
