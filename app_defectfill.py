@@ -12,7 +12,7 @@ mode: only the runs given with `--lora`, "add to dataset" only into a session's 
 no server path on the page, caps on uploads, images, settings and the queue (`defectfill.app.policy`).
 `--private` keeps local mode on a trusted network.
 
-The generation is `defectfill.synthesis` (the same core as `infer_defectfill.py`); "add to dataset" fills a
+The generation is `defectfill.painting` (the same core as `infer_defectfill.py`); "add to dataset" fills a
 synthesis folder in `infer_defectfill.py`'s layout (`defectfill.runs.folder`). The page and its handlers are
 `defectfill.app`. With no `--lora` the app opens on the bundled demo run (`models/demo-lora-metal_nut-color`,
 a LoRA trained by `configs/tiny.yaml` on the bundled tiny 64 px model): a toy that shows the workflow, not
@@ -34,7 +34,7 @@ from defectfill.app.policy import GENERATE_SETTINGS, PUBLIC_DATASET_ROOT, AppPol
 from defectfill.app.runs import AppPaths  # noqa: E402
 from defectfill.app.settings import AppSettings  # noqa: E402
 from defectfill.app.ui import build_app, launch  # noqa: E402
-from defectfill.cli import add_selection_arguments, parse_args_with_config, run_main, settings_from_args  # noqa: E402
+from defectfill.cli import parse_args_with_config, run_main, settings_from_args  # noqa: E402
 
 logger = logging.getLogger("defectfill")
 
@@ -62,7 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_inference_steps", type=int, default=30, help="Default denoising steps (the paper: 50).")
     p.add_argument("--guidance_scale", type=float, default=7.5, help="Default classifier-free guidance scale.")
     p.add_argument("--seed", type=int, default=0, help="Default seed.")
-    add_selection_arguments(p)
     p.add_argument("--output_dir", default=None,
                    help="Local mode: the default folder for 'add to dataset' (imagefolder layout of infer_defectfill.py; "
                         "default outputs/app-<object>-<defect>). Public mode: the dataset root, the only place 'add to "
@@ -92,8 +91,6 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     args = parse_args_with_config(parser, input_args)
     if args.num_candidates < 1 or args.num_inference_steps < 1:
         parser.error("--num_candidates and --num_inference_steps must be >= 1")
-    if not 0 < args.select_at <= 1 or args.keep < 1:
-        parser.error(f"--select_at must be in (0, 1] and --keep >= 1, got {args.select_at} and {args.keep}")
     public, _ = serving_mode(args.public, args.private, args.share, args.server_name)
     errors = mode_errors(args.private, args.share, {name: getattr(args, name) for name in GENERATE_SETTINGS}, public)
     if errors:

@@ -9,7 +9,7 @@ shapes, sometimes several defects in one image, exact labels, on every process `
 `--lora` is the folder `train_defectfill.py --defect_type all` writes (one run per defect type) or several
 run folders. Each run is loaded once as a named adapter of one pipeline; a defect is painted with its own
 adapter active, a second defect on the first one's result. The steps are `defectfill.build` (the runs and
-items, the masks from `defectfill.build.augment`, painting through `defectfill.synthesis`, the summary and
+items, the masks from `defectfill.build.augment`, painting through `defectfill.painting`, the summary and
 the MVTec export); the output folder is what `infer_defectfill.py` writes (images/, masks/, metadata.jsonl,
 synthesis.json, preview.png; `dataset_mvtec.load_synthetic` reads it) plus one mask per defect
 (defect_masks/), a semantic mask (semantic/, pixel value = the defect type's index in synthesis.json),
@@ -27,10 +27,10 @@ from typing import Sequence
 from defectfill.build.builder import build_dataset
 from defectfill.build.plan import parse_defects_per_image
 from defectfill.build.settings import BuildSettings
-from defectfill.cli import add_model_arguments, add_selection_arguments, parse_args_with_config, run_main, settings_from_args
+from defectfill.cli import add_model_arguments, parse_args_with_config, run_main, settings_from_args
 from defectfill.errors import DefectFillError
 from defectfill.masks import SPLIT_MASK_SOURCES, mask_origin
-from defectfill.synthesis import Scorer, check_selection
+from defectfill.painting import Scorer
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -101,7 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--crop_to_mask", action=argparse.BooleanOptionalAction, default=None,
                      help="Generate in a crop around each mask at full resolution; default: each run's training scale.")
     gen.add_argument("--crop_context", type=float, default=None, help="Context around the mask in the crop; default: the run's.")
-    add_selection_arguments(gen)
     gen.add_argument("--lpips_net", default="alex", choices=("alex", "vgg", "squeeze"), help="LPIPS backbone.")
 
     out = p.add_argument_group("output")
@@ -130,7 +129,6 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--min_on_object is a fraction in [0, 1]")
     try:
         parse_defects_per_image(args.defects_per_image)
-        check_selection(args.num_candidates, args.select_at, args.keep)
         args.mask_from = mask_origin(args.mask_from, args.mask_dir)
     except (DefectFillError, ValueError) as error:
         parser.error(str(error))

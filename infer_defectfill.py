@@ -8,9 +8,9 @@ the most defect-like of several candidates (Low-Fidelity Selection), and write a
 
 The run's `defectfill_run.json` supplies the base model, token, prompt, object class, defect type,
 resolution, the scale training saw defects at, and the few-shot split (whose held-out masks are the
-default masks); flags override it (`defectfill.runs.settings`). The generation is `defectfill.synthesis`;
-this script pairs files, calls it and fills the output folder (`defectfill.runs.folder`), which loads with
-`datasets.load_dataset("imagefolder", ...)`.
+default masks); flags override it (`defectfill.runs.settings`). The generation is `defectfill.painting` (with the
+pipeline of `defectfill.pipelines`); this script pairs files, calls it and fills the output folder
+(`defectfill.runs.folder`), which loads with `datasets.load_dataset("imagefolder", ...)`.
 """
 
 from __future__ import annotations
@@ -24,30 +24,20 @@ from typing import Sequence
 
 from PIL import Image
 
-from defectfill.cli import add_hub_arguments, add_model_arguments, add_selection_arguments, parse_args_with_config, run_main
+from defectfill.cli import add_hub_arguments, add_model_arguments, parse_args_with_config, run_main
 from defectfill.data.mvtec import MASK_FROM, good_images, list_split_masks
 from defectfill.errors import SynthesisError
 from defectfill.images import IMAGE_EXTENSIONS, image_files, open_checked
+from defectfill.masks import DEFAULT_CROP_CONTEXT
 from defectfill.models import default_device, precision_dtype
+from defectfill.painting import Job, Scorer, mask_at_image_size, prepare_job, round_robin, synthesize
+from defectfill.pipelines import check_scheduler, load_pipeline, scheduler_calls
 from defectfill.runs.folder import SynthesisFolder, output_names
 from defectfill.runs.hub import upload_folder_to_hub
+from defectfill.runs.metadata import output_metadata_row
 from defectfill.runs.records import read_run
 from defectfill.runs.settings import RunOverrides, RunPlan, plan_run
 from defectfill.scoring import LpipsModel
-from defectfill.synthesis import (
-    Job,
-    Scorer,
-    check_scheduler,
-    check_selection,
-    load_pipeline,
-    mask_at_image_size,
-    output_metadata_row,
-    planned_unet_passes,
-    prepare_job,
-    round_robin,
-    scheduler_calls,
-    synthesize,
-)
 
 logger = logging.getLogger("defectfill")
 
@@ -94,7 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
     p.add_argument("--scheduler", default=None,
                    help="A diffusers scheduler class name (e.g. DPMSolverMultistepScheduler); default: the base model's.")
-    add_selection_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="Seed; the same seed gives the same images.")
     p.add_argument("--composite", action=argparse.BooleanOptionalAction, default=True,
                    help="Keep every pixel outside the mask equal to the clean input (the mask stays an exact label).")
@@ -103,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--resolution) instead of on the whole image resized. Default: the scale the run trained at "
                         "(on when it trained with --defect_crop_probability > 0, off for the paper's whole-image training).")
     p.add_argument("--crop_context", type=float, default=None,
-                   help="Context around the mask's box in the crop, as a fraction of its side; default: the run's (0.5).")
+                   help="Context around the mask's box in the crop, as a fraction of its side; default: the run's "
+                        f"(else {DEFAULT_CROP_CONTEXT}).")
     p.add_argument("--lpips_net", default="alex", choices=("alex", "vgg", "squeeze"), help="LPIPS backbone for the selection.")
 
     p.add_argument("--output_dir", default="defectfill-synthetic", help="Output folder (images, masks, metadata.jsonl, preview.png).")
@@ -124,18 +114,22 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("give either --image_path/--mask_path (single) or --image_dir/--data_dir with --mask_dir (batch)")
     if args.num_candidates < 1 or args.batch_size < 1:
         parser.error("--num_candidates and --batch_size must be >= 1")
-    try:
-        check_selection(args.num_candidates, args.select_at, args.keep)
-    except SynthesisError as error:
-        parser.error(str(error))
     return args
+
+
+def run_overrides(args: argparse.Namespace) -> RunOverrides:
+    """What the flags change of the run's record (None: the run's value)."""
+    return RunOverrides(pretrained_model_name_or_path=args.pretrained_model_name_or_path, token=args.token,
+                        object_class=args.object_class, defect_type=args.defect_type, prompt=args.prompt,
+                        resolution=args.resolution, crop_to_mask=args.crop_to_mask, crop_context=args.crop_context,
+                        data_dir=args.data_dir)
 
 
 def resolve_plan(args, run) -> RunPlan:
     """The run with the flags' overrides (`plan_run`): flags win over the run's record."""
-    return plan_run(args.lora, run, RunOverrides.from_args(args), num_candidates=args.num_candidates,
+    return plan_run(args.lora, run, run_overrides(args), num_candidates=args.num_candidates,
                     num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                    composite=args.composite, select_at=args.select_at, keep=args.keep)
+                    composite=args.composite)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,7 +208,7 @@ def fingerprint(args, plan: RunPlan) -> dict:
     record = plan.synthesis_record().to_dict()
     return {**{name: record[name] for name in FINGERPRINT_FIELDS}, "scheduler": args.scheduler,
             "revision": args.revision, "variant": args.variant, "mixed_precision": args.mixed_precision,
-            "select_at": plan.settings.select_at, "keep": plan.settings.keep, "mask_from": mask_origin(args)}
+            "mask_from": mask_origin(args)}
 
 
 def mask_origin(args) -> str:
@@ -251,7 +245,8 @@ def synthesize_to_folder(pipeline, pairs: list[Pair], plan: RunPlan, scorer, fol
 
 
 def main(args: argparse.Namespace, scorer: Scorer | None = None) -> Path:
-    """Run the synthesis; `scorer` replaces the LPIPS scorer (tests, or another similarity)."""
+    """Run the synthesis; `scorer` replaces the LPIPS scorer (tests, or another similarity). With one candidate
+    nothing is selected, and nothing scored."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = read_run(args.lora)
     plan = resolve_plan(args, run)
@@ -262,17 +257,18 @@ def main(args: argparse.Namespace, scorer: Scorer | None = None) -> Path:
     folder = SynthesisFolder(args.output_dir)
     outputs = fingerprint(args, plan)
     folder.check(outputs, args.overwrite)  # before any model loads
-    scheduler = check_scheduler(args.scheduler, plan.base_model, plan.settings, args.revision)
+    scheduler = check_scheduler(args.scheduler, plan.base_model, args.revision)
     check_inputs(pairs)
-    if scorer is None and plan.settings.num_candidates > 1:
+    if plan.settings.num_candidates == 1:
+        scorer = None
+    elif scorer is None:
         scorer = LpipsModel(args.lpips_net, device).masked_scores
     pipeline = load_pipeline(plan.base_model, plan.lora, run.base_model if run else None, args.revision, args.variant,
                              precision_dtype(args.mixed_precision), device, args.scheduler)
     folder.claim(outputs, args.overwrite)
-    passes = planned_unet_passes(plan.settings, scheduler_calls(pipeline, plan.settings.num_inference_steps))
-    logger.info("sampler %s, %d steps, %s: %d UNet passes per image", scheduler, plan.settings.num_inference_steps,
-                f"candidates scored after {plan.settings.select_at:.0%} of the steps" if plan.settings.select_at < 1
-                else "candidates scored finished", passes)
+    passes = plan.settings.num_candidates * scheduler_calls(pipeline, plan.settings.num_inference_steps)
+    logger.info("sampler %s, %d steps, %d candidates: %d UNet passes per image", scheduler,
+                plan.settings.num_inference_steps, plan.settings.num_candidates, passes)
     # before the first image: a killed run resumes on the same terms
     folder.write_record(plan.synthesis_record(scheduler=scheduler, unet_passes_per_image=passes, mask_from=mask_origin(args)))
     rows = synthesize_to_folder(pipeline, pairs, plan, scorer, folder, args.batch_size, args.save_candidates,

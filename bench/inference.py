@@ -2,11 +2,11 @@
 """Synthesis timed, three parts (`--part`, default all):
 
 - `core`: images per second of plain `StableDiffusionInpaintPipeline` against the synthesis core
-  (`defectfill.synthesis.synthesize`: crop, 8 candidates in one batched call, LPIPS selection, composite), per
+  (`defectfill.painting.synthesize`: crop, 8 candidates in one batched call, LPIPS selection, composite), per
   generated and per kept image;
 - `fast`: per kept image, the UNet passes and the wall time of the paper's settings (8 candidates x 50 steps of the
-  base model's scheduler, scored finished) against the fast defaults of `--fast_config` (a few-step solver, early
-  Low-Fidelity Selection), on the tiny model with its demo LoRA and on the SD2-inpainting shape with random weights;
+  base model's scheduler) against the fast defaults of `--fast_config` (a few-step solver), on the tiny model with
+  its demo LoRA and on the SD2-inpainting shape with random weights;
 - `builder`: the dataset builder against the plain pipeline, and 2 processes against 1 (below).
 
     python bench/inference.py                      # the bundled tiny model, 64 px, on the CPU
@@ -41,8 +41,8 @@ import yaml
 from common import PRESETS, REPO_ROOT, TINY_MODEL, build_components, machine_description, synchronize
 from PIL import Image
 
+from defectfill.painting import SynthesisSettings, prepare_job, synthesize
 from defectfill.scoring import LpipsModel
-from defectfill.synthesis import SynthesisSettings, prepare_job, synthesize
 
 DATA = REPO_ROOT / "data" / "synthetic_mvtec" / "metal_nut"
 PARTS = ("core", "fast", "builder")
@@ -66,8 +66,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--builder_processes", type=int, default=2, help="Builder: also time this many processes (1 = skip).")
     parser.add_argument("--only_builder", action="store_true", help="Time the builder alone (the same as --part builder).")
     parser.add_argument("--fast_config", default=str(REPO_ROOT / "configs" / "tiny_infer.yaml"),
-                        help="Fast part: the synthesis config whose scheduler, num_inference_steps, select_at and keep are "
-                             "the fast defaults timed against the paper's 8 x 50 finished candidates.")
+                        help="Fast part: the synthesis config whose scheduler and num_inference_steps are the fast defaults "
+                             "timed against the paper's 8 x 50.")
     parser.add_argument("--fast_repeats", type=int, default=3, help="Fast part: timed rounds on the tiny model.")
     parser.add_argument("--paper_candidates", type=int, default=8, help="Fast part: candidates of both settings (the paper: 8).")
     parser.add_argument("--paper_steps", type=int, default=50, help="Fast part: steps of the paper's setting (the paper: 50).")
@@ -150,10 +150,9 @@ def bench_core(args, device, dtype) -> dict:
 
 
 def fast_settings(args) -> dict:
-    """The fast defaults: the scheduler, steps, selection point and kept candidates of --fast_config."""
+    """The fast defaults: the scheduler and steps of --fast_config."""
     config = yaml.safe_load(Path(args.fast_config).read_text())
-    return {"scheduler": config.get("scheduler"), "num_inference_steps": config["num_inference_steps"],
-            "select_at": config.get("select_at", 1.0), "keep": config.get("keep", 1)}
+    return {"scheduler": config.get("scheduler"), "num_inference_steps": config["num_inference_steps"]}
 
 
 def sd2_shape_pipeline(resolution: int, device, dtype):
@@ -187,11 +186,11 @@ def time_kept_image(pipeline, job_of, settings, scorer, repeats: int, device) ->
 
 
 def bench_fast(args, device, dtype) -> dict:
-    """Per kept image, UNet passes and wall time: 8 candidates x 50 steps of the base scheduler scored finished (the
+    """Per kept image, UNet passes and wall time: 8 candidates x 50 steps of the base scheduler (the
     paper) against the fast defaults, on the tiny model (the bundled demo run) and the SD2-inpainting shape."""
     from diffusers import StableDiffusionInpaintPipeline
 
-    from defectfill.synthesis import load_pipeline, scheduler_class
+    from defectfill.pipelines import load_pipeline, scheduler_class
 
     fast = fast_settings(args)
     scorer = LpipsModel("alex", device, pretrained_backbone=not args.lpips_random_backbone).masked_scores
@@ -211,7 +210,7 @@ def bench_fast(args, device, dtype) -> dict:
         paper = SynthesisSettings("A metal nut with sks", resolution, num_candidates=candidates, num_inference_steps=args.paper_steps,
                                   crop_to_mask=True)
         quick = SynthesisSettings("A metal nut with sks", resolution, num_candidates=candidates, crop_to_mask=True,
-                                  num_inference_steps=fast["num_inference_steps"], select_at=fast["select_at"], keep=fast["keep"])
+                                  num_inference_steps=fast["num_inference_steps"])
 
         def job_of(settings):
             with Image.open(image_path) as clean, Image.open(mask_path) as defect_mask:
@@ -222,10 +221,9 @@ def bench_fast(args, device, dtype) -> dict:
         rows[name]["paper"] = time_kept_image(base, job_of, paper, scorer, repeats, device)
         rows[name]["fast"] = time_kept_image(faster, job_of, quick, scorer, repeats, device)
         del base, faster
-    label = (f"{fast['scheduler'] or 'the base scheduler'}, {fast['num_inference_steps']} steps, {args.paper_candidates} "
-             f"candidates scored after {fast['select_at']:.0%} of the steps, {fast['keep']} finished")
+    label = f"{fast['scheduler'] or 'the base scheduler'}, {fast['num_inference_steps']} steps, {args.paper_candidates} candidates"
     print(f"\n## fast synthesis ({datetime.date.today()}, {machine_description(device)}): per kept image, "
-          f"{args.paper_candidates} candidates x {args.paper_steps} steps of the base scheduler scored finished (the paper's "
+          f"{args.paper_candidates} candidates x {args.paper_steps} steps of the base scheduler (the paper's "
           f"8 x 50), against {label} ({args.fast_config})")
     print("| model | paper: UNet passes | paper: s | fast: UNet passes | fast: s | passes ratio | time ratio |")
     print("|---|---|---|---|---|---|---|")

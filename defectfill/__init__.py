@@ -12,7 +12,7 @@ The library behind the repository's entry scripts (`train_defectfill.py`, `infer
 - `training`, `build`, `downstream`, `evaluation`, `app`: the parts of each entry script that others reuse;
 - `tiny`: the bundled tiny model and data, and the measurements made on them.
 
-Modules are imported by name (`from defectfill import synthesis`); importing the package loads nothing heavy.
+Modules are imported by name (`from defectfill import painting`); importing the package loads nothing heavy.
 `docs/architecture.md` walks one image through them.
 """
 

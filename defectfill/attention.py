@@ -153,14 +153,6 @@ class StepAveragingStore(VStarAttentionStore):
         self.maps[layer_name] = current if total is None else total + current
         self.calls[layer_name] = self.calls.get(layer_name, 0) + 1
 
-    def keep_rows(self, index: torch.Tensor, guided: bool) -> None:
-        """Keep only the recorded candidates `index` (rows of the candidate batch) from now on: their sums so far, their
-        token weights, and the rows recorded (the conditional half under guidance, of the smaller batch)."""
-        self.maps = {name: total[index.to(total.device)] for name, total in self.maps.items()}
-        self.weights = self.weights[index.to(self.weights.device)]
-        kept = len(index)
-        self.rows = slice(kept, 2 * kept) if guided else slice(0, kept)
-
     def aggregate(self) -> torch.Tensor:
         self.maps = {name: total / self.calls[name] for name, total in self.maps.items()}
         self.calls = {name: 1 for name in self.maps}

@@ -124,19 +124,6 @@ def add_hub_arguments(parser: argparse.ArgumentParser, repo_flag: str, what: str
     return group
 
 
-def add_selection_arguments(group) -> None:
-    """--select_at, --keep: early Low-Fidelity Selection (the defaults: `defectfill.synthesis.SynthesisSettings`)."""
-    from defectfill.synthesis import SynthesisSettings
-
-    group.add_argument("--select_at", type=float, default=SynthesisSettings.select_at,
-                       help="Early Low-Fidelity Selection: score the candidates after this fraction of the denoising steps, "
-                            "on the clean image the step predicts, and finish only the best --keep (1 = score them "
-                            "finished, as the paper does). The UNet passes per image drop from candidates x steps to about "
-                            "candidates x select_at x steps + keep x (1 - select_at) x steps.")
-    group.add_argument("--keep", type=int, default=SynthesisSettings.keep,
-                       help="With --select_at < 1: the candidates that go on to the last step; the best finished one is kept.")
-
-
 Settings = TypeVar("Settings")
 
 

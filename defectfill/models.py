@@ -1,6 +1,6 @@
 """Loading the base inpainting model for training: its components (frozen), the LoRA adapters DefectFill
 trains on them, and how they run (dtype, device, memory format, compilation). Synthesis loads the whole
-pipeline (`defectfill.synthesis.load_pipeline`) and checks the base model the same way."""
+pipeline (`defectfill.pipelines.load_pipeline`) and checks the base model the same way."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""How few denoising steps, and how early a selection, keep what synthesis paints: measured on the procedural defect
-families of the generalisation check.
+"""How few denoising steps keep what synthesis paints: measured on the procedural defect families of the
+generalisation check.
 
 The command line of `scripts/tiny/fast_synthesis.py`, whose docstring says more.
 """

@@ -36,21 +36,12 @@ from defectfill.app.settings import AppSettings, PageDefaults, ServerSettings  #
 from defectfill.app.ui import build_app, launch  # noqa: E402
 from defectfill.cli import settings_from_args  # noqa: E402
 from defectfill.errors import RunFileError, SynthesisError  # noqa: E402
+from defectfill.painting import Job, SynthesisResult, SynthesisSettings, mask_at_image_size, prepare_job, synthesize  # noqa: E402
 from defectfill.runs.files import LORA_FILENAME, PREVIEW_FILENAME, RUN_FILENAME  # noqa: E402
 from defectfill.runs.folder import read_metadata  # noqa: E402
+from defectfill.runs.metadata import output_metadata_row  # noqa: E402
 from defectfill.runs.records import SynthesisRecord, read_run  # noqa: E402
-from defectfill.synthesis import (  # noqa: E402
-    Job,
-    SynthesisResult,
-    SynthesisSettings,
-    attention_in_mask,
-    attention_overlay,
-    mask_at_image_size,
-    output_metadata_row,
-    prepare_job,
-    synthesize,
-    synthesize_with_attention,
-)
+from defectfill.vstar_map import attention_in_mask, attention_overlay, synthesize_with_attention  # noqa: E402
 from tests.conftest import REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL  # noqa: E402
 
 PATHS = AppPaths.of_repository(REPO_ROOT)
@@ -145,7 +136,7 @@ def test_attention_overlay_and_share_inside_the_mask():
     mask = np.zeros((40, 40), bool)
     mask[10:20, 10:20] = True
     job = Job(0, image, mask, (8, 8, 24, 24), image.crop((8, 8, 24, 24)), Image.new("L", (16, 16)))
-    result = SynthesisResult(job, image, [image], [0.0], 0, image, 0.0, [0])
+    result = SynthesisResult(job, image, [image], [0.0], 0)
     attention = torch.zeros(4, 4)
     attention[1:3, 1:3] = 1.0
     overlay = np.asarray(attention_overlay(result, attention, opacity=0.5)).astype(int)
@@ -259,19 +250,6 @@ def test_lora_of_another_base_model_is_named(demo_run, tmp_path):
         handlers.generate(fresh, run, source, heldout_editor(run, source), None, **FAST)
 
 
-def test_early_selection_from_the_page_finishes_only_the_best(state, demo_run, demo_pipeline):
-    """The page's "score after this share of the steps": 4 candidates scored on their predicted clean images
-    halfway, 1 finished; the captions and the status say so, and fewer UNet passes than scoring finished."""
-    source, _ = handlers.pick_good_image(str(demo_run.good_images[0]))
-    settings = {**FAST, "num_candidates": 4, "num_inference_steps": 4}
-    early = handlers.generate(state, demo_run, source, heldout_editor(demo_run, source), None, **settings, select_at=0.5)
-    finished = handlers.generate(state, demo_run, source, heldout_editor(demo_run, source), None, **settings)
-    assert early.result.kept == [early.result.chosen] and len(early.result.candidates) == 4
-    assert sum("not finished" in c for c in early.captions()) == 3 and "✓ chosen" in early.captions()[early.result.chosen]
-    assert "predicted after 2 UNet calls" in early.status() and "1 finished" in early.status()
-    assert early.result.unet_passes < finished.result.unet_passes and "not finished" not in " ".join(finished.captions())
-
-
 def test_generate_then_add_to_dataset_writes_what_infer_writes(state, demo_run, demo_pipeline, tmp_path):
     import dataset_mvtec as dm
     import infer_defectfill as infer
@@ -365,13 +343,13 @@ def test_the_app_through_gradio_client(server, demo_run, tmp_path):
     client.predict(str(demo_run.good_images[0]), api_name="/pick_good_image")
     empty = {"background": handle_file(str(demo_run.good_images[0])), "layers": [], "composite": None}
     with pytest.raises(AppError, match=r"the painted mask is empty \(no pixel >= 128\); nothing to inpaint"):
-        client.predict(empty, "", 2, 2, 7.5, 1.0, 0, True, api_name="/generate")
+        client.predict(empty, "", 2, 2, 7.5, 0, True, api_name="/generate")
 
     # the app keeps working: a held-out mask shown in the editor, then Generate
     shown = client.predict(str(demo_run.heldout_masks[0]), api_name="/pick_heldout_mask")  # files the client downloaded
     editor = {"background": handle_file(shown["background"]), "layers": [handle_file(f) for f in shown["layers"]], "composite": None}
     gallery, result, mask, attention, status, files = client.predict(
-        editor, str(demo_run.heldout_masks[0]), 2, 2, 7.5, 1.0, 0, True, api_name="/generate")
+        editor, str(demo_run.heldout_masks[0]), 2, 2, 7.5, 0, True, api_name="/generate")
     items = gallery["value"]  # a gr.update: the candidates, and the chosen one selected
     chosen = [i for i, item in enumerate(items) if "✓ chosen" in (item.get("caption") or "")]
     assert len(items) == 2 and chosen == [gallery["selected_index"]] and "LPIPS in mask" in items[0]["caption"]
@@ -583,10 +561,10 @@ def test_a_public_server_refuses_what_a_visitor_may_not_ask(public_server, publi
     no_server_path(client.predict("train/good/000.png", api_name="/pick_good_image"))
     shown = no_server_path(client.predict(mask_label, api_name="/pick_heldout_mask"))
     editor = {"background": handle_file(shown["background"]), "layers": [handle_file(f) for f in shown["layers"]], "composite": None}
-    refused("is not one of this run's held-out masks", editor, str(demo_run.heldout_masks[0]), 2, 2, 7.5, 1.0, 0, True,
+    refused("is not one of this run's held-out masks", editor, str(demo_run.heldout_masks[0]), 2, 2, 7.5, 0, True,
             api_name="/generate")
-    refused("greater than maximum value 50", editor, mask_label, 2, 500, 7.5, 1.0, 0, True, api_name="/generate")
-    refused("greater than maximum value 8", editor, mask_label, 9, 2, 7.5, 1.0, 0, True, api_name="/generate")
+    refused("greater than maximum value 50", editor, mask_label, 2, 500, 7.5, 0, True, api_name="/generate")
+    refused("greater than maximum value 8", editor, mask_label, 9, 2, 7.5, 0, True, api_name="/generate")
 
     # uploads: Gradio's size limit (the client's check, and the server's), then the pixel count before decoding
     big = tmp_path / "big.png"
@@ -603,11 +581,11 @@ def test_a_public_server_refuses_what_a_visitor_may_not_ask(public_server, publi
             handle_file(str(bomb)), api_name="/upload_good_image")
     refused("the uploaded image is too large to be decoded", handle_file(str(huge)), api_name="/upload_good_image")
     bomb_layer = {**editor, "layers": [handle_file(str(bomb))]}
-    refused("an image of the mask editor has 36,000,000 pixels", bomb_layer, mask_label, 2, 2, 7.5, 1.0, 0, True, api_name="/generate")
+    refused("an image of the mask editor has 36,000,000 pixels", bomb_layer, mask_label, 2, 2, 7.5, 0, True, api_name="/generate")
     assert httpx.get(f"{public_server}gradio_api/file={REPO_ROOT / 'README.md'}").status_code == 403  # Gradio serves no server file
 
     # the app keeps working: Generate, then add to this session's folder; no other folder is accepted
-    *_, status, files = no_server_path(client.predict(editor, mask_label, 2, 2, 7.5, 1.0, 0, True, api_name="/generate"))
+    *_, status, files = no_server_path(client.predict(editor, mask_label, 2, 2, 7.5, 0, True, api_name="/generate"))
     assert "chosen" in status and len(files) == 2
     for folder in (str(outside), os.path.relpath(outside, Path.cwd()), "../../../../outside", f"{folder_name}/../../outside",
                    str(datasets / folder_name), "other-session"):

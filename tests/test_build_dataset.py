@@ -33,6 +33,8 @@ from defectfill.build.summary import preview_rows
 from defectfill.cli import settings_from_args
 from defectfill.errors import BuildError, DownstreamError, RunFileError, SynthesisError
 from defectfill.masks import MaskSource
+from defectfill.painting import SynthesisSettings, candidate_generators, prepare_job, synthesize
+from defectfill.pipelines import load_named_adapters, load_pipeline, use_adapter
 from defectfill.runs.files import (
     FINGERPRINT_FILENAME,
     LORA_FILENAME,
@@ -43,15 +45,6 @@ from defectfill.runs.files import (
 )
 from defectfill.runs.folder import FINGERPRINT_VERSION, SynthesisFolder, item_of_file
 from defectfill.runs.records import RunRecord
-from defectfill.synthesis import (
-    SynthesisSettings,
-    candidate_generators,
-    load_named_adapters,
-    load_pipeline,
-    prepare_job,
-    synthesize,
-    use_adapter,
-)
 from tests.conftest import REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL
 
 FAST = ["--num_inference_steps", "2", "--num_images", "2", "--seed", "3"]
@@ -360,7 +353,7 @@ def test_redraw_seeds_extend_the_candidate_scheme(tiny_pipeline):
     mask = Image.open(SYNTHETIC_DATA / "metal_nut" / "ground_truth" / "color" / "003_mask.png")
     job = prepare_job(image, mask, 5, settings)
     [plain] = synthesize(tiny_pipeline, [job], settings)
-    [same] = synthesize(tiny_pipeline, [job], settings, first_candidate=0, score_single=True)
+    [same] = synthesize(tiny_pipeline, [job], settings, first_candidate=0)
     assert np.array_equal(np.asarray(plain.image), np.asarray(same.image))
     with pytest.raises(SynthesisError, match="next pair's seeds"):
         candidate_generators(0, 5, 2, "cpu", first=1008)

@@ -55,7 +55,6 @@ def test_a_missing_block_or_end_marker_is_named(tmp_path):
     (REPO_ROOT / "README.md", "generalisation-summary"),
     (REPO_ROOT / "docs" / "downstream.md", "downstream-demo"),
     (REPO_ROOT / "docs" / "fast_synthesis.md", "solver-steps"),
-    (REPO_ROOT / "docs" / "fast_synthesis.md", "early-selection"),
     (TINY_MODEL / "README.md", "tiny-model"),
     (TINY_MODEL / "README.md", "generalisation"),
 ])

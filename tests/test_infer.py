@@ -15,13 +15,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import infer_defectfill as infer
-from defectfill import synthesis
+from defectfill import painting
 from defectfill.errors import DatasetError, RunFileError, SynthesisError
+from defectfill.painting import select_candidate
 from defectfill.runs.files import LORA_FILENAME, METADATA_FILENAME, PREVIEW_FILENAME, RUN_FILENAME, SYNTHESIS_FILENAME
 from defectfill.runs.folder import read_metadata
 from defectfill.runs.records import RunRecord, SynthesisRecord
 from defectfill.scoring import LpipsModel
-from defectfill.synthesis import select_candidate
 from tests.conftest import REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL
 
 FAST = ("--num_inference_steps", "2", "--num_candidates", "3")
@@ -123,8 +123,8 @@ def test_rerun_skips_existing_outputs(tiny_run, tmp_path, monkeypatch):
     out = run(tiny_run, tmp_path / "out", "--num_images", "3")
     before = {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
     calls = []
-    real = synthesis.generate_candidates
-    monkeypatch.setattr(synthesis, "generate_candidates",
+    real = painting.generate_candidates
+    monkeypatch.setattr(painting, "generate_candidates",
                         lambda pipe, jobs, s, *rest: calls.append(len(jobs)) or real(pipe, jobs, s, *rest))
     run(tiny_run, out, "--num_images", "3")
     assert calls == [] and {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == before
@@ -134,7 +134,7 @@ def test_rerun_skips_existing_outputs(tiny_run, tmp_path, monkeypatch):
 
 
 def test_interrupted_run_leaves_no_partial_files(tiny_run, tmp_path, monkeypatch):
-    real, calls = synthesis.generate_candidates, []
+    real, calls = painting.generate_candidates, []
 
     def fail_on_second(pipe, jobs, settings, *rest):
         calls.append(1)
@@ -142,7 +142,7 @@ def test_interrupted_run_leaves_no_partial_files(tiny_run, tmp_path, monkeypatch
             raise KeyboardInterrupt
         return real(pipe, jobs, settings, *rest)
 
-    monkeypatch.setattr(synthesis, "generate_candidates", fail_on_second)
+    monkeypatch.setattr(painting, "generate_candidates", fail_on_second)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         run(tiny_run, out, "--num_images", "3")
@@ -152,8 +152,8 @@ def test_interrupted_run_leaves_no_partial_files(tiny_run, tmp_path, monkeypatch
     assert list(read_metadata(out)) == ["images/00000.png"]
 
 
-def test_lpips_scorer_sees_only_the_mask():
-    scorer = LpipsModel("alex", pretrained_backbone=False).masked_scores  # real lpips code, random backbone (offline)
+def test_lpips_scorer_sees_only_the_mask(offline_lpips_weights):
+    scorer = LpipsModel("alex").masked_scores  # real lpips code; the backbone's weights are the fixture's (offline)
     rng = np.random.default_rng(0)
     clean = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
     mask = np.zeros((64, 64), dtype=np.uint8)
@@ -168,6 +168,20 @@ def test_lpips_scorer_sees_only_the_mask():
     # equal the clean image outside the mask anyway.
     assert scores[1] > 5 * max(scores[2], 1e-6)
     assert select_candidate(scores) == 1
+
+
+def test_the_lpips_selection_runs_offline_and_keeps_the_highest_score(tiny_run, tmp_path, offline_lpips_weights):
+    """No scorer given: infer loads LPIPS (its AlexNet from the fixture's TORCH_HOME) and keeps the candidate whose
+    LPIPS inside the mask is highest, as the row records it."""
+    image_path, mask_path = small_pair(tmp_path)
+    args = infer.parse_args(["--lora", str(tiny_run), "--output_dir", str(tmp_path / "o"), *FAST,
+                             "--image_path", str(image_path), "--mask_path", str(mask_path)])
+    out = infer.main(args)
+    row = json.loads((out / METADATA_FILENAME).read_text())
+    scores = row["candidate_scores"]
+    assert len(scores) == 3 and len(set(scores)) == 3 and min(scores) > 0
+    assert row["candidate"] == select_candidate(scores) and row["lpips"] == max(scores)
+    assert row["unet_passes"] == SynthesisRecord.read(out).unet_passes_per_image == 3 * 3  # PNDM: 2 steps, 3 UNet calls
 
 
 def test_without_crop_the_whole_image_is_resized(tiny_run, tmp_path):

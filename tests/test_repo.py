@@ -152,7 +152,7 @@ def test_the_package_imports_point_one_way():
     modules = package_modules()
     for leaf in ("defectfill.method", "defectfill.masks", "defectfill.errors", "defectfill.attention"):
         assert modules[leaf] == set(), (leaf, modules[leaf])
-    synthesis_needs = closure(modules, "defectfill.synthesis")
+    synthesis_needs = closure(modules, "defectfill.painting") | closure(modules, "defectfill.pipelines")
     assert not any(m.startswith("defectfill.data") for m in synthesis_needs), synthesis_needs
     for part in ("defectfill.build", "defectfill.downstream"):
         users = {name for name, imports in modules.items() if not name.startswith(part) and any(m.startswith(part) for m in imports)}
@@ -177,7 +177,7 @@ def test_no_file_edits_sys_path_and_the_package_imports_from_another_folder(tmp_
     edits = [str(p) for p in REPO_ROOT.rglob("*.py") if ".git" not in p.parts and p.name != "test_repo.py"
              and re.search(r"sys\.path\.(insert|append)", p.read_text())]
     assert edits == []
-    result = subprocess.run([sys.executable, "-c", "from defectfill import synthesis; print(synthesis.__file__)"], cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-c", "from defectfill import painting; print(painting.__file__)"], cwd=tmp_path,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

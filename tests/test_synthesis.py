@@ -3,6 +3,8 @@ grayscale and 16-bit sources, and the one mask function training and synthesis s
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +14,10 @@ import dataset_mvtec as dm
 from defectfill import masks
 from defectfill.masks import model_mask
 from defectfill.models import load_models
+from defectfill.painting import SynthesisSettings, generate_candidates, prepare_job, synthesize
+from defectfill.pipelines import load_pipeline
 from defectfill.step import DefectFillStep
-from defectfill.synthesis import SynthesisSettings, generate_candidates, load_pipeline, prepare_job, synthesize
+from defectfill.vstar_map import synthesize_with_attention
 from tests.conftest import SYNTHETIC_DATA
 
 SETTINGS = SynthesisSettings("A metal nut with sks", resolution=64, num_candidates=1, num_inference_steps=2,
@@ -46,6 +50,35 @@ def test_thin_scratch_is_regenerated_and_the_background_kept(pipeline):
     out, reference = np.asarray(result.image).astype(int), np.asarray(clean).astype(int)
     assert np.array_equal(out[~label], reference[~label])  # outside the label: the clean pixels exactly
     assert np.abs(out[label] - reference[label]).mean() > 5  # inside: regenerated
+
+
+def test_a_redraw_paints_the_next_candidates_and_the_highest_score_is_kept(pipeline):
+    """`first_candidate` continues the candidate numbers: candidates 2-3 drawn on their own are candidates 2-3 of a
+    draw of four (up to the rounding of a smaller batch); `chosen` indexes the call's candidates."""
+    two, four = (dataclasses.replace(SETTINGS, num_candidates=n) for n in (2, 4))
+    job = prepare_job(clean_image(), scratch_mask(width=6), 0, two)
+    [all_four] = synthesize(pipeline, [job], four)
+    [redraw] = synthesize(pipeline, [job], two, lambda clean, candidates, mask: [0.1, 0.7], first_candidate=2)
+    for drawn, again in zip(all_four.candidates[2:], redraw.candidates):
+        assert np.abs(np.asarray(drawn, dtype=int) - np.asarray(again, dtype=int)).max() <= 2
+    assert all_four.scores == [0.0] * 4 and all_four.chosen == 0  # no scorer: the first is kept
+    assert redraw.chosen == 1 and redraw.final_score == 0.7 and redraw.region is redraw.candidates[1]
+
+
+def test_the_vstar_map_is_the_chosen_candidates_of_each_job(pipeline):
+    """Two jobs in one call, the second candidate chosen in each: the second job's map is the one its chosen
+    candidate gets when painted alone, not its other candidate's."""
+    settings = dataclasses.replace(SETTINGS, num_candidates=2)
+    first, second = (prepare_job(clean_image(), scratch_mask(width=6, column=c), i, settings) for i, c in ((0, 20), (1, 61)))
+
+    def choose(index):
+        return lambda clean, candidates, mask: [1.0 if c == index else 0.0 for c in range(len(candidates))]
+
+    results, maps = synthesize_with_attention(pipeline, [first, second], settings, "sks", choose(1))
+    assert [r.chosen for r in results] == [1, 1]
+    [_], [alone] = synthesize_with_attention(pipeline, [second], settings, "sks", choose(1))
+    [_], [other] = synthesize_with_attention(pipeline, [second], settings, "sks", choose(0))
+    assert torch.allclose(maps[1], alone, atol=1e-4) and not torch.allclose(maps[1], other, atol=1e-4)
 
 
 def test_model_mask_is_the_training_mask_function(pipeline, monkeypatch, tiny_model_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from defectfill.synthesis import mask_at_image_size
+from defectfill.painting import mask_at_image_size
 
 MASK_COLOUR = (255, 40, 40)
 
@@ -36,7 +36,7 @@ def editor_value(image: Image.Image, mask: Image.Image | np.ndarray | None = Non
 
 def mask_from_editor(value: dict | None, size: tuple[int, int]) -> np.ndarray:
     """The painted mask at the image's size: every pixel any layer paints (alpha > 0), resized nearest.
-    May be empty: `synthesis.prepare_job` rejects that with the CLI's words."""
+    May be empty: `painting.prepare_job` rejects that with the CLI's words."""
     painted = np.zeros((size[1], size[0]), dtype=bool)
     for layer in (value or {}).get("layers") or []:
         layer = as_pil(layer)

@@ -19,21 +19,13 @@ from defectfill.app.runs import AppPaths, RunInfo
 from defectfill.app.settings import AppSettings
 from defectfill.errors import SynthesisError
 from defectfill.models import default_device, precision_dtype
+from defectfill.painting import Scorer, SynthesisResult, SynthesisSettings, mask_at_image_size, prepare_job
+from defectfill.pipelines import load_pipeline
 from defectfill.runs.folder import SynthesisFolder
+from defectfill.runs.metadata import output_metadata_row
 from defectfill.runs.records import SynthesisRecord
 from defectfill.scoring import LpipsModel
-from defectfill.synthesis import (
-    Scorer,
-    SynthesisResult,
-    SynthesisSettings,
-    attention_in_mask,
-    attention_overlay,
-    load_pipeline,
-    mask_at_image_size,
-    output_metadata_row,
-    prepare_job,
-    synthesize_with_attention,
-)
+from defectfill.vstar_map import attention_in_mask, attention_overlay, synthesize_with_attention
 
 logger = logging.getLogger("defectfill")
 
@@ -144,21 +136,15 @@ class Generated:
 
     def captions(self) -> list[str]:
         out = []
-        early = self.result.selected_after is not None
         for c, score in enumerate(self.result.scores):
             text = f"candidate {c}: LPIPS in mask {score:.3f}" if self.selection else f"candidate {c} (no selection)"
-            if early and c not in self.result.kept:
-                text += f" (scored on its predicted clean image after {self.result.selected_after} UNet calls; not finished)"
             out.append(text + (" ✓ chosen" if c == self.result.chosen else ""))
         return out
 
     def status(self) -> str:
         s, r = self.settings, self.result
-        chosen = (f"candidate {r.chosen} chosen (highest LPIPS inside the mask, {r.final_score:.3f} finished)" if self.selection
+        chosen = (f"candidate {r.chosen} chosen (highest LPIPS inside the mask, {r.final_score:.3f})" if self.selection
                   else "Low-Fidelity Selection off: 1 candidate")
-        if r.selected_after is not None:
-            chosen += (f"; candidates scored on the clean image predicted after {r.selected_after} UNet calls "
-                       f"(select at {s.select_at:g}), {len(r.kept)} finished")
         chosen += f"; {r.unet_passes:.0f} UNet passes"
         return (f"{len(r.candidates)} candidate(s) at {s.resolution} px, {s.num_inference_steps} steps, guidance "
                 f"{s.guidance_scale}, seed {s.seed}, {'crop ' + str(r.job.box) if s.crop_to_mask else 'whole image'}: "
@@ -168,8 +154,8 @@ class Generated:
 
 def generate(state: AppState, run: RunInfo, source: Source | None, editor: dict | None, heldout_mask: str | None,
              num_candidates: int, num_inference_steps: int, guidance_scale: float, seed: int, crop_to_mask: bool,
-             progress: Callable | None = None, select_at: float = 1.0, keep: int = 1) -> Generated:
-    """Prepare the job (the painted mask), load the pipeline, generate and select (`synthesis`), and
+             progress: Callable | None = None) -> Generated:
+    """Prepare the job (the painted mask), load the pipeline, generate and select (`painting`), and
     record what the [V*] token looked at. Bad input raises `SynthesisError` in the CLI's words."""
     if source is None:
         raise SynthesisError("no good image: pick one of the run's good images or upload one")
@@ -177,11 +163,8 @@ def generate(state: AppState, run: RunInfo, source: Source | None, editor: dict 
     settings = dataclasses.replace(  # the run's prompt, resolution and crop context, with the page's choices
         run.plan.settings, num_candidates=int(num_candidates) if state.scorer else 1,
         num_inference_steps=int(num_inference_steps), guidance_scale=float(guidance_scale), seed=int(seed),
-        crop_to_mask=bool(crop_to_mask), select_at=float(select_at) if selection else 1.0,
-        keep=max(1, min(int(keep), int(num_candidates))),
+        crop_to_mask=bool(crop_to_mask),
     )
-    if not 0 < settings.select_at <= 1:
-        raise SynthesisError(f"score the candidates after a share of the steps in (0, 1], got {settings.select_at}")
     mask = mask_from_editor(editor, source.image.size)
     job = prepare_job(source.image, mask, 0, settings, mask_name="the painted mask")
     pipeline = state.pipeline(run, progress)
@@ -190,7 +173,8 @@ def generate(state: AppState, run: RunInfo, source: Source | None, editor: dict 
         if progress:
             progress((done, total), desc=f"denoising {settings.num_candidates} candidate(s)", unit="steps")
 
-    [result], [attention] = synthesize_with_attention(pipeline, [job], settings, run.token, state.scorer, on_step)
+    scorer = state.scorer if selection else None  # one candidate: nothing to select
+    [result], [attention] = synthesize_with_attention(pipeline, [job], settings, run.token, scorer, on_step)
     return Generated(result, settings, run, source, heldout_mask, attention,
                      attention_in_mask(attention, job.region_mask), attention_overlay(result, attention),
                      selection)

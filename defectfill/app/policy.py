@@ -85,7 +85,6 @@ GENERATE_SETTINGS: dict[str, NumericSetting] = {
     "num_candidates": NumericSetting("Candidates", 1, 16, public_maximum=8, integer=True),
     "num_inference_steps": NumericSetting("Denoising steps", 1, 100, public_maximum=50, integer=True),
     "guidance_scale": NumericSetting("Guidance scale", 1.0, 15.0, public_maximum=15.0, step=0.5),
-    "select_at": NumericSetting("Score candidates after this share of the steps", 0.05, 1.0, public_maximum=1.0, step=0.05),
     "seed": NumericSetting("Seed", 0, None, public_maximum=2**32 - 1, integer=True),
 }
 

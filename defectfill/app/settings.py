@@ -16,8 +16,6 @@ class PageDefaults:
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
     seed: int = 0
-    select_at: float = 1.0
-    keep: int = 1
 
 
 @dataclass(frozen=True)

@@ -112,15 +112,14 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
         return pick_heldout_mask(source, policy.heldout_mask(run, value))
 
     @error_to_app
-    def on_generate(run, source, editor, heldout, num_candidates, steps, guidance, select_at, seed, crop,
+    def on_generate(run, source, editor, heldout, num_candidates, steps, guidance, seed, crop,
                     progress=gr.Progress()):  # noqa: B008 (gradio finds its progress tracker in the signature's default)
         numbers = policy.settings(num_candidates=num_candidates, num_inference_steps=steps, guidance_scale=guidance,
-                                  select_at=select_at, seed=seed)
+                                  seed=seed)
         if run is None:
             raise SynthesisError("no run loaded: pick a run first")
         mask = policy.heldout_mask(run, heldout)
-        generated = generate(state, run, source, editor, mask, **numbers, crop_to_mask=bool(crop), progress=progress,
-                             keep=page.keep)
+        generated = generate(state, run, source, editor, mask, **numbers, crop_to_mask=bool(crop), progress=progress)
         files = save_downloads(generated, download_folder(download_root, policy.limits.cache_seconds if policy.public else None))
         gallery = list(zip(generated.result.candidates, generated.captions()))
         return (generated, gr.update(value=gallery, selected_index=generated.result.chosen), generated.result.image,
@@ -170,12 +169,9 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
                                         else "Candidates: 1 (Low-Fidelity Selection is off: no LPIPS weights)")
                     steps = slider("num_inference_steps", page.num_inference_steps, label="Denoising steps")
                     guidance = slider("guidance_scale", page.guidance_scale, label="Guidance scale")
-                    select_at = slider("select_at", page.select_at, interactive=selection, elem_id="select_at",
-                                       label="Score the candidates after this share of the steps (1: finished, as the paper; "
-                                             "less: only the best finishes, fewer UNet passes)")
                     low, high = GENERATE_SETTINGS["seed"].page_range(policy.public)
                     seed = gr.Number(value=page.seed, precision=0, label="Seed", minimum=low, maximum=high)
-                    crop = gr.Checkbox(value=True, label="Crop to mask (generate around the mask at full resolution)")
+                    crop = gr.Checkbox(value=False, label="Crop to mask (generate around the mask at full resolution)")
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
         status = gr.Markdown(elem_id="status")
         gallery = gr.Gallery(label="Candidates (LPIPS inside the mask; ✓ = chosen)", columns=8, height=220, elem_id="gallery",
@@ -199,8 +195,7 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
         good.input(on_good, [run_state, good], [source_state, editor], api_name="pick_good_image")
         upload.upload(on_upload, upload, [source_state, editor], api_name="upload_good_image")
         heldout.input(on_heldout, [run_state, source_state, heldout], editor, api_name="pick_heldout_mask")
-        generate_button.click(on_generate, [run_state, source_state, editor, heldout, candidates, steps, guidance, select_at, seed,
-                                             crop],
+        generate_button.click(on_generate, [run_state, source_state, editor, heldout, candidates, steps, guidance, seed, crop],
                               [generated_state, gallery, result, mask_view, attention, status, downloads], api_name="generate")
         add_button.click(on_add, [generated_state, output_dir], added, api_name="add_to_dataset")
         app.load(on_location, location, runs)

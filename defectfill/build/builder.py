@@ -17,10 +17,11 @@ from defectfill.build.summary import format_summary, preview_rows, summarize, wr
 from defectfill.data.mvtec import good_images
 from defectfill.fileio import write_json_atomic
 from defectfill.models import precision_dtype
+from defectfill.painting import Scorer
+from defectfill.pipelines import load_named_adapters, load_pipeline
 from defectfill.runs.files import SUMMARY_FILENAME
 from defectfill.runs.folder import SynthesisFolder, item_of_file
 from defectfill.scoring import LpipsModel
-from defectfill.synthesis import Scorer, load_named_adapters, load_pipeline
 
 logger = logging.getLogger("defectfill")
 

@@ -17,9 +17,10 @@ from defectfill.build.plan import Item, defect_index_table, discover_runs, parse
 from defectfill.build.settings import BuildSettings
 from defectfill.errors import BuildError
 from defectfill.masks import vae_scale_factor
+from defectfill.painting import SynthesisSettings
+from defectfill.pipelines import check_scheduler
 from defectfill.runs.files import LORA_FILENAME
 from defectfill.runs.settings import RunOverrides, RunPlan
-from defectfill.synthesis import SynthesisSettings, check_scheduler
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,7 @@ def make_context(settings: BuildSettings) -> BuildContext:
     checked and the VAE's scale read from the base model's configs: all before anything is painted."""
     g = settings.generation
     runs = discover_runs(settings.lora, settings.defect_types, run_overrides(settings), num_candidates=g.num_candidates,
-                         num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale, seed=g.seed,
-                         select_at=g.select_at, keep=g.keep)
+                         num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale, seed=g.seed)
     first = runs[0]
     base_model, data_dir, object_class = first.base_model, first.data_dir, first.object_class
     mask_paths = {r.defect_type: mask_files(settings.masks, r, data_dir) for r in runs}
@@ -92,7 +92,7 @@ def make_context(settings: BuildSettings) -> BuildContext:
         texture=object_type == "texture" or (object_type == "auto" and is_texture_class(object_class)),
         data_dir=data_dir, object_class=object_class, base_model=base_model,
         vae_scale_factor=base_vae_scale_factor(base_model, settings.model.revision),
-        scheduler=check_scheduler(g.scheduler, base_model, first.settings, settings.model.revision),
+        scheduler=check_scheduler(g.scheduler, base_model, settings.model.revision),
     )
 
 

@@ -20,8 +20,8 @@ from defectfill.data.mvtec import list_split_masks
 from defectfill.errors import BuildError, SynthesisError
 from defectfill.images import IMAGE_EXTENSIONS, image_files
 from defectfill.masks import MASK_THRESHOLD, MaskSource, binarize_mask, latent_mask, resize_mask
+from defectfill.painting import SynthesisSettings, prepare_job
 from defectfill.runs.settings import RunPlan
-from defectfill.synthesis import SynthesisSettings, prepare_job
 
 if TYPE_CHECKING:
     from defectfill.build.context import BuildContext

@@ -15,8 +15,9 @@ from defectfill.build.context import BuildContext
 from defectfill.build.defect_masks import Defect, draw_item_masks
 from defectfill.build.plan import COMBINED, MAX_DEFECTS_PER_IMAGE, Item
 from defectfill.fileio import save_image_atomic
+from defectfill.painting import prepare_job, synthesize
+from defectfill.pipelines import use_adapter
 from defectfill.runs.folder import SynthesisFolder
-from defectfill.synthesis import prepare_job, synthesize, use_adapter
 
 logger = logging.getLogger("defectfill")
 
@@ -48,7 +49,7 @@ def paint_defects(pipeline, batch: list[tuple[Item, Image.Image, list[Defect]]],
             for _ in range(generation.max_redraws + 1):
                 jobs = [prepare_job(states[i]["image"], batch[i][2][slot].mask, batch[i][0].index * MAX_DEFECTS_PER_IMAGE + slot,
                                               settings) for i in todo]
-                results = synthesize(pipeline, jobs, settings, scorer, first, score_single=generation.min_lpips > 0)
+                results = synthesize(pipeline, jobs, settings, scorer, first_candidate=first)
                 weak = []
                 for i, result in zip(todo, results):
                     states[i]["unet_passes"] += result.unet_passes

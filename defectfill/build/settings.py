@@ -60,8 +60,6 @@ class BuildGenerationSettings:
     seed: int = 0
     crop_to_mask: bool | None = None
     crop_context: float | None = None
-    select_at: float = 1.0
-    keep: int = 1
     lpips_net: str = "alex"
 
     @property

@@ -50,8 +50,8 @@ def summarize(rows: dict[str, dict], skipped: dict[str, dict], context: BuildCon
         "generation_seconds_per_kept_image": round(generation_wall / made, 4) if made and generation_wall is not None else None,
         "process_seconds_per_kept_image": round(process_seconds / made, 4) if made else None,
         "candidates_drawn_per_kept_image": round(drawn / made, 3) if made else None,
-        "sampler": context.scheduler, "num_inference_steps": settings.num_inference_steps, "select_at": settings.select_at,
-        "keep": settings.keep, "unet_passes_per_kept_image": round(passes / made, 2) if made else None,
+        "sampler": context.scheduler, "num_inference_steps": settings.num_inference_steps,
+        "unet_passes_per_kept_image": round(passes / made, 2) if made else None,
     }
 
 
@@ -67,10 +67,8 @@ def format_summary(summary: dict) -> str:
                      f"({summary['seconds_per_kept_image']:.3f} s per kept image; generation alone "
                      f"{summary['generation_seconds_per_kept_image']:.3f} s wall, {summary['process_seconds_per_kept_image']:.3f} s "
                      f"per process; {summary['candidates_drawn_per_kept_image']:g} candidates drawn per kept image)")
-    selection = (f"candidates scored after {summary['select_at']:.0%} of the steps, the best {summary['keep']} finished"
-                 if summary["select_at"] < 1 else "candidates scored finished")
     passes = summary["unet_passes_per_kept_image"]
-    lines.append(f"sampler {summary['sampler']}, {summary['num_inference_steps']} steps, {selection}"
+    lines.append(f"sampler {summary['sampler']}, {summary['num_inference_steps']} steps"
                  + (f": {passes:g} UNet passes per kept image" if passes is not None else ""))
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from defectfill.images import to_signed_tensor
-from defectfill.masks import binarize_mask, mask_crop_box
+from defectfill.masks import DEFAULT_CROP_CONTEXT, binarize_mask, mask_crop_box
 
 
 @dataclass
@@ -30,7 +30,7 @@ class PairTransform:
     scale_range: tuple[float, float] = (1.0, 1.0)
     hflip: bool = False
     defect_crop_probability: float = 0.0
-    defect_crop_context: float = 0.5
+    defect_crop_context: float = DEFAULT_CROP_CONTEXT
 
     def __call__(self, image: Image.Image, mask: Image.Image, rng: random.Random | None = None):
         rng = rng or random

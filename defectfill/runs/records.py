@@ -191,10 +191,8 @@ class SynthesisRecord(_JsonRecord):
     data_dir: str | None = None
     split: dict | None = None
     scale_source: str | None = None
-    # The sampler and the selection point (select_at 1: scored finished), and what they cost per output image.
+    # The sampler, and what it costs per output image (candidates x the scheduler's denoising calls).
     scheduler: str | None = None
-    select_at: float | None = None
-    keep: int | None = None
     unet_passes_per_image: float | None = None
     # Which real masks the images were painted in: "heldout" (the split's test masks), "train" (its training
     # masks, the only ones a downstream-grade set may use), "dir" (the user's folder), None (not recorded).

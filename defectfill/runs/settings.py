@@ -9,15 +9,15 @@ elsewhere, or before the scale was recorded) is applied to the whole image resiz
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from defectfill import method
 from defectfill.errors import SynthesisError
+from defectfill.masks import DEFAULT_CROP_CONTEXT
+from defectfill.painting import SynthesisSettings
 from defectfill.runs.records import RunRecord, SynthesisRecord
-from defectfill.synthesis import SynthesisSettings
 
 DEFAULT_RESOLUTION = 512
-DEFAULT_CROP_CONTEXT = 0.5
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,6 @@ class RunOverrides:
     crop_to_mask: bool | None = None
     crop_context: float | None = None
     data_dir: str | None = None
-
-    @classmethod
-    def from_args(cls, args) -> "RunOverrides":
-        """The overrides a script's parsed flags give (flags a script does not have count as not given)."""
-        return cls(**{f.name: getattr(args, f.name, None) for f in fields(cls)})
 
 
 def training_scale(record: RunRecord | None) -> tuple[bool, float, str]:
@@ -74,7 +69,7 @@ class RunPlan:
             token=self.token, object_class=self.object_class, defect_type=self.defect_type, num_candidates=s.num_candidates,
             num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, seed=s.seed, composite=s.composite,
             crop_to_mask=s.crop_to_mask, crop_context=s.crop_context, data_dir=self.data_dir, split=self.split,
-            scale_source=self.scale_source, select_at=s.select_at, keep=s.keep,
+            scale_source=self.scale_source,
         )
         return SynthesisRecord(**{**values, **fields_})
 

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from defectfill.data.mvtec import list_good_images, list_heldout_masks
 from defectfill.data.transform import PairTransform
 from defectfill.models import Models
+from defectfill.painting import SynthesisSettings, prepare_job, round_robin, synthesize
 from defectfill.runs.records import RunRecord
 from defectfill.runs.settings import plan_run
 from defectfill.settings import BaseModelSettings
 from defectfill.step import DefectFillStep
-from defectfill.synthesis import SynthesisSettings, prepare_job, round_robin, synthesize
 from defectfill.training.settings import TrainingSettings
 
 logger = logging.getLogger("defectfill")

@@ -7,7 +7,7 @@ For every procedural family of `scripts/defect_families.py` (a thin mint crack, 
 cross-hatched texture patch: colours, textures and shapes that the pre-training and the tiny config never
 saw), the script trains a DefectFill LoRA with the project's CLI and the demo config (`configs/tiny.yaml`,
 only the data, class and defect changed) and paints every held-out mask onto a held-out clean image with
-the synthesis core (`synthesis.synthesize`: the run's scale, composite, paste back; one candidate, 20 PNDM
+the synthesis core (`painting.synthesize`: the run's scale, composite, paste back; one candidate, 20 PNDM
 steps, guidance 7.5), once with the base model and once with base + LoRA, same prompt and seeds.
 
 Measured in pixel space at the image's full resolution, inside the mask, against the real held-out defects
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from defectfill import synthesis
+from defectfill import painting, pipelines
 from defectfill.data.mvtec import list_good_images, list_heldout_masks
 from defectfill.masks import binarize_mask
 from defectfill.runs.files import LORA_FILENAME
@@ -76,7 +76,7 @@ def heldout_defects(data_dir: Path, record: RunRecord) -> list[tuple[Path, Path]
     return list(zip(images, list_heldout_masks(data_dir, record.split, record.defect_type)))
 
 
-def synthesis_settings(record: RunRecord) -> synthesis.SynthesisSettings:
+def synthesis_settings(record: RunRecord) -> painting.SynthesisSettings:
     """How the check paints with a run: as `infer_defectfill.py` would (`plan_run`), one candidate, `STEPS` steps."""
     return plan_run(None, record, num_candidates=1, num_inference_steps=STEPS).settings
 
@@ -89,7 +89,7 @@ def vae_round_trip(vae, region: Image.Image) -> Image.Image:
     return Image.fromarray(np.round((decoded[0].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8))
 
 
-def vae_error_in_masks(jobs: list[synthesis.Job], round_trips: list[Image.Image]) -> float:
+def vae_error_in_masks(jobs: list[painting.Job], round_trips: list[Image.Image]) -> float:
     """Mean abs. RGB error (0-255) of the jobs' regions after the VAE round trip, inside their region masks."""
     errors = []
     for job, decoded in zip(jobs, round_trips):
@@ -98,10 +98,10 @@ def vae_error_in_masks(jobs: list[synthesis.Job], round_trips: list[Image.Image]
     return float(np.mean(errors))
 
 
-def vae_round_trip_statistics(real_jobs: list[synthesis.Job], round_trips: list[Image.Image]) -> list[RegionStatistics]:
+def vae_round_trip_statistics(real_jobs: list[painting.Job], round_trips: list[Image.Image]) -> list[RegionStatistics]:
     """The real defects themselves encoded and decoded by the VAE, pasted back as generation is: what a LoRA that
     denoised to exactly the real defects' latents would score (a LoRA can also do better: its latents are free)."""
-    return [RegionStatistics.of(synthesis.paste_back(job, decoded, use_composite=True), job.mask)
+    return [RegionStatistics.of(painting.paste_back(job, decoded, use_composite=True), job.mask)
             for job, decoded in zip(real_jobs, round_trips)]
 
 
@@ -114,24 +114,24 @@ class FamilyCase:
     """What a family's measurement paints and compares against: the held-out masks on held-out clean images (`jobs`),
     the real held-out defects (`real_jobs`) and their mean statistics (`reference`)."""
 
-    jobs: list[synthesis.Job]
-    real_jobs: list[synthesis.Job]
+    jobs: list[painting.Job]
+    real_jobs: list[painting.Job]
     reference: RegionStatistics
 
 
-def family_case(data_dir: Path, record: RunRecord, settings: synthesis.SynthesisSettings) -> FamilyCase:
+def family_case(data_dir: Path, record: RunRecord, settings: painting.SynthesisSettings) -> FamilyCase:
     defects = heldout_defects(data_dir, record)
     real = [RegionStatistics.of(Image.open(image), binarize_mask(Image.open(mask))) for image, mask in defects]
     goods = list_good_images(data_dir, record.object_class, splits=("test",))
-    pairs = synthesis.round_robin(goods, [mask for _, mask in defects], len(defects))
-    jobs = [synthesis.prepare_job(Image.open(image), Image.open(mask), i, settings) for i, (image, mask) in enumerate(pairs)]
-    real_jobs = [synthesis.prepare_job(Image.open(image), Image.open(mask), i, settings) for i, (image, mask) in enumerate(defects)]
+    pairs = painting.round_robin(goods, [mask for _, mask in defects], len(defects))
+    jobs = [painting.prepare_job(Image.open(image), Image.open(mask), i, settings) for i, (image, mask) in enumerate(pairs)]
+    real_jobs = [painting.prepare_job(Image.open(image), Image.open(mask), i, settings) for i, (image, mask) in enumerate(defects)]
     return FamilyCase(jobs, real_jobs, RegionStatistics.mean(real))
 
 
-def painted_statistics(pipeline, jobs: list[synthesis.Job], settings: synthesis.SynthesisSettings) -> list[RegionStatistics]:
+def painted_statistics(pipeline, jobs: list[painting.Job], settings: painting.SynthesisSettings) -> list[RegionStatistics]:
     """The statistics, inside each label, of what `pipeline` paints for the jobs."""
-    return [RegionStatistics.of(result.image, result.job.mask) for result in synthesis.synthesize(pipeline, jobs, settings)]
+    return [RegionStatistics.of(result.image, result.job.mask) for result in painting.synthesize(pipeline, jobs, settings)]
 
 
 def measure_family(model_path, data_dir: Path, run_dirs: list[Path]) -> dict:
@@ -145,8 +145,8 @@ def measure_family(model_path, data_dir: Path, run_dirs: list[Path]) -> dict:
     def painted(pipeline) -> list[RegionStatistics]:
         return painted_statistics(pipeline, jobs, settings)
 
-    base = synthesis.load_pipeline(str(model_path), device="cpu")
-    trained = [distances(painted(synthesis.load_pipeline(str(model_path), lora=str(run_dir), device="cpu")), reference)
+    base = pipelines.load_pipeline(str(model_path), device="cpu")
+    trained = [distances(painted(pipelines.load_pipeline(str(model_path), lora=str(run_dir), device="cpu")), reference)
                for run_dir in run_dirs]
     round_trips = [vae_round_trip(base.vae, job.region) for job in real_jobs]  # the real defects through the VAE, once
     return {

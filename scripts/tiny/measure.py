@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from defectfill import synthesis
+from defectfill import painting, pipelines
 from defectfill.data.mvtec import list_good_images, list_heldout_masks
 from defectfill.data.transform import PairTransform
 from defectfill.models import add_lora_adapters, load_models
@@ -50,7 +50,7 @@ STEPS = 20
 
 
 def load_pipeline(path):
-    return synthesis.load_pipeline(str(path), device="cpu")
+    return pipelines.load_pipeline(str(path), device="cpu")
 
 
 def build_random_model(output_dir: Path) -> Path:
@@ -165,14 +165,14 @@ def heldout_pairs(run_dir: Path) -> list[tuple[Path, Path]]:
     record = RunRecord.read(run_dir)
     masks = list_heldout_masks(SYNTHETIC_DATA, record.split, record.defect_type)
     goods = list_good_images(SYNTHETIC_DATA, record.object_class, splits=("test",))
-    return synthesis.round_robin(goods, masks, len(masks))
+    return painting.round_robin(goods, masks, len(masks))
 
 
 def regions(pairs, record: RunRecord) -> list[tuple[Image.Image, Image.Image]]:
     """(image, mask) at model resolution, prepared as `infer_defectfill.py` prepares them for this run (at the
     run's training scale: cropped around the mask for the demo config)."""
     settings = plan_run(None, record, RunOverrides(resolution=RESOLUTION)).settings
-    jobs = [synthesis.prepare_job(Image.open(image), Image.open(mask), i, settings) for i, (image, mask) in enumerate(pairs)]
+    jobs = [painting.prepare_job(Image.open(image), Image.open(mask), i, settings) for i, (image, mask) in enumerate(pairs)]
     return [(job.region, job.region_mask) for job in jobs]
 
 
