@@ -6,6 +6,7 @@ can send anything."""
 # No `from __future__ import annotations` here: Gradio finds `request: gr.Request` by the annotation's value,
 # and `gr` is imported inside `build_app`, where a string annotation could not be resolved.
 
+import atexit
 import contextlib
 import functools
 import shutil
@@ -17,6 +18,7 @@ from defectfill.app.editor import MASK_COLOUR
 from defectfill.app.handlers import (
     AppState,
     add_to_dataset,
+    add_to_public_dataset,
     default_output_dir,
     generate,
     pick_good_image,
@@ -42,6 +44,21 @@ def download_folder(root: Path, max_age_s: float | None) -> str:
     return tempfile.mkdtemp(dir=root)
 
 
+def remove_on_close(app, folder: Path) -> None:
+    """Remove `folder` (the app's download copies) when `app` is closed, and at the latest when the process exits."""
+    remove = functools.partial(shutil.rmtree, folder, ignore_errors=True)
+    atexit.register(remove)
+    close = app.close
+
+    def close_and_remove(*args, **kwargs):
+        try:
+            return close(*args, **kwargs)
+        finally:
+            remove()
+
+    app.close = close_and_remove
+
+
 def launch(app, policy: AppPolicy, **kwargs):
     """Queue and launch `app` with the policy's limits (public mode: the queue's size, one Generate at a time,
     Gradio's upload size); `kwargs` go to `launch` (server_name, server_port, share, ...)."""
@@ -53,7 +70,7 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
     bundled demo run)."""
     import gradio as gr
 
-    from defectfill.app.components import guard_image, guard_image_editor
+    from defectfill.app.components import editor_images, guard_image, guard_image_editor
 
     paths = state.paths
     policy = policy or AppPolicy.local(paths, lora)
@@ -112,14 +129,15 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
         return pick_heldout_mask(source, policy.heldout_mask(run, value))
 
     @error_to_app
-    def on_generate(run, source, editor, heldout, num_candidates, steps, guidance, seed, crop,
+    def on_generate(run, source, edited, heldout, num_candidates, steps, guidance, seed, crop, request: gr.Request,
                     progress=gr.Progress()):  # noqa: B008 (gradio finds its progress tracker in the signature's default)
         numbers = policy.settings(num_candidates=num_candidates, num_inference_steps=steps, guidance_scale=guidance,
                                   seed=seed)
         if run is None:
             raise SynthesisError("no run loaded: pick a run first")
         mask = policy.heldout_mask(run, heldout)
-        generated = generate(state, run, source, editor, mask, **numbers, crop_to_mask=bool(crop), progress=progress)
+        edited = editor_images(editor, edited, session(request))  # a pending edit: this session's only
+        generated = generate(state, run, source, edited, mask, **numbers, crop_to_mask=bool(crop), progress=progress)
         files = save_downloads(generated, download_folder(download_root, policy.limits.cache_seconds if policy.public else None))
         gallery = list(zip(generated.result.candidates, generated.captions()))
         return (generated, gr.update(value=gallery, selected_index=generated.result.chosen), generated.result.image,
@@ -127,9 +145,16 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
 
     @error_to_app
     def on_add(generated, output_dir, request: gr.Request):
-        folder, row = add_to_dataset(generated, policy.dataset_folder(output_dir, session(request)))
+        folder = policy.dataset_folder(output_dir, session(request))
+        if policy.public:
+            folder, row, added = add_to_public_dataset(generated, folder, policy.dataset_root, policy.limits)
+        else:
+            (folder, row), added = add_to_dataset(generated, folder), True
         count = len(read_metadata(folder))
         shown = policy.shown(folder) if policy.public else folder
+        if not added:
+            return (f"This result is already in `{shown}` as `{row['file_name']}`; it was not stored again "
+                    f"({count} image(s) in its metadata.jsonl).")
         return f"Added `{row['file_name']}` (mask `{row['mask_file_name']}`) to `{shown}`: {count} image(s) in its metadata.jsonl."
 
     def slider(name: str, value, **kwargs):
@@ -144,6 +169,7 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
                     "Pick a run and a good image, paint where the defect goes (or pick a held-out mask), Generate. "
                     "Outside the mask the result is the clean image, pixel for pixel.")
         gr.Markdown(policy.mode_note(), elem_id="mode")
+        gr.Markdown(state.selection_note, elem_id="selection")
         run_state, source_state, generated_state = gr.State(None), gr.State(None), gr.State(None)
         with gr.Row():
             location = gr.Textbox(policy.initial_location(), label="Run: folder, folder of runs (--defect_type all) or Hub id",
@@ -158,8 +184,8 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
                     brush=gr.Brush(default_size=10, colors=[f"rgb{MASK_COLOUR}"], color_mode="fixed")), limits)
             with gr.Column(scale=2):
                 good = gr.Dropdown(choices=[], label="Good image of the run", elem_id="good", **pick_any)
-                upload = guard_image(gr.Image(label="…or upload a good image", type="pil", sources=("upload", "clipboard"),
-                                              height=160, elem_id="upload"), limits)
+                upload = guard_image(gr.Image(label="…or upload a good image", type="filepath", image_mode=None,
+                                              sources=("upload", "clipboard"), height=160, elem_id="upload"), limits)
                 heldout = gr.Dropdown(choices=[], label="Mask: a held-out mask of the run (editable) or paint", elem_id="heldout",
                                       **pick_any)
                 with gr.Accordion("Settings", open=True):
@@ -199,4 +225,5 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
                               [generated_state, gallery, result, mask_view, attention, status, downloads], api_name="generate")
         add_button.click(on_add, [generated_state, output_dir], added, api_name="add_to_dataset")
         app.load(on_location, location, runs)
+    remove_on_close(app, download_root)
     return app
