@@ -28,7 +28,7 @@ import app_defectfill as app  # noqa: E402
 from defectfill.app import handlers  # noqa: E402
 from defectfill.app import runs as app_runs  # noqa: E402
 from defectfill.app.browser import find_chromium  # noqa: E402
-from defectfill.app.editor import editor_value, mask_from_editor, mask_layer  # noqa: E402
+from defectfill.app.editor import MASK_COLOUR, editor_value, mask_from_editor, mask_layer  # noqa: E402
 from defectfill.app.handlers import AppState, Source, inference_dtype, upload_good_image  # noqa: E402
 from defectfill.app.policy import AppPolicy, RequestRefused, serving_mode, session_folder_name  # noqa: E402
 from defectfill.app.runs import AppPaths, RunInfo, run_summary  # noqa: E402
@@ -194,9 +194,12 @@ def test_a_folder_of_runs_lists_its_defect_types(tmp_path):
 
 def test_mask_from_editor_layers_at_image_size():
     layer = np.zeros((50, 50, 4), np.uint8)
-    layer[10:20, 5:15, 3] = 255
+    layer[10:20, 5:15] = (*MASK_COLOUR, 255)
     mask = mask_from_editor({"background": None, "layers": [Image.fromarray(layer)], "composite": None}, (100, 100))
     assert mask.shape == (100, 100) and mask[20:40, 10:30].all() and mask.sum() == 400
+    # black is no stroke: an all-black layer, opaque or without alpha, is an empty mask (as a black mask file is)
+    for black in (Image.new("RGBA", (50, 50), (0, 0, 0, 255)), Image.new("RGB", (50, 50)), Image.new("L", (50, 50))):
+        assert not mask_from_editor({"background": None, "layers": [black], "composite": None}, (100, 100)).any()
     assert not mask_from_editor(None, (8, 8)).any()
     # a held-out mask shown as a layer comes back as the same mask
     held = Image.open(SYNTHETIC_DATA / "metal_nut" / "ground_truth" / "color" / "004_mask.png")
