@@ -51,8 +51,9 @@ def test_a_missing_block_or_end_marker_is_named(tmp_path):
 
 @pytest.mark.parametrize("doc, name", [
     (REPO_ROOT / "README.md", "tiny-demo"),
-    (REPO_ROOT / "README.md", "build-demo"),
-    (REPO_ROOT / "README.md", "generalisation-summary"),
+    (REPO_ROOT / "docs" / "builder.md", "build-demo"),
+    (REPO_ROOT / "docs" / "demo.md", "generalisation-summary"),
+    (REPO_ROOT / "docs" / "demo.md", "downstream-demo-time"),
     (REPO_ROOT / "docs" / "downstream.md", "downstream-demo"),
     (REPO_ROOT / "docs" / "fast_synthesis.md", "solver-steps"),
     (TINY_MODEL / "README.md", "tiny-model"),

@@ -9,13 +9,13 @@ Parts, each the commands the README (or docs/downstream.md) prints, from the rep
   (docs/tiny_demo_preview.png), the time each command took (README block `tiny-demo`), and the run bundled as
   `models/demo-lora-metal_nut-color` (what the app opens on and the tests measure);
 - `build`: the class dataset (`--defect_type all` training, `configs/tiny_build.yaml`): the preview
-  (docs/tiny_build_preview.png), the build's summary and timings (README block `build-demo`);
+  (docs/tiny_build_preview.png), the build's summary and timings (docs/builder.md block `build-demo`);
 - `downstream`: the class dataset of `build` (run first, unless it ran in the same call) checked by
   `configs/tiny_downstream.yaml`: its table and the three commands' times (docs/downstream.md block
   `downstream-demo`);
 - `model`, `generalisation`: `scripts/measure_tiny_model.py --update_readme --prompt_following` and
   `scripts/check_generalisation.py --update_readme --train_seeds 2 --downstream_seeds 3`, which write their own
-  blocks (the model README's tables, the README's summary sentence);
+  blocks (the model README's tables, the summary sentence of docs/demo.md);
 - `app`: the app started on the bundled demo run and the README's screenshot retaken (docs/app_screenshot.png);
   needs chromium.
 
@@ -148,7 +148,7 @@ def build() -> dict:
     for reason, count in summary["masks_rejected_by_reason"].items():  # "<defect type>/<reason>"
         by_reason[reason.split("/")[-1]] = by_reason.get(reason.split("/")[-1], 0) + count
     reasons = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in sorted(by_reason.items()))
-    write_block(README, "build-demo", (
+    write_block(DOCS / "builder.md", "build-demo", (
         f"Measured by `python scripts/refresh_docs.py --only build` ({stamp()}): {summary['images']} images ({labels}), "
         f"{summary['masks_augmented']} augmented masks kept and {summary['masks_rejected']} rejected ({reasons or 'none'}); "
         f"the `--defect_type all` training took {train:.0f} s, the build {seconds:.0f} s "
@@ -171,7 +171,7 @@ def downstream(build_done: dict | None = None) -> dict:
         f"(training {build_done['train_seconds']:.0f} s, build {build_done['build_seconds']:.0f} s, downstream "
         f"{seconds:.0f} s, {results['seconds']:.0f} s of it by its own clock), each from a cold start. What the last one "
         f"printed (the part above the peers' figures):\n\n{table}"))
-    write_block(README, "downstream-demo-time", (
+    write_block(DOCS / "demo.md", "downstream-demo-time", (
         f"Measured by `python scripts/refresh_docs.py --only downstream` ({stamp()}): the three commands took {total:.0f} s "
         f"({build_done['train_seconds']:.0f} s, {build_done['build_seconds']:.0f} s and {seconds:.0f} s)."))
     return {"seconds": seconds, "total_seconds": total}

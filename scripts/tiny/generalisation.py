@@ -46,10 +46,10 @@ from defectfill.runs.settings import plan_run
 from .docs import write_block
 from .families import FAMILIES, Family, RegionStatistics, write_families
 from .measure import run_repo_script, train_demo_run
-from .paths import CONFIGS, README, TINY_MODEL
+from .paths import CONFIGS, DOCS, TINY_MODEL
 
 STEPS = 20
-SUMMARY_BLOCK = "generalisation-summary"  # the README's sentence
+SUMMARY_BLOCK = "generalisation-summary"  # the sentence of docs/demo.md
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -371,7 +371,7 @@ def main(argv=None) -> dict:
         from .pretrain import GENERALISATION_BLOCK, update_readme_section
 
         update_readme_section(Path(args.model), GENERALISATION_BLOCK, readme_markdown(results))
-        write_block(README, SUMMARY_BLOCK, summary_markdown(results))
+        write_block(DOCS / "demo.md", SUMMARY_BLOCK, summary_markdown(results))
     return results
 
 

@@ -38,7 +38,8 @@ class Table:
         return [s for s in self.samples if not s.is_good and (defect_types is None or s.defect_type in defect_types)]
 
     def goods(self, splits=("train", "test")) -> list[Sample]:
-        return [s for s in self.samples if s.is_good and s.split in splits]
+        """The good images of `splits`, split by split in the order given (each in path order)."""
+        return [s for split in splits for s in self.samples if s.is_good and s.split == split]
 
     def defect_types(self) -> list[str]:
         return sorted({s.defect_type for s in self.defects()})
