@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 from fastapi import HTTPException
 from gradio import utils as gradio_utils
+from pydantic import ValidationError
 
 from defectfill.app.limits import PublicLimits, check_image_size
 from defectfill.app.pending import PendingEdits, PendingValue
@@ -130,3 +131,35 @@ def guard_image(image: gr.Image, limits: PublicLimits | None) -> gr.Image:
 
     image.preprocess = checked_preprocess
     return image
+
+
+def guard_number(number, what: str):
+    """`number` (a gr.Slider or gr.Number input) refusing, with a message, a value that is not a number (Gradio's
+    own bounds check would end in a TypeError with no message for a list or a text)."""
+    preprocess = number.preprocess
+
+    def checked_preprocess(payload):
+        if payload is not None and (isinstance(payload, bool) or not isinstance(payload, (int, float))):
+            _refuse(RequestRefused(f"{what}: expected a number, got {type(payload).__name__} {str(payload)[:80]!r}"))
+        return preprocess(payload)
+
+    number.preprocess = checked_preprocess
+    return number
+
+
+def guard_file_value(component, what: str):
+    """`component` (an image input) refusing, with a message, a value that is not the file value it takes (a text,
+    a list, a dict of other fields): Gradio validates the value against its data model before any method of the
+    component runs, and would answer with no message of its own."""
+    model = component.data_model
+
+    def model_validate(cls, obj, *args, **kwargs):
+        try:
+            return model.model_validate(obj, *args, **kwargs)
+        except ValidationError:
+            _refuse(RequestRefused(f"{what}: expected an image file uploaded to this server, got "
+                                   f"{type(obj).__name__} {str(obj)[:80]!r}"))
+
+    component.data_model = type(model.__name__, (model,), {"model_validate": classmethod(model_validate),
+                                                           "__module__": model.__module__})
+    return component

@@ -70,7 +70,7 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
     bundled demo run)."""
     import gradio as gr
 
-    from defectfill.app.components import editor_images, guard_image, guard_image_editor
+    from defectfill.app.components import editor_images, guard_file_value, guard_image, guard_image_editor, guard_number
 
     paths = state.paths
     policy = policy or AppPolicy.local(paths, lora)
@@ -159,7 +159,8 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
 
     def slider(name: str, value, **kwargs):
         low, high = GENERATE_SETTINGS[name].page_range(policy.public)
-        return gr.Slider(low, high, value=value, step=GENERATE_SETTINGS[name].step, **kwargs)
+        return guard_number(gr.Slider(low, high, value=value, step=GENERATE_SETTINGS[name].step, **kwargs),
+                            GENERATE_SETTINGS[name].label)
 
     # Public mode: the dropdowns take any value, so that the policy (not Gradio's list check, which would answer with
     # the list) refuses what is not a label of its lists, in its words.
@@ -178,14 +179,16 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
         summary = gr.Markdown(elem_id="summary")
         with gr.Row():
             with gr.Column(scale=3):
-                editor = guard_image_editor(gr.ImageEditor(
+                editor = guard_image_editor(guard_file_value(gr.ImageEditor(
                     label="Good image: paint the defect's mask with the brush", type="pil", image_mode="RGBA", format="png",
                     sources=(), layers=False, transforms=(), elem_id="editor",
-                    brush=gr.Brush(default_size=10, colors=[f"rgb{MASK_COLOUR}"], color_mode="fixed")), limits)
+                    brush=gr.Brush(default_size=10, colors=[f"rgb{MASK_COLOUR}"], color_mode="fixed")), "the mask editor"),
+                    limits)
             with gr.Column(scale=2):
                 good = gr.Dropdown(choices=[], label="Good image of the run", elem_id="good", **pick_any)
-                upload = guard_image(gr.Image(label="…or upload a good image", type="filepath", image_mode=None,
-                                              sources=("upload", "clipboard"), height=160, elem_id="upload"), limits)
+                upload = guard_image(guard_file_value(gr.Image(
+                    label="…or upload a good image", type="filepath", image_mode=None, sources=("upload", "clipboard"),
+                    height=160, elem_id="upload"), "the uploaded image"), limits)
                 heldout = gr.Dropdown(choices=[], label="Mask: a held-out mask of the run (editable) or paint", elem_id="heldout",
                                       **pick_any)
                 with gr.Accordion("Settings", open=True):
@@ -196,7 +199,7 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
                     steps = slider("num_inference_steps", page.num_inference_steps, label="Denoising steps")
                     guidance = slider("guidance_scale", page.guidance_scale, label="Guidance scale")
                     low, high = GENERATE_SETTINGS["seed"].page_range(policy.public)
-                    seed = gr.Number(value=page.seed, precision=0, label="Seed", minimum=low, maximum=high)
+                    seed = guard_number(gr.Number(value=page.seed, precision=0, label="Seed", minimum=low, maximum=high), "Seed")
                     crop = gr.Checkbox(value=False, label="Crop to mask (generate around the mask at full resolution)")
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
         status = gr.Markdown(elem_id="status")
