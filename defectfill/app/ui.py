@@ -170,7 +170,8 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
                     "Pick a run and a good image, paint where the defect goes (or pick a held-out mask), Generate. "
                     "Outside the mask the result is the clean image, pixel for pixel.")
         gr.Markdown(policy.mode_note(), elem_id="mode")
-        gr.Markdown(state.selection_note, elem_id="selection")
+        if state.scorer is None:  # said at once, not only with the first run's summary
+            gr.Markdown(state.selection_note, elem_id="selection")
         run_state, source_state, generated_state = gr.State(None), gr.State(None), gr.State(None)
         with gr.Row():
             location = gr.Textbox(policy.initial_location(), label="Run: folder, folder of runs (--defect_type all) or Hub id",
