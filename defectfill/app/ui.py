@@ -109,7 +109,8 @@ def run_events(state: AppState, policy: AppPolicy) -> SimpleNamespace:
         goods = policy.choices(policy.good_labels(run))
         source, editor = pick_good_image(policy.good_image(run, goods[0][1])) if goods else (None, None)
         masks = [("(paint with the brush)", "")] + policy.choices(policy.mask_labels(run))
-        return (run, run_summary(run, state.selection_note, paths, shown=lambda path: policy.shown(path, run)),
+        note = policy.public_text(state.selection_note)  # LPIPS's error may name the server's torch cache
+        return (run, run_summary(run, note, paths, shown=lambda path: policy.shown(path, run)),
                 gr.update(choices=goods, value=goods[0][1] if goods else None),
                 gr.update(choices=masks, value=""), source, editor, run.crop_to_mask,
                 policy.dataset_label(session_of(request), default_output_dir(run, settings.output_dir)))
@@ -265,7 +266,7 @@ def build_app(state: AppState, lora: str | None = None, policy: AppPolicy | None
                     "Outside the mask the result is the clean image, pixel for pixel.")
         gr.Markdown(policy.mode_note(), elem_id="mode")
         if state.scorer is None:  # said at once, not only with the first run's summary
-            gr.Markdown(state.selection_note, elem_id="selection")
+            gr.Markdown(policy.public_text(state.selection_note), elem_id="selection")
         run_state, source_state, generated_state = gr.State(None), gr.State(None), gr.State(None)
         i, o = picker_widgets(state, policy), result_widgets(policy)
         picks, results = run_events(state, policy), result_events(state, policy, i.editor, download_root)
