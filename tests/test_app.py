@@ -392,8 +392,8 @@ def test_public_mode_is_on_for_a_server_others_reach(monkeypatch, capsys):
 
 
 def test_the_readme_space_recipe_starts_in_public_mode(monkeypatch):
-    """The `app.py` the README gives a Space, with what a Space sets: public mode, on the run it names only."""
-    readme = (REPO_ROOT / "README.md").read_text()
+    """The `app.py` docs/app.md gives a Space, with what a Space sets: public mode, on the run it names only."""
+    readme = (REPO_ROOT / "docs" / "app.md").read_text()
     recipe = re.search(r"# app\.py of the Space\n(.*?)```", readme, re.S).group(1)
     flags = ast.literal_eval(re.search(r"parse_args\((\[.*?\])\)", recipe, re.S).group(1))
     space = {"SPACE_ID": "you/defectfill", "GRADIO_SERVER_NAME": "0.0.0.0"}
