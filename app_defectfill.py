@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -113,6 +115,8 @@ def main(args: argparse.Namespace):
     logger.info("device %s, dtype %s", state.device, str(state.dtype).replace("torch.", ""))
     logger.info("the pipeline (base model + LoRA) loads on the first Generate")
     app = build_app(state, policy=policy)
+    # SIGTERM (a Space or a service stopping the app) exits as Ctrl+C does, so the app's temporary folders are removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     server = settings.server
     launch(app, policy, server_name=server.server_name, server_port=server.server_port, share=server.share)
     return app

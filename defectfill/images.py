@@ -58,3 +58,11 @@ def open_checked(path: Path, what: str) -> Image.Image:
 def to_signed_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB image as a (3, H, W) float tensor in [-1, 1], the range the VAE and LPIPS take."""
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+def read_rgb(path: str | Path, what: str) -> Image.Image:
+    """The image at `path` as 8-bit RGB, read as synthesis reads a good image: fully decoded (a broken file fails
+    here, named), a high bit depth scaled to 8 bits (`to_8bit`, not clipped to white), any other mode (palette,
+    CMYK, grey, alpha) converted."""
+    with open_checked(Path(path), what) as image:
+        return to_8bit(image).convert("RGB")

@@ -28,14 +28,14 @@ import app_defectfill as app  # noqa: E402
 from defectfill.app import handlers  # noqa: E402
 from defectfill.app import runs as app_runs  # noqa: E402
 from defectfill.app.browser import find_chromium  # noqa: E402
-from defectfill.app.editor import editor_value, mask_from_editor, mask_layer  # noqa: E402
+from defectfill.app.editor import MASK_COLOUR, editor_value, mask_from_editor, mask_layer  # noqa: E402
 from defectfill.app.handlers import AppState, Source, inference_dtype, upload_good_image  # noqa: E402
 from defectfill.app.policy import AppPolicy, RequestRefused, serving_mode, session_folder_name  # noqa: E402
 from defectfill.app.runs import AppPaths, RunInfo, run_summary  # noqa: E402
 from defectfill.app.settings import AppSettings, PageDefaults, ServerSettings  # noqa: E402
 from defectfill.app.ui import build_app, launch  # noqa: E402
 from defectfill.cli import settings_from_args  # noqa: E402
-from defectfill.errors import RunFileError, SynthesisError  # noqa: E402
+from defectfill.errors import DatasetError, RunFileError, SynthesisError  # noqa: E402
 from defectfill.painting import Job, SynthesisResult, SynthesisSettings, mask_at_image_size, prepare_job, synthesize  # noqa: E402
 from defectfill.runs.files import LORA_FILENAME, PREVIEW_FILENAME, RUN_FILENAME  # noqa: E402
 from defectfill.runs.folder import read_metadata  # noqa: E402
@@ -194,9 +194,12 @@ def test_a_folder_of_runs_lists_its_defect_types(tmp_path):
 
 def test_mask_from_editor_layers_at_image_size():
     layer = np.zeros((50, 50, 4), np.uint8)
-    layer[10:20, 5:15, 3] = 255
+    layer[10:20, 5:15] = (*MASK_COLOUR, 255)
     mask = mask_from_editor({"background": None, "layers": [Image.fromarray(layer)], "composite": None}, (100, 100))
     assert mask.shape == (100, 100) and mask[20:40, 10:30].all() and mask.sum() == 400
+    # black is no stroke: an all-black layer, opaque or without alpha, is an empty mask (as a black mask file is)
+    for black in (Image.new("RGBA", (50, 50), (0, 0, 0, 255)), Image.new("RGB", (50, 50)), Image.new("L", (50, 50))):
+        assert not mask_from_editor({"background": None, "layers": [black], "composite": None}, (100, 100)).any()
     assert not mask_from_editor(None, (8, 8)).any()
     # a held-out mask shown as a layer comes back as the same mask
     held = Image.open(SYNTHETIC_DATA / "metal_nut" / "ground_truth" / "color" / "004_mask.png")
@@ -230,7 +233,7 @@ def test_bad_input_is_reported_in_the_cli_words(state, demo_run, demo_pipeline, 
     with pytest.raises(SynthesisError, match="no good image"):
         handlers.generate(state, demo_run, None, empty_editor, None, **FAST)
     (tmp_path / "not_an_image.png").write_text("hello")
-    with pytest.raises(SynthesisError, match="cannot be read as an image"):
+    with pytest.raises(DatasetError, match="good image .*not_an_image.png cannot be read as an image"):
         handlers.pick_good_image(str(tmp_path / "not_an_image.png"))
     with pytest.raises(SynthesisError, match="nothing to add yet"):
         handlers.add_to_dataset(None, str(tmp_path / "out"))
@@ -479,10 +482,12 @@ def strings_in(value) -> list[str]:
 
 def test_the_editor_of_a_public_server_caps_what_the_browser_uploads(tmp_path):
     """The browser's mask editor sends its images to `accept_blobs` before an event: a layer number past the cap,
-    an image with too many pixels, and more pending edits than the cap are refused or dropped."""
+    an image with too many pixels, a form without its session are refused (HTTP 400 with the message), and more
+    pending edits than a session's cap push out that session's oldest only."""
     from types import SimpleNamespace
 
     import gradio as gr
+    from fastapi import HTTPException
 
     from defectfill.app.components import guard_image_editor
     from defectfill.app.policy import PublicLimits
@@ -491,17 +496,21 @@ def test_the_editor_of_a_public_server_caps_what_the_browser_uploads(tmp_path):
     editor = guard_image_editor(gr.ImageEditor(type="pil", layers=False), limits)
     small, bomb = io_png(Image.new("L", (8, 8))), png_bomb(tmp_path / "bomb.png", 6000, 6000).read_bytes()
 
-    def send(edit: str, kind: str, index, data: bytes):
-        return editor.accept_blobs(SimpleNamespace(data={"id": edit, "type": kind, "index": index}, files=[("f.png", data)]))
+    def send(session: str | None, edit: str, kind: str, index, data: bytes):
+        return editor.accept_blobs(SimpleNamespace(data={"id": edit, "type": kind, "index": index, "session_hash": session},
+                                                   files=[("f.png", data)]))
 
-    with pytest.raises(gr.Error, match="the mask editor sent layer '99'; this server takes at most 4"):
-        send("a", "layer", "99", small)
-    with pytest.raises(gr.Error, match="an image of the mask editor has 36,000,000 pixels"):
-        send("a", "background", None, bomb)
+    for args, message in [(("s", "a", "layer", "99", small), "the mask editor sent layer '99'; this server takes at most 4"),
+                          (("s", "a", "background", None, bomb), "an image of the mask editor has 36,000,000 pixels"),
+                          ((None, "a", "background", None, small), "names its session, its edit id and its type")]:
+        with pytest.raises(HTTPException) as refused:
+            send(*args)
+        assert refused.value.status_code == 400 and message in refused.value.detail
+    send("other", "x", "background", None, small)
     for edit in ("a", "b", "c"):
-        send(edit, "background", None, small)
-        send(edit, "layer", "0", small)
-    assert list(editor.blob_storage) == ["b", "c"]  # the oldest edit, never submitted, is dropped
+        send("s", edit, "background", None, small)
+        send("s", edit, "layer", "0", small)
+    assert list(editor.pending._edits) == [("other", "x"), ("s", "b"), ("s", "c")]  # the session's oldest is dropped
     assert guard_image_editor(plain := gr.ImageEditor(), None) is plain and "accept_blobs" not in vars(plain)  # local mode: Gradio's own
 
 

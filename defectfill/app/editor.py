@@ -34,16 +34,25 @@ def editor_value(image: Image.Image, mask: Image.Image | np.ndarray | None = Non
     return {"background": image, "layers": [mask_layer(mask, image.size)] if mask is not None else [], "composite": None}
 
 
+def painted_pixels(layer: Image.Image) -> np.ndarray:
+    """Where a layer is painted: not transparent and not black. The brush paints `MASK_COLOUR`; the canvas
+    exports black under full transparency, and a black opaque layer (or one with no alpha) is no stroke, so an
+    all-black layer is an empty mask, as a black mask file is."""
+    rgba = np.asarray(layer.convert("RGBA"))
+    return (rgba[..., 3] > 0) & (rgba[..., :3].max(axis=-1) > 0)
+
+
 def mask_from_editor(value: dict | None, size: tuple[int, int]) -> np.ndarray:
-    """The painted mask at the image's size: every pixel any layer paints (alpha > 0), resized nearest.
+    """The painted mask at the image's size: every pixel any layer paints (`painted_pixels`), resized nearest.
     May be empty: `painting.prepare_job` rejects that with the CLI's words."""
     painted = np.zeros((size[1], size[0]), dtype=bool)
-    for layer in (value or {}).get("layers") or []:
+    layers = (value or {}).get("layers") if isinstance(value, dict) else None
+    for layer in layers or []:
         layer = as_pil(layer)
         if layer is None:
             continue
-        alpha = np.asarray(layer.convert("RGBA"))[..., 3] > 0
-        if alpha.shape != painted.shape:
-            alpha = np.asarray(Image.fromarray(alpha.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
-        painted |= alpha
+        stroke = painted_pixels(layer)
+        if stroke.shape != painted.shape:
+            stroke = np.asarray(Image.fromarray(stroke.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+        painted |= stroke
     return painted

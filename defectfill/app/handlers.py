@@ -14,20 +14,27 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from defectfill.app.datasets import WRITE_LOCK, check_quota, png_bytes, stored_copy
 from defectfill.app.editor import as_pil, editor_value, mask_from_editor
+from defectfill.app.limits import PublicLimits
 from defectfill.app.runs import AppPaths, RunInfo
+from defectfill.app.selection import offline_without_backbone
 from defectfill.app.settings import AppSettings
 from defectfill.errors import SynthesisError
+from defectfill.images import read_rgb, to_8bit
 from defectfill.models import default_device, precision_dtype
 from defectfill.painting import Scorer, SynthesisResult, SynthesisSettings, mask_at_image_size, prepare_job
 from defectfill.pipelines import load_pipeline
-from defectfill.runs.folder import SynthesisFolder
+from defectfill.runs.folder import SynthesisFolder, read_metadata
 from defectfill.runs.metadata import output_metadata_row
 from defectfill.runs.records import SynthesisRecord
 from defectfill.scoring import LpipsModel
 from defectfill.vstar_map import attention_in_mask, attention_overlay, synthesize_with_attention
 
 logger = logging.getLogger("defectfill")
+
+# What one 'add to dataset' writes besides its PNG files (its metadata row, synthesis.json), counted against the caps.
+METADATA_ALLOWANCE = 4096
 
 
 def inference_dtype(name: str, device: str):
@@ -56,9 +63,13 @@ class AppState:
 
     @classmethod
     def from_settings(cls, settings: AppSettings, paths: AppPaths) -> "AppState":
-        """Loads LPIPS for Low-Fidelity Selection; offline without its backbone weights, selection is off."""
+        """Loads LPIPS for Low-Fidelity Selection; offline (HF_HUB_OFFLINE) it is loaded from the local torch hub cache
+        only; without its backbone weights, selection is off."""
         device = default_device(settings.device)
+        missing = offline_without_backbone(settings.lpips_net)
         try:
+            if missing:
+                raise SynthesisError(missing)
             scorer = LpipsModel(settings.lpips_net, device).masked_scores
             note = (f"Low-Fidelity Selection is on: the candidate with the highest LPIPS ({settings.lpips_net}) inside the "
                     "mask is kept.")
@@ -90,19 +101,21 @@ class Source:
 def pick_good_image(path: str | None) -> tuple[Source, dict]:
     if not path:
         raise SynthesisError("no good image: pick one of the run's good images or upload one")
-    try:
-        with Image.open(path) as image:
-            source = Source(image.convert("RGB"), str(path))
-    except OSError as error:
-        raise SynthesisError(f"good image {path} cannot be read as an image ({error})") from error
+    source = Source(read_rgb(path, "good image"), str(path))
     return source, editor_value(source.image)
 
 
 def upload_good_image(image) -> tuple[Source, dict]:
-    image = as_pil(image)
+    """An uploaded good image: a file (the page's upload) is decoded as the command lines decode a good image
+    (`images.read_rgb`: a 16-bit PNG is scaled, a broken file refused with a message); a PIL image or an array
+    is scaled the same way."""
     if image is None:
         raise SynthesisError("no good image: pick one of the run's good images or upload one")
-    source = Source(image.convert("RGB"))
+    if isinstance(image, (str, os.PathLike)):
+        rgb = read_rgb(image, "the uploaded image")
+    else:
+        rgb = to_8bit(as_pil(image)).convert("RGB")
+    source = Source(rgb)
     return source, editor_value(source.image)
 
 
@@ -226,3 +239,21 @@ def add_to_dataset(generated: Generated | None, output_dir: str | os.PathLike | 
     except OSError as error:  # a row of another writer names a source that is gone: the data is still complete
         logger.warning("preview.png not updated: %s", error)
     return folder.path, saved
+
+
+def add_to_public_dataset(generated: Generated | None, folder: Path, root: Path, limits: PublicLimits) -> tuple[Path, dict, bool]:
+    """'Add to dataset' on a public server: into the session's `folder` under the dataset `root`, within the caps
+    of `limits` (images and bytes, per session and in total); a result whose image and mask the folder already
+    holds is not stored again. Returns (folder, its row, whether it was added now)."""
+    if generated is None:
+        raise SynthesisError("nothing to add yet: Generate first")
+    result = generated.result
+    image, mask = png_bytes(result.image), png_bytes(result.job.mask)
+    with WRITE_LOCK:
+        repeat = stored_copy(folder, image, mask) if folder.is_dir() else None
+        if repeat is not None:
+            return folder, read_metadata(folder)[repeat], False
+        source = png_bytes(generated.source.image) if generated.source.path is None else b""
+        check_quota(root, folder, len(image) + len(mask) + len(source) + METADATA_ALLOWANCE, limits)
+        path, row = add_to_dataset(generated, folder)
+    return path, row, True

@@ -7,101 +7,40 @@ Public mode (a Space, a `--share` link, a non-loopback address, or `--public`) t
 - runs are the ones given at launch, picked by label; no other path or Hub id is accepted;
 - good images and held-out masks are picked by label from the run's lists, and mapped back here;
 - "Add to dataset" writes only to this session's folder under the dataset root given at launch, and no path
-  from the client is joined to it; a symbolic link in that folder, or a root that moved, stops the write;
+  from the client is joined to it; a symbolic link in that folder, or a root that moved, stops the write; what it
+  stores has caps per session and in total, and a result already stored is not stored again (`datasets`);
 - paths shown to the page are relative to the dataset root, the repository, the run or its data (`shown`);
-- uploads, image sizes, the settings of a Generate (`GENERATE_SETTINGS`) and the queue have caps.
+- a value of the wrong type (a list where a label goes) is refused with a message (`label`);
+- uploads, image sizes, the settings of a Generate (`GENERATE_SETTINGS`) and the queue have caps (`limits`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
-import math
 import os
 import re
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from PIL import Image
-
+from defectfill.app.datasets import PUBLIC_DATASET_ROOT, session_folder, session_folder_name
+from defectfill.app.limits import GENERATE_SETTINGS, PublicLimits, check_image_size, format_number
 from defectfill.app.runs import AppPaths, RunInfo, list_runs
 from defectfill.app.settings import AppSettings
 from defectfill.errors import RequestRefused, SynthesisError
 
-PUBLIC_DATASET_ROOT = "outputs/app-datasets"
-SESSION_PREFIX = "session-"
+__all__ = ["AppPolicy", "GENERATE_SETTINGS", "PUBLIC_DATASET_ROOT", "PublicLimits", "RequestRefused", "check_image_size",
+           "label", "mode_errors", "serving_mode", "session_folder_name"]
 
 
-# ----------------------------------------------------------------------------------------------------
-# The caps of a public server
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NumericSetting:
-    """A number a Generate takes from the page: the page's range (`maximum` None: a number box) and the
-    most a public server accepts, so one request cannot hold the server."""
-
-    label: str
-    minimum: float
-    maximum: float | None
-    public_maximum: float
-    integer: bool = False
-    step: float = 1
-
-    def page_range(self, public: bool) -> tuple[float | None, float | None]:
-        """(minimum, maximum) of the page's widget: a slider ends at the public cap in public mode; a number box is
-        open in local mode."""
-        if public:
-            return self.minimum, self.public_maximum
-        return (self.minimum, self.maximum) if self.maximum is not None else (None, None)
-
-    def checked(self, value, public: bool):
-        """The value as the handler takes it. Local mode passes it on as today; public mode refuses what is not
-        a finite number in [minimum, public_maximum] (an integer where the setting is one)."""
-        if not public:
-            return value
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise RequestRefused(f"{self.label}: expected a number, got {value!r}") from None
-        if not math.isfinite(number) or not self.minimum <= number <= self.public_maximum or (self.integer and not number.is_integer()):
-            kind = "an integer" if self.integer else "a number"
-            raise RequestRefused(f"{self.label}: {value!r} is not accepted; this server takes {kind} from "
-                                 f"{format_number(self.minimum)} to {format_number(self.public_maximum)}")
-        return int(number) if self.integer else number
-
-
-def format_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
-# The numeric settings of a Generate, by the keyword `handlers.generate` takes; the page's widgets are built from
-# this table and every value a client sends is checked against it. The public caps are the paper's settings
-# (8 candidates, 50 steps).
-GENERATE_SETTINGS: dict[str, NumericSetting] = {
-    "num_candidates": NumericSetting("Candidates", 1, 16, public_maximum=8, integer=True),
-    "num_inference_steps": NumericSetting("Denoising steps", 1, 100, public_maximum=50, integer=True),
-    "guidance_scale": NumericSetting("Guidance scale", 1.0, 15.0, public_maximum=15.0, step=0.5),
-    "seed": NumericSetting("Seed", 0, None, public_maximum=2**32 - 1, integer=True),
-}
-
-
-@dataclass(frozen=True)
-class PublicLimits:
-    """What one visitor may send a public server: the bytes of an upload (Gradio refuses larger ones before
-    they are stored), the pixels of an image (read from its header, before it is decoded), the layers of the
-    mask editor, the editor's pending uploads, the requests waiting in the queue, and how long Gradio keeps
-    cached files."""
-
-    max_file_size: int = 10 * 1024 * 1024
-    max_image_pixels: int = 4096 * 4096
-    max_editor_layers: int = 4
-    max_pending_editor_uploads: int = 16
-    queue_size: int = 16
-    cache_seconds: int = 3600
+def label(value, what: str) -> str:
+    """A text value a client sent where a label, name or folder goes: None is empty; a list, dict or number is
+    refused with a message (not a TypeError further on)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RequestRefused(f"{what}: expected a label (text), got {type(value).__name__} {str(value)[:80]!r}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,34 +91,6 @@ def mode_errors(private: bool, share: bool, page_values: Mapping[str, float | No
 
 
 # ----------------------------------------------------------------------------------------------------
-# Images a client sends
-# ----------------------------------------------------------------------------------------------------
-
-
-def image_pixels(source: str | os.PathLike | bytes, what: str = "the image") -> int:
-    """The pixel count of an image file or its bytes, read from its header; nothing is decoded."""
-    try:
-        with Image.open(BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:
-            width, height = image.size
-    except Image.DecompressionBombError as error:  # PIL's own limit, far above a public server's
-        raise RequestRefused(f"{what} is too large to be decoded ({error})") from None
-    except (OSError, SyntaxError, ValueError):  # PIL's message names the server's file: not repeated
-        raise RequestRefused(f"{what} cannot be read as an image") from None
-    return width * height
-
-
-def check_image_size(source: str | os.PathLike | bytes, max_pixels: int | None, what: str = "the image") -> None:
-    """Refuse an image with more than `max_pixels` pixels before anything decodes it (a small compressed file
-    can decode to gigabytes)."""
-    if max_pixels is None:
-        return
-    pixels = image_pixels(source, what)
-    if pixels > max_pixels:
-        raise RequestRefused(f"{what} has {pixels:,} pixels; this server accepts images of at most {max_pixels:,} pixels "
-                             f"(e.g. {math.isqrt(max_pixels)}x{math.isqrt(max_pixels)})")
-
-
-# ----------------------------------------------------------------------------------------------------
 # The policy
 # ----------------------------------------------------------------------------------------------------
 
@@ -194,12 +105,6 @@ def unique_labels(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
             name = f"{label} [{n}]"
         labelled[name] = value
     return labelled
-
-
-def session_folder_name(session_hash: str) -> str:
-    """The dataset folder of a session: a digest of the session id, so what a client sends as its session id
-    never becomes part of a path."""
-    return SESSION_PREFIX + hashlib.sha256(session_hash.encode("utf-8", "replace")).hexdigest()[:16]
 
 
 ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])/[^\s'\"`,;()\[\]{}<>]+")
@@ -245,8 +150,8 @@ class AppPolicy:
             return (f"**Local mode** ({self.reason}): any run folder, Hub id and dataset folder of this machine can be "
                     "used. A server others reach runs in public mode (`--public`; on by itself with `--share`, a "
                     "non-loopback `--server_name` and on a Space).")
-        dataset = ("'Add to dataset' writes to this session's folder on the server" if self.datasets
-                   else "'Add to dataset' is off on this server")
+        dataset = (f"'Add to dataset' writes to this session's folder on the server ({self.limits.dataset_note()})"
+                   if self.datasets else "'Add to dataset' is off on this server")
         limits, steps = self.limits, GENERATE_SETTINGS["num_inference_steps"].public_maximum
         candidates = GENERATE_SETTINGS["num_candidates"].public_maximum
         return (f"**Public mode** ({self.reason}): the runs this server was started with; {dataset}; uploads up to "
@@ -296,7 +201,7 @@ class AppPolicy:
     def run_choices(self, location: str | None) -> dict[str, str]:
         """{label: value} of the run dropdown. An empty location: the runs given at launch. Local mode lists any
         other location (`runs.list_runs`); public mode accepts none."""
-        location = (location or "").strip()
+        location = label(location, "the run location").strip()
         if not location:
             runs = self.runs
         elif self.public:
@@ -308,6 +213,7 @@ class AppPolicy:
 
     def run_for(self, value: str) -> str:
         """The LoRA (folder or Hub id) to load for the run dropdown's value: public mode maps a launch run's label."""
+        value = label(value, "the run")
         if not self.public:
             return value
         if value not in self.runs:
@@ -319,9 +225,9 @@ class AppPolicy:
     def good_labels(self, run: RunInfo) -> dict[str, str]:
         """{label: path} of the run's good images, labelled relative to the class folder."""
         base = Path(run.data_dir or ".") / (run.object_class or "")
-        def label(p: Path) -> str:
+        def name_of(p: Path) -> str:
             return str(p.relative_to(base)) if run.object_class and p.is_relative_to(base) else p.name
-        return unique_labels([(label(p), str(p)) for p in run.good_images])
+        return unique_labels([(name_of(p), str(p)) for p in run.good_images])
 
     def mask_labels(self, run: RunInfo) -> dict[str, str]:
         """{label: path} of the run's held-out masks, labelled `<defect type>/<file>`."""
@@ -333,12 +239,14 @@ class AppPolicy:
 
     def good_image(self, run: RunInfo | None, value: str | None) -> str | None:
         """The good image file a dropdown value names (public mode: one of the run's, by label)."""
+        value = label(value, "the good image")
         if not self.public or not value:
-            return value
+            return value or None
         return self._pick(run, value, self.good_labels, "good images")
 
     def heldout_mask(self, run: RunInfo | None, value: str | None) -> str | None:
         """The held-out mask file a dropdown value names; empty: paint with the brush."""
+        value = label(value, "the held-out mask")
         if not self.public or not value:
             return value or None
         return self._pick(run, value, self.mask_labels, "held-out masks")
@@ -370,9 +278,9 @@ class AppPolicy:
         """The folder 'Add to dataset' writes. Local mode: the folder given, as given (the handler checks it).
         Public mode: this session's folder under the dataset root, whatever the client sent (which may only be
         that folder's name, or empty); the folder must resolve inside the root and hold no symbolic link."""
+        requested = label(requested, "the dataset folder").strip()
         if not self.public:
             return requested
-        requested = (requested or "").strip()
         if not self.datasets:
             raise RequestRefused("'Add to dataset' is off on this server")
         if not session_hash:
@@ -381,19 +289,7 @@ class AppPolicy:
         if requested not in ("", name):
             raise RequestRefused(f"'Add to dataset' writes only to this session's folder ({name}) on this server; "
                                  f"a folder of your choice ({requested!r}) is not accepted")
-        root = self.dataset_root
-        root.mkdir(parents=True, exist_ok=True)
-        folder = root / name
-        if root.resolve() != root:
-            raise RequestRefused("the server's dataset root has moved (a symbolic link); nothing was written")
-        if folder.is_symlink() or (folder.exists() and not folder.resolve().is_relative_to(root)):
-            raise RequestRefused(f"the dataset folder {name} is a symbolic link out of the dataset root; nothing was written")
-        for parent, names, files in os.walk(folder):
-            for entry in names + files:
-                if (Path(parent) / entry).is_symlink():
-                    shown = (Path(parent) / entry).relative_to(root)
-                    raise RequestRefused(f"the dataset folder {name} holds a symbolic link ({shown}); nothing was written")
-        return folder
+        return session_folder(self.dataset_root, session_hash)
 
     # -- what Gradio enforces --------------------------------------------------------------------------
 
