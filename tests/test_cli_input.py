@@ -192,9 +192,8 @@ def test_a_build_that_fails_after_its_claim_leaves_no_file_a_rerun_would_trip_on
 
 
 def test_a_truncated_good_image_is_named_by_the_downstream_evaluation(copy_of_data, tmp_path):
-    from tests.test_downstream import tiny_flags, write_builder_folder
-
     import dataset_mvtec as dm
+    from tests.test_downstream import tiny_flags, write_builder_folder
 
     split = dm.few_shot_split(dm.load_mvtec_defects(SYNTHETIC_DATA, "metal_nut"))
     synthetic = write_builder_folder(tmp_path / "handmade", SYNTHETIC_DATA, split)
