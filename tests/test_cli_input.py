@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 import build_dataset_defectfill as build
+import dataset_mvtec
 import downstream_defectfill as downstream
 import eval_defectfill as evaluate
 import infer_defectfill as infer
@@ -81,6 +82,7 @@ REQUIRED = {
     build.parse_args: ["--lora", "r"],
     evaluate.parse_args: ["--generated", "g"],
     downstream.parse_args: [],
+    dataset_mvtec.parse_args: ["--data_dir", "d", "--object_class", "c"],
 }
 COUNTS = [
     (train.parse_args, flag, value, minimum)
@@ -107,7 +109,7 @@ COUNTS = [
     (downstream.parse_args, flag, 0, 1)
     for flag in ("--epochs", "--samples_per_epoch", "--batch_size", "--classifier_epochs", "--classifier_repeats",
                  "--patience", "--copy_paste_count", "--resolution", "--encoder_depth")
-]
+] + [(dataset_mvtec.parse_args, "--train_count", 0, 1)]
 
 
 @pytest.mark.parametrize("parse_args, flag, value, minimum", COUNTS,
@@ -268,6 +270,26 @@ def test_eval_without_lpips_weights_says_how_to_get_them(tmp_path, monkeypatch):
     assert "IC-LPIPS needs the torchvision 'alex' backbone weights" in message and "alexnet-owt-7be5be79.pth" in message
     assert "$TORCH_HOME/hub/checkpoints" in message and "network access" in message
     assert "--num_candidates" not in message  # a flag of synthesis, not of eval
+
+
+def test_an_append_flag_given_on_the_command_line_replaces_its_config_value_and_its_default(tmp_path):
+    import argparse
+
+    from defectfill.cli import parse_args_with_config
+
+    def parser():
+        p = argparse.ArgumentParser()
+        p.add_argument("--tag", action="append", default=["default"], help="A repeatable flag.")
+        p.add_argument("--count", type=int, action="append", default=None, help="A repeatable integer.")
+        return p
+
+    config = tmp_path / "c.yaml"
+    config.write_text("tag: [x, y]\ncount: 3\n")
+    assert vars(parse_args_with_config(parser(), [])) == {"tag": ["default"], "count": None, "config": None}
+    assert parse_args_with_config(parser(), ["--tag", "z"]).tag == ["z"]  # not ["default", "z"]
+    from_file = parse_args_with_config(parser(), ["--config", str(config)])
+    assert (from_file.tag, from_file.count) == (["x", "y"], [3])  # a scalar in the file is a one-value list
+    assert parse_args_with_config(parser(), ["--config", str(config), "--tag", "z", "--count", "4"]).tag == ["z"]
 
 
 def test_synthetic_on_the_command_line_replaces_the_configs_list(tmp_path):
