@@ -3,7 +3,12 @@ definition of every option; a YAML file supplies values for some of them, keys b
 without dashes, and a value given on the command line overrides the file), the argument groups several
 scripts share, `settings_from_args`, which turns the parsed flags into the typed settings the library takes,
 and `run_main`, which every entry script calls so that any `DefectFillError` ends the command with its message
-and exit code 1."""
+and exit code 1.
+
+Two kinds of bad input, each refused one way: a flag value wrong by itself (a count below its minimum,
+`check_minimums`) is a usage error from the parser (exit code 2); a value wrong only against the model or the
+files (a resolution the VAE cannot divide, an output folder that cannot be written, a broken image) is a
+`DefectFillError` raised before anything is written (exit code 1)."""
 
 from __future__ import annotations
 
