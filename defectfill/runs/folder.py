@@ -222,7 +222,10 @@ class SynthesisFolder:
         try:
             yield
         except BaseException:
-            empty = not self.has_outputs() and not self.skipped()
+            try:
+                empty = not self.has_outputs() and not self.skipped()
+            except Exception:  # unreadable records: keep everything, the run's own error is what to report
+                empty = False
             if empty:
                 for name in {FINGERPRINT_FILENAME, SYNTHESIS_FILENAME} - before:
                     (self.path / name).unlink(missing_ok=True)
