@@ -27,7 +27,7 @@ from typing import Sequence
 from defectfill.build.builder import build_dataset
 from defectfill.build.plan import parse_defects_per_image
 from defectfill.build.settings import BuildSettings
-from defectfill.cli import add_model_arguments, parse_args_with_config, run_main, settings_from_args
+from defectfill.cli import add_model_arguments, check_minimums, parse_args_with_config, run_main, settings_from_args
 from defectfill.errors import DefectFillError
 from defectfill.masks import SPLIT_MASK_SOURCES, mask_origin
 from defectfill.painting import Scorer
@@ -119,10 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parse_args_with_config(parser, input_args, required=("lora",))
-    if args.num_candidates < 1 or args.batch_size < 1 or args.num_images < 1:
-        parser.error("--num_candidates, --batch_size and --num_images must be >= 1")
-    if args.max_redraws < 0 or args.mask_attempts < 1:
-        parser.error("--max_redraws must be >= 0 and --mask_attempts >= 1")
+    check_minimums(parser, args, {"num_images": 1, "num_candidates": 1, "batch_size": 1, "num_inference_steps": 1,
+                                  "max_redraws": 0, "mask_attempts": 1, "resolution": 1})
     if not 0 < args.mask_scale[0] <= args.mask_scale[1]:
         parser.error("--mask_scale MIN MAX needs 0 < MIN <= MAX")
     if not 0 <= args.min_on_object <= 1:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from defectfill.cli import run_main
+from defectfill.cli import check_minimums, run_main
 from defectfill.data.layouts import LAYOUT_NAMES
 from defectfill.data.mask_files import read_mask
 from defectfill.data.mvtec import (
@@ -73,7 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_fraction", type=float, default=1 / 3, help="Fraction of each defect type that trains.")
     parser.add_argument("--train_count", type=int, default=None, help="Exact number of training images per defect type.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random split.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_minimums(parser, args, {"train_count": 1})
+    return args
 
 
 def main(args: argparse.Namespace) -> dict:

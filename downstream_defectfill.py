@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import argparse
 
-from defectfill.cli import parse_args_with_config, run_main, settings_from_args
+from defectfill.cli import check_minimums, parse_args_with_config, run_main, settings_from_args
 from defectfill.downstream.protocol import run_comparison
 from defectfill.downstream.settings import DownstreamSettings
 from defectfill.downstream.sources import BASELINES
@@ -111,15 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(input_args=None) -> argparse.Namespace:
-    args = parse_args_with_config(build_parser(), input_args)
+    parser = build_parser()
+    args = parse_args_with_config(parser, input_args)
+    check_minimums(parser, args, {"resolution": 1, "encoder_depth": 1, "decoder_channels": 1, "copy_paste_count": 1,
+                                  "epochs": 1, "samples_per_epoch": 1, "batch_size": 1, "classifier_epochs": 1,
+                                  "classifier_repeats": 1, "patience": 1})
     if args.resolution % 2 ** args.encoder_depth:
-        raise SystemExit(f"error: --resolution {args.resolution} must be a multiple of 2**--encoder_depth = {2 ** args.encoder_depth}")
+        parser.error(f"--resolution {args.resolution} must be a multiple of 2**--encoder_depth = {2 ** args.encoder_depth}")
     if len(args.decoder_channels) != args.encoder_depth:
-        raise SystemExit(f"error: --decoder_channels needs {args.encoder_depth} values (one per --encoder_depth stage)")
+        parser.error(f"--decoder_channels needs {args.encoder_depth} values (one per --encoder_depth stage)")
     if any(share <= 0 for share in args.synthetic_shares):
-        raise SystemExit(f"error: --synthetic_shares must be positive, got {args.synthetic_shares}")
+        parser.error(f"--synthetic_shares must be positive, got {args.synthetic_shares}")
     if not 0 <= args.validation_fraction < 1:
-        raise SystemExit(f"error: --validation_fraction must be in [0, 1), got {args.validation_fraction}")
+        parser.error(f"--validation_fraction must be in [0, 1), got {args.validation_fraction}")
     return args
 
 

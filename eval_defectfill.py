@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from defectfill.cli import parse_args_with_config, run_main, settings_from_args
+from defectfill.cli import check_minimums, parse_args_with_config, run_main, settings_from_args
 from defectfill.evaluation import EvalSettings, run_evaluation
 
 
@@ -60,6 +60,7 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     args = parse_args_with_config(parser, input_args, required=("generated",))
     if (args.real_dir or args.train_dir) and len(args.generated) > 1:
         parser.error("--real_dir and --train_dir apply to a single --generated folder")
+    check_minimums(parser, args, {"image_size": 1, "kid_subsets": 1, "kid_max_subset_size": 2})
     return args
 
 

@@ -24,12 +24,13 @@ from typing import Sequence
 
 from PIL import Image
 
-from defectfill.cli import add_hub_arguments, add_model_arguments, parse_args_with_config, run_main
+from defectfill.cli import add_hub_arguments, add_model_arguments, check_minimums, parse_args_with_config, run_main
 from defectfill.data.mvtec import MASK_FROM, good_images, list_split_masks
 from defectfill.errors import SynthesisError
+from defectfill.fileio import check_output_folder
 from defectfill.images import IMAGE_EXTENSIONS, image_files, open_checked
 from defectfill.masks import DEFAULT_CROP_CONTEXT
-from defectfill.models import default_device, precision_dtype
+from defectfill.models import base_vae_scale_factor, check_resolution, default_device, precision_dtype
 from defectfill.painting import Job, Scorer, mask_at_image_size, prepare_job, round_robin, synthesize
 from defectfill.pipelines import check_scheduler, load_pipeline, scheduler_calls
 from defectfill.runs.folder import SynthesisFolder, output_names
@@ -75,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "only ones for a set a detector trains on, which downstream_defectfill.py accepts without "
                         "--allow_test_leak).")
     p.add_argument("--pairing", default="round_robin", choices=("round_robin", "random"), help="How images and masks are paired.")
-    p.add_argument("--num_images", type=int, default=None, help="Outputs in batch mode; default: one per mask.")
+    p.add_argument("--num_images", type=int, default=None,
+                   help="Outputs in batch mode (>= 1); default: all masks, one output per mask.")
 
     p.add_argument("--num_candidates", type=int, default=8,
                    help="Candidates per (image, mask); the highest LPIPS inside the mask is kept. 1 = no selection.")
@@ -112,8 +114,9 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("single mode needs both --image_path and --mask_path")
     if args.image_path and (args.image_dir or args.mask_dir):
         parser.error("give either --image_path/--mask_path (single) or --image_dir/--data_dir with --mask_dir (batch)")
-    if args.num_candidates < 1 or args.batch_size < 1:
-        parser.error("--num_candidates and --batch_size must be >= 1")
+    # counts: --num_images unset (None) means one output per mask, all of them
+    check_minimums(parser, args, {"num_images": 1, "num_candidates": 1, "batch_size": 1, "num_inference_steps": 1,
+                                  "resolution": 1})
     return args
 
 
@@ -175,7 +178,7 @@ def build_pairs(args, plan: RunPlan) -> list[Pair]:
     if args.image_path:
         return [Pair(0, Path(args.image_path), Path(args.mask_path))]
     goods, masks = batch_sources(args, plan)
-    return make_pairs(goods, masks, args.num_images or len(masks), args.pairing, args.seed)
+    return make_pairs(goods, masks, len(masks) if args.num_images is None else args.num_images, args.pairing, args.seed)
 
 
 def check_inputs(pairs: list[Pair]) -> None:
@@ -248,8 +251,11 @@ def main(args: argparse.Namespace, scorer: Scorer | None = None) -> Path:
     """Run the synthesis; `scorer` replaces the LPIPS scorer (tests, or another similarity). With one candidate
     nothing is selected, and nothing scored."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_output_folder(args.output_dir, "--output_dir")
     run = read_run(args.lora)
     plan = resolve_plan(args, run)
+    base_flag = "--pretrained_model_name_or_path" if args.pretrained_model_name_or_path else "the run's base model"
+    check_resolution(plan.settings.resolution, base_vae_scale_factor(plan.base_model, args.revision, flag=base_flag))
     device = default_device(args.device)
     logger.info("scale: %s (crop_to_mask=%s, crop_context=%s)", plan.scale_source, plan.settings.crop_to_mask,
                 plan.settings.crop_context)
@@ -265,15 +271,16 @@ def main(args: argparse.Namespace, scorer: Scorer | None = None) -> Path:
         scorer = LpipsModel(args.lpips_net, device).masked_scores
     pipeline = load_pipeline(plan.base_model, plan.lora, run.base_model if run else None, args.revision, args.variant,
                              precision_dtype(args.mixed_precision), device, args.scheduler)
-    folder.claim(outputs, args.overwrite)
-    passes = plan.settings.num_candidates * scheduler_calls(pipeline, plan.settings.num_inference_steps)
-    logger.info("sampler %s, %d steps, %d candidates: %d UNet passes per image", scheduler,
-                plan.settings.num_inference_steps, plan.settings.num_candidates, passes)
-    # before the first image: a killed run resumes on the same terms
-    folder.write_record(plan.synthesis_record(scheduler=scheduler, unet_passes_per_image=passes, mask_from=mask_origin(args)))
-    rows = synthesize_to_folder(pipeline, pairs, plan, scorer, folder, args.batch_size, args.save_candidates,
-                                mask_origin(args))
-    folder.save_preview(rows)
+    with folder.writing():  # a second run on this folder is told it is busy
+        folder.claim(outputs, args.overwrite)
+        passes = plan.settings.num_candidates * scheduler_calls(pipeline, plan.settings.num_inference_steps)
+        logger.info("sampler %s, %d steps, %d candidates: %d UNet passes per image", scheduler,
+                    plan.settings.num_inference_steps, plan.settings.num_candidates, passes)
+        # before the first image: a killed run resumes on the same terms
+        folder.write_record(plan.synthesis_record(scheduler=scheduler, unet_passes_per_image=passes, mask_from=mask_origin(args)))
+        rows = synthesize_to_folder(pipeline, pairs, plan, scorer, folder, args.batch_size, args.save_candidates,
+                                    mask_origin(args))
+        folder.save_preview(rows)
     logger.info("%d images in %s", len(rows), folder.path)
     if args.push_to_hub:
         try:

@@ -20,7 +20,14 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from defectfill.cli import add_hub_arguments, add_model_arguments, parse_args_with_config, run_main, settings_from_args
+from defectfill.cli import (
+    add_hub_arguments,
+    add_model_arguments,
+    check_minimums,
+    parse_args_with_config,
+    run_main,
+    settings_from_args,
+)
 from defectfill.data.split import save_split
 from defectfill.runs.files import SPLIT_FILENAME
 from defectfill.step import DefectFillStep, LatentCache, StepConfig
@@ -165,11 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The smallest value of each count flag (a usage error below it, before anything is written): 1 where 0 would mean
+# nothing (no step, no image), 0 where 0 is a choice (--validation_steps 0: no validation; no warmup; no workers).
+COUNT_MINIMUMS = {
+    "train_batch_size": 1, "max_train_steps": 1, "gradient_accumulation_steps": 1, "rank": 1, "lora_alpha": 1,
+    "lr_warmup_steps": 0, "max_nonfinite_steps": 1, "num_boxes": 1, "train_count": 1, "resolution": 1,
+    "dataloader_num_workers": 0, "checkpointing_steps": 1, "checkpoints_total_limit": 1, "logging_steps": 1,
+    "validation_steps": 0, "num_validation_images": 1, "num_inference_steps": 1,
+}
+
+
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parse_args_with_config(parser, input_args, required=("pretrained_model_name_or_path", "object_class"))
     if (args.data_dir is None) == (args.dataset_name is None):
         parser.error("give exactly one of --data_dir or --dataset_name")
+    check_minimums(parser, args, COUNT_MINIMUMS)
     if args.max_scale < 1.0:
         parser.error(f"--max_scale must be >= 1, got {args.max_scale}")
     if args.report_to == "wandb" and args.hub_token is not None:

@@ -3,7 +3,12 @@ definition of every option; a YAML file supplies values for some of them, keys b
 without dashes, and a value given on the command line overrides the file), the argument groups several
 scripts share, `settings_from_args`, which turns the parsed flags into the typed settings the library takes,
 and `run_main`, which every entry script calls so that any `DefectFillError` ends the command with its message
-and exit code 1."""
+and exit code 1.
+
+Two kinds of bad input, each refused one way: a flag value wrong by itself (a count below its minimum,
+`check_minimums`) is a usage error from the parser (exit code 2); a value wrong only against the model or the
+files (a resolution the VAE cannot divide, an output folder that cannot be written, a broken image) is a
+`DefectFillError` raised before anything is written (exit code 1)."""
 
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ def _coerce(action: argparse.Action, key: str, value, path: Path):
             if not isinstance(value, bool):
                 raise TypeError(f"expected true or false, got {value!r}")
             return value
-        if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+        if action.nargs in ("+", "*") or isinstance(action.nargs, int) or isinstance(action, argparse._AppendAction):
             values = value if isinstance(value, list) else [value]
             return [_check_int(action, v) for v in values]
         _check_int(action, value)
@@ -89,16 +94,50 @@ def parse_args_with_config(
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(input_args)
+    config = {}
     if known.config:
         try:
-            parser.set_defaults(**load_config(known.config, parser))
+            config = load_config(known.config, parser)
         except ConfigError as error:
             parser.error(str(error))
-    args = parser.parse_args(input_args)
+    args = _parse_over_config(parser, input_args, config)
     missing = [name for name in required if getattr(args, name) is None]
     if missing:
         parser.error("missing required option(s): " + ", ".join(f"--{name}" for name in missing))
     return args
+
+
+def _parse_over_config(parser: argparse.ArgumentParser, input_args: Sequence[str] | None, config: dict) -> argparse.Namespace:
+    """Parse with the config's values as defaults. An append flag (given once per value) would add its command-line
+    values to a default list, so the config's list would be extended, not replaced: such flags parse from None, and
+    take the config's value (else their own default) only when the command line gives none."""
+    appends = [a for a in parser._actions if isinstance(a, argparse._AppendAction)]
+    fallback = {a.dest: config.pop(a.dest) if a.dest in config else a.default for a in appends}
+    parser.set_defaults(**config, **{a.dest: None for a in appends})
+    args = parser.parse_args(input_args)
+    for dest, value in fallback.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, list(value) if isinstance(value, (list, tuple)) else value)
+    return args
+
+
+def flag_of(parser: argparse.ArgumentParser, dest: str) -> str:
+    """The long flag of a dest as its help shows it first (`--train_batch_size` for train_batch_size)."""
+    for action in parser._actions:
+        if action.dest == dest:
+            return next((o for o in action.option_strings if o.startswith("--")), f"--{dest}")
+    return f"--{dest}"
+
+
+def check_minimums(parser: argparse.ArgumentParser, args: argparse.Namespace, minimums: dict[str, int]) -> None:
+    """Every count flag at or above its minimum (1 for a count where 0 means nothing, 0 where 0 is a choice such as
+    'off'), from the command line or the config alike; a value below is a usage error (`parser.error`: exit code 2)
+    naming the flag. None (a flag's "not set") and each value of a list flag are checked as they are."""
+    for dest, minimum in minimums.items():
+        value = getattr(args, dest)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None and item < minimum:
+                parser.error(f"{flag_of(parser, dest)} must be >= {minimum}, got {item}")
 
 
 # ----------------------------------------------------------------------------------------------------

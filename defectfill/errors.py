@@ -47,5 +47,17 @@ class EvaluationError(DefectFillError, ValueError):
     """Bad evaluation input; the message names the folder or file."""
 
 
+class FlagError(DefectFillError, ValueError):
+    """A flag value that does not fit the model or files it is used with (known once their configs are read)."""
+
+
+class OutputFolderError(DefectFillError, ValueError):
+    """An output folder that cannot be written (under a file, or without write permission); names the flag and folder."""
+
+
+class FolderBusyError(DefectFillError, RuntimeError):
+    """An output folder another run is writing to right now; names the folder."""
+
+
 class RequestRefused(DefectFillError, ValueError):
     """A value a client of the app sent that this server does not accept; the message says what it accepts instead."""

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from defectfill.errors import EvaluationError
-from defectfill.fileio import write_json_atomic
-from defectfill.images import image_files
+from defectfill.errors import EvaluationError, SynthesisError
+from defectfill.fileio import check_output_folder, write_json_atomic
+from defectfill.images import image_files, open_checked
 from defectfill.models import default_device
 from defectfill.runs.files import METADATA_FILENAME, SYNTHESIS_FILENAME
 from defectfill.runs.folder import read_metadata
@@ -47,7 +47,10 @@ class EvalSettings:
 
 def load_images(paths: Sequence[Path], size: int) -> torch.Tensor:
     """uint8 (N, 3, size, size) tensor of RGB images resized (bicubic)."""
-    arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC)) for p in paths]
+    arrays = []
+    for path in paths:
+        with open_checked(Path(path), "image") as image:
+            arrays.append(np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC)))
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -177,16 +180,32 @@ def format_table(results: list[dict], scale: float) -> str:
     return "\n".join(lines)
 
 
+def lpips_distance(net: str, device: str) -> Callable:
+    """IC-LPIPS's distance; without its backbone weights (offline, never downloaded), an error that says how to get
+    them for evaluation (there is no LPIPS-free IC-LPIPS)."""
+    from defectfill.scoring import LpipsModel
+
+    try:
+        return LpipsModel(net, device).distance
+    except SynthesisError as error:
+        raise EvaluationError(
+            f"IC-LPIPS needs the torchvision '{net}' backbone weights of LPIPS, which could not be loaded "
+            f"({error.__cause__ or error}). Run eval_defectfill.py once with network access (they are downloaded to "
+            f"$TORCH_HOME/hub/checkpoints), or copy the checkpoint file there from a machine that has it; "
+            f"--lpips_net chooses another backbone"
+        ) from error
+
+
 def run_evaluation(settings: EvalSettings, feature: int | torch.nn.Module = 2048, distance: Callable | None = None) -> list[dict]:
     """Every --generated folder evaluated, the table printed and the results JSON written (default: eval_results.json
     beside the first folder). `feature` and `distance` replace Inception and LPIPS (tests, or other extractors)."""
-    from defectfill.scoring import LpipsModel
 
     device = default_device(settings.device)
-    distance = distance or LpipsModel(settings.lpips_net, device).distance
+    output = Path(settings.output_json) if settings.output_json else Path(settings.generated[0]).parent / "eval_results.json"
+    check_output_folder(output.parent, "--output_json" if settings.output_json else "--output_json (default: beside --generated)")
+    distance = distance or lpips_distance(settings.lpips_net, device)
     results = [evaluate_folder(Path(folder), settings, feature, distance, device) for folder in settings.generated]
     print(format_table(results, settings.kid_scale))
-    output = Path(settings.output_json) if settings.output_json else Path(settings.generated[0]).parent / "eval_results.json"
     write_json_atomic(output, {"kid_scale": settings.kid_scale, "kid_subsets": settings.kid_subsets,
                                "kid_max_subset_size": settings.kid_max_subset_size, "results": results})
     return results

@@ -5,6 +5,7 @@ Shared by the dataset loaders, synthesis and the tools that read synthesis folde
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -53,6 +54,13 @@ def open_checked(path: Path, what: str) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as error:
         raise DatasetError(f"{what} {path} cannot be read as an image ({error})") from error
     return image
+
+
+def check_images(paths: Iterable[Path], what: str) -> None:
+    """Decode every image of `paths` once (each path once) before a tool writes anything: a truncated or corrupt
+    file is named up front, not after part of the output is written."""
+    for path in dict.fromkeys(Path(p) for p in paths):
+        open_checked(path, what).close()
 
 
 def to_signed_tensor(image: Image.Image) -> torch.Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from defectfill.errors import InpaintingModelError
+from defectfill.errors import FlagError, InpaintingModelError
 
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -84,3 +84,26 @@ def precision_dtype(name: str | None) -> torch.dtype:
 
 def default_device(device: str | None = None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def base_vae_scale_factor(name: str, revision: str | None = None, cache_dir: str | None = None,
+                          flag: str = "--pretrained_model_name_or_path") -> int:
+    """Pixels per latent pixel of a base model's VAE, from its config (nothing is loaded); `flag` names where the
+    model came from in the error of a model whose config cannot be read."""
+    from diffusers import AutoencoderKL
+
+    from defectfill.masks import vae_scale_factor
+
+    try:
+        config = AutoencoderKL.load_config(name, subfolder="vae", revision=revision, cache_dir=cache_dir)
+    except Exception as error:  # OSError, EnvironmentError, HFValidationError: a path or id that cannot be read
+        raise InpaintingModelError(f"{flag} {name}: cannot read the model's VAE config ({error})") from error
+    return vae_scale_factor(config)
+
+
+def check_resolution(resolution: int, scale: int, flag: str = "--resolution") -> None:
+    """The one resolution rule of every tool, checked before anything is written: a side the VAE divides into whole
+    latent pixels (a multiple of its scale factor: 8 for SD, 2 for the bundled tiny model)."""
+    if resolution < scale or resolution % scale:
+        raise FlagError(f"{flag} {resolution} is not a multiple of {scale}, the VAE's scale factor: try "
+                        f"{max(scale, round(resolution / scale) * scale)}")

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import dataset_mvtec as dm
 import infer_defectfill as infer
 import train_defectfill as train
-from defectfill.errors import SynthesisError, TrainingError
+from defectfill.errors import FlagError, OutputFolderError, SynthesisError, TrainingError
 from defectfill.runs.files import LORA_FILENAME, RUN_FILENAME
 from defectfill.runs.folder import SynthesisFolder, read_metadata
 from defectfill.runs.records import RunRecord, SynthesisRecord
@@ -152,23 +152,23 @@ def test_a_failing_final_validation_keeps_the_trained_run(tmp_path, monkeypatch,
 # ------------------------------------------------------------------------------- checked before loading
 
 
-@pytest.mark.parametrize("extra, message", [
-    (("--resolution", "63"), r"--resolution 63 is not a multiple of 2, the VAE's scale factor: try 64"),
-    (("--resume_from_checkpoint", "/nonexistent/checkpoint-3"), "is not a checkpoint folder"),
+@pytest.mark.parametrize("extra, error, message", [
+    (("--resolution", "63"), FlagError, r"--resolution 63 is not a multiple of 2, the VAE's scale factor: try 64"),
+    (("--resume_from_checkpoint", "/nonexistent/checkpoint-3"), TrainingError, "is not a checkpoint folder"),
 ])
-def test_bad_flags_fail_before_anything_loads_or_is_written(tmp_path, monkeypatch, extra, message):
+def test_bad_flags_fail_before_anything_loads_or_is_written(tmp_path, monkeypatch, extra, error, message):
     monkeypatch.setattr(training_setup, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
     out = tmp_path / "run"
-    with pytest.raises(TrainingError, match=message):
+    with pytest.raises(error, match=message):
         train.main(tiny_args(out, *extra))
     assert not out.exists()
 
 
 def test_output_dir_that_is_a_file_names_the_flag(tmp_path, tiny_run):
     (tmp_path / "file").write_text("")
-    with pytest.raises(TrainingError, match="--output_dir .* exists and is not a folder"):
+    with pytest.raises(OutputFolderError, match="--output_dir .* exists and is not a folder"):
         train.main(tiny_args(tmp_path / "file"))
-    with pytest.raises(SynthesisError, match="--output_dir .* exists and is not a folder"):
+    with pytest.raises(OutputFolderError, match="--output_dir .* exists and is not a folder"):
         infer.main(infer.parse_args(["--lora", str(tiny_run), "--output_dir", str(tmp_path / "file"), "--num_candidates", "1"]))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from defectfill.build.context import BuildContext, build_fingerprint, make_context
@@ -15,7 +16,8 @@ from defectfill.build.plan import Item, make_items, parse_defects_per_image, pro
 from defectfill.build.settings import PREVIEW_ROWS, BuildSettings
 from defectfill.build.summary import format_summary, preview_rows, summarize, write_synthesis_record
 from defectfill.data.mvtec import good_images
-from defectfill.fileio import write_json_atomic
+from defectfill.fileio import check_output_folder, write_json_atomic
+from defectfill.images import check_images
 from defectfill.models import precision_dtype
 from defectfill.painting import Scorer
 from defectfill.pipelines import load_named_adapters, load_pipeline
@@ -28,33 +30,40 @@ logger = logging.getLogger("defectfill")
 
 def build_dataset(settings: BuildSettings, scorer: Scorer | None = None) -> Path:
     """Build the dataset `settings` describe (on this process's share of the items under `accelerate launch`);
-    `scorer` replaces the LPIPS scorer (tests). Returns the output folder."""
+    `scorer` replaces the LPIPS scorer (tests). Returns the output folder. Everything that can be checked without a
+    model (the output folders, the runs, masks and resolution, every good image) is, before anything is written."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
     started = time.perf_counter()
     # PartialState reads the process group from the launcher's environment; on CPUs (gloo) it must be told.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    output = settings.output
+    check_output_folder(output.output_dir, "--output_dir")
+    if output.export == "mvtec" and output.export_dir:
+        check_output_folder(output.export_dir, "--export_dir")
     context = make_context(settings)
     goods = good_images(context.data_dir, context.object_class, settings.good_split, settings.image_dir)
     items = make_items([r.defect_type for r in context.runs], goods, settings.num_images,
                        parse_defects_per_image(settings.masks.defects_per_image), settings.generation.seed)
-    folder = SynthesisFolder(settings.output.output_dir)
+    check_images((item.image_path for item in items), "good image")
+    folder = SynthesisFolder(output.output_dir)
     fingerprint = build_fingerprint(context, items)
     folder.check(fingerprint)  # on every process (read only): an error stops them all
-    state.wait_for_everyone()
-    if state.is_main_process:
-        folder.claim(fingerprint)
-    state.wait_for_everyone()
-
-    done = folder.done()
-    if done and state.is_main_process:
-        logger.info("resuming: %d of %d items already done", len(done), len(items))
-    generation_started = time.perf_counter()
-    paint_share(context, items, done, folder, state, scorer)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        finish(context, folder, done, time.perf_counter() - started, time.perf_counter() - generation_started)
+    # the main process holds the folder for the whole build: a second build started on it is told it is busy
+    with folder.writing() if state.is_main_process else nullcontext():
+        state.wait_for_everyone()
+        if state.is_main_process:
+            folder.claim(fingerprint)
+        state.wait_for_everyone()
+        done = folder.done()
+        if done and state.is_main_process:
+            logger.info("resuming: %d of %d items already done", len(done), len(items))
+        generation_started = time.perf_counter()
+        paint_share(context, items, done, folder, state, scorer)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            finish(context, folder, done, time.perf_counter() - started, time.perf_counter() - generation_started)
     return folder.path
 
 

@@ -15,8 +15,7 @@ from defectfill.build.augment import is_texture_class
 from defectfill.build.defect_masks import load_mask_files, mask_files
 from defectfill.build.plan import Item, defect_index_table, discover_runs, parse_defects_per_image
 from defectfill.build.settings import BuildSettings
-from defectfill.errors import BuildError
-from defectfill.masks import vae_scale_factor
+from defectfill.models import base_vae_scale_factor, check_resolution
 from defectfill.painting import SynthesisSettings
 from defectfill.pipelines import check_scheduler
 from defectfill.runs.files import LORA_FILENAME
@@ -66,16 +65,6 @@ def run_overrides(settings: BuildSettings) -> RunOverrides:
                         data_dir=settings.data.data_dir)
 
 
-def base_vae_scale_factor(base_model: str, revision: str | None) -> int:
-    """Pixels per latent pixel of the base model's VAE, from its config (nothing is loaded)."""
-    from diffusers import AutoencoderKL
-
-    try:
-        return vae_scale_factor(AutoencoderKL.load_config(base_model, subfolder="vae", revision=revision))
-    except (OSError, ValueError, KeyError) as error:
-        raise BuildError(f"cannot read the VAE config of the base model {base_model} ({error})") from error
-
-
 def make_context(settings: BuildSettings) -> BuildContext:
     """The runs (`discover_runs`, with the settings' overrides), every mask file read and checked, the sampler
     checked and the VAE's scale read from the base model's configs: all before anything is painted."""
@@ -86,12 +75,16 @@ def make_context(settings: BuildSettings) -> BuildContext:
     base_model, data_dir, object_class = first.base_model, first.data_dir, first.object_class
     mask_paths = {r.defect_type: mask_files(settings.masks, r, data_dir) for r in runs}
     object_type = settings.masks.object_type
+    scale = base_vae_scale_factor(base_model, settings.model.revision, flag="--pretrained_model_name_or_path"
+                                  if settings.model.pretrained_model_name_or_path else "the runs' base model")
+    for run in runs:
+        check_resolution(run.settings.resolution, scale)
     return BuildContext(
         settings=settings, runs=tuple(runs), index_table=defect_index_table(runs), mask_paths=mask_paths,
         masks={d: load_mask_files(paths) for d, paths in mask_paths.items()},
         texture=object_type == "texture" or (object_type == "auto" and is_texture_class(object_class)),
         data_dir=data_dir, object_class=object_class, base_model=base_model,
-        vae_scale_factor=base_vae_scale_factor(base_model, settings.model.revision),
+        vae_scale_factor=scale,
         scheduler=check_scheduler(g.scheduler, base_model, settings.model.revision),
     )
 

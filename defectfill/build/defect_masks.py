@@ -18,7 +18,7 @@ from defectfill.build.plan import Item, item_rng
 from defectfill.build.settings import BuildMaskSettings
 from defectfill.data.mvtec import list_split_masks
 from defectfill.errors import BuildError, SynthesisError
-from defectfill.images import IMAGE_EXTENSIONS, image_files
+from defectfill.images import IMAGE_EXTENSIONS, image_files, open_checked
 from defectfill.masks import MASK_THRESHOLD, MaskSource, binarize_mask, latent_mask, resize_mask
 from defectfill.painting import SynthesisSettings, prepare_job
 from defectfill.runs.settings import RunPlan
@@ -52,7 +52,7 @@ def load_mask_files(paths: Sequence[Path]) -> list[np.ndarray]:
     """Boolean masks; an empty mask file is an error that names it (nothing is generated before)."""
     masks = []
     for path in paths:
-        with Image.open(path) as image:
+        with open_checked(path, "mask") as image:
             mask = binarize_mask(image)
         if not mask.any():
             raise BuildError(f"mask {path} is empty (no pixel >= {MASK_THRESHOLD}); remove it or draw the defect")
@@ -95,7 +95,7 @@ def foreground_of(foreground_dir: str | None, image: Image.Image, image_path: Pa
         if path is None:
             raise BuildError(f"--foreground_dir {foreground_dir} has no object mask for {image_path} "
                              f"(looked for the same relative path or {image_path.stem}[_mask].png)")
-        with Image.open(path) as mask_image:
+        with open_checked(path, "object mask") as mask_image:
             return resize_mask(binarize_mask(mask_image), image.size)
     return estimate_foreground(image)
 

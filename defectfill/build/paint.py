@@ -15,6 +15,7 @@ from defectfill.build.context import BuildContext
 from defectfill.build.defect_masks import Defect, draw_item_masks
 from defectfill.build.plan import COMBINED, MAX_DEFECTS_PER_IMAGE, Item
 from defectfill.fileio import save_image_atomic
+from defectfill.images import open_checked
 from defectfill.painting import prepare_job, synthesize
 from defectfill.pipelines import use_adapter
 from defectfill.runs.folder import SynthesisFolder
@@ -103,7 +104,7 @@ def build_batch(pipeline, items: list[Item], context: BuildContext, scorer, outp
     """Draw masks, paint and save a batch of items; returns (metadata rows, skipped entries)."""
     prepared, skipped = [], {}
     for item in items:
-        with Image.open(item.image_path) as opened:
+        with open_checked(item.image_path, "good image") as opened:
             image = opened.convert("RGB")
         defects, rejections, dropped = draw_item_masks(item, image, context)
         if not defects:

@@ -15,10 +15,11 @@ def summarize(rows: dict[str, dict], skipped: dict[str, dict], context: BuildCon
               generation_wall: float | None = None, done_before: set | None = None) -> dict:
     """Images per defect type, masks augmented/rejected and why, candidates rejected, time per kept image:
     wall-clock (whole run, and the generation alone, all processes together) and process time (the sum of
-    every process's batch time over the images it kept)."""
+    every process's batch time over the images it kept), all of this run. The UNet passes per kept image are the
+    folder's, every run that made it together (each row and skipped item records its own), so a resumed build
+    reports what its whole dataset cost."""
     new_rows = [r for name, r in rows.items() if item_of_file(name) not in (done_before or set())]
-    new_skipped = [entry for key, entry in skipped.items() if int(key) not in (done_before or set())]
-    passes = sum(r.get("unet_passes", 0.0) for r in new_rows) + sum(e.get("unet_passes", 0.0) for e in new_skipped)
+    passes = sum(r.get("unet_passes", 0.0) for r in rows.values()) + sum(e.get("unet_passes", 0.0) for e in skipped.values())
     settings = next(iter(context.synthesis.values()))
     process_seconds = sum(r.get("seconds", 0.0) for r in new_rows)
     candidates = context.settings.generation.num_candidates
@@ -51,7 +52,7 @@ def summarize(rows: dict[str, dict], skipped: dict[str, dict], context: BuildCon
         "process_seconds_per_kept_image": round(process_seconds / made, 4) if made else None,
         "candidates_drawn_per_kept_image": round(drawn / made, 3) if made else None,
         "sampler": context.scheduler, "num_inference_steps": settings.num_inference_steps,
-        "unet_passes_per_kept_image": round(passes / made, 2) if made else None,
+        "unet_passes_per_kept_image": round(passes / len(rows), 2) if rows else None,
     }
 
 

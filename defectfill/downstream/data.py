@@ -20,6 +20,7 @@ from PIL import Image
 from defectfill.data.mvtec import GOOD, list_good_images, load_mvtec_defects
 from defectfill.data.split import select_split
 from defectfill.errors import DatasetError
+from defectfill.images import open_checked
 from defectfill.masks import binarize_mask
 
 # One defect of an image: its type and the centre (row, column) of its mask at the set's resolution.
@@ -104,18 +105,32 @@ def stack_set(pairs: list[tuple[np.ndarray, np.ndarray]], defect_types: list[str
 def dataset_to_set(dataset, resolution: int) -> ImageSet:
     """A `dataset_mvtec` Dataset (image, mask, defect_type, image_path) as an ImageSet."""
     pairs, types, names = [], [], []
-    for row in dataset:
+    for index in range(len(dataset)):
+        row = decoded_row(dataset, index)
         pairs.append(resize_pair(row["image"], row["mask"], resolution))
         types.append(row["defect_type"])
         names.append(row["image_path"])
     return stack_set(pairs, types, names)
 
 
+def decoded_row(dataset, index: int) -> dict:
+    """Row `index` of a `dataset_mvtec` Dataset, its image and mask decoded; a file that cannot be decoded is named
+    (`datasets` itself raises a bare OSError)."""
+    try:
+        return dataset[index]
+    except (OSError, SyntaxError, ValueError):
+        for column, what in (("image", "image"), ("mask", "mask")):
+            path = (dataset.data.column(column)[index].as_py() or {}).get("path")
+            if path:
+                open_checked(Path(path), what).close()  # raises, naming the file at fault
+        raise
+
+
 def good_set(paths: Sequence[Path], resolution: int, data_dir: str | os.PathLike | None = None) -> ImageSet:
     """Defect-free images with empty masks."""
     pairs, names = [], []
     for path in paths:
-        with Image.open(path) as image:
+        with open_checked(Path(path), "good image") as image:
             pairs.append(resize_pair(image, None, resolution))
         names.append(Path(path).relative_to(data_dir).as_posix() if data_dir else str(path))
     return stack_set(pairs, [GOOD] * len(pairs), names)

@@ -48,7 +48,7 @@ from defectfill.downstream.sources import (
     read_synthetic_sources,
 )
 from defectfill.errors import DownstreamError
-from defectfill.fileio import write_json_atomic, write_text_atomic
+from defectfill.fileio import check_output_folder, write_json_atomic, write_text_atomic
 
 
 @dataclass
@@ -217,6 +217,7 @@ def run_comparison(settings: DownstreamSettings) -> dict:
     from accelerate import Accelerator
 
     started = time.perf_counter()
+    check_output_folder(settings.output_dir, "--output_dir")  # before hours of training, not after
     datasets.disable_progress_bars()  # the loaders' filter bars; training has its own
     device = Accelerator().device
     sources = read_synthetic_sources(settings.synthetic)

@@ -9,13 +9,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from defectfill.data.mvtec import GOOD, list_split_masks
 from defectfill.data.split import load_split, merge_splits
 from defectfill.data.synthetic import load_synthetic
 from defectfill.downstream.data import ImageSet, Part, concat_sets, dataset_to_set, mask_center, square_mask
 from defectfill.errors import DownstreamError
+from defectfill.images import open_checked
 from defectfill.masks import MaskSource
 from defectfill.runs.files import METADATA_FILENAME, SPLIT_FILENAME, SYNTHESIS_FILENAME
 from defectfill.runs.folder import read_metadata
@@ -115,7 +114,7 @@ def row_parts(row: dict, folder: Path, resolution: int) -> list[Part]:
     names, types = row.get("defect_mask_file_names") or [], row.get("defect_types") or []
     parts = []
     for name, defect_type in zip(names, types):
-        with Image.open(folder / name) as mask_image:
+        with open_checked(folder / name, "defect mask") as mask_image:
             mask = square_mask(mask_image, resolution)
         if mask.any():
             parts.append((defect_type, mask_center(mask)))

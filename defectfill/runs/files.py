@@ -21,3 +21,4 @@ FINGERPRINT_FILENAME = "build.json"
 SUMMARY_FILENAME = "build_summary.json"
 SKIPPED_FILENAME = "skipped.json"
 LOCK_FILENAME = ".metadata.lock"
+WRITER_LOCK_FILENAME = ".writer.lock"  # held by the one run that writes the folder

@@ -13,7 +13,9 @@ The protocol:
   an output that was interrupted before its row was written are removed), one made with another fingerprint is
   refused (or emptied, with `overwrite`), and the fingerprint is recorded;
 - rows are merged under a file lock (`add_rows`), so several processes can fill one folder;
-- `append` adds one output at the next free number (the app's "add to dataset", which claims nothing).
+- `append` adds one output at the next free number (the app's "add to dataset", which claims nothing);
+- `writing()` holds the folder for one run, from before its claim to its last file: a second run started on the
+  folder meanwhile is told it is busy; a run that fails before its first output leaves the folder as it found it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from defectfill.errors import RunFileError, SynthesisError
+from defectfill.errors import FolderBusyError, RunFileError, SynthesisError
 from defectfill.fileio import save_image_atomic, write_json_atomic, write_text_atomic
 from defectfill.runs.files import (
     FINGERPRINT_FILENAME,
@@ -39,6 +41,7 @@ from defectfill.runs.files import (
     SKIPPED_FILENAME,
     SUMMARY_FILENAME,
     SYNTHESIS_FILENAME,
+    WRITER_LOCK_FILENAME,
 )
 from defectfill.runs.records import FORMAT_VERSION_KEY, found_format
 
@@ -196,6 +199,52 @@ class SynthesisFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         with FileLock(self.path / LOCK_FILENAME):
             yield
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the folder for one run (a second lock file, taken without waiting): a run that starts while another
+        writes here is refused with `FolderBusyError` instead of doing the same work beside it. Several processes
+        of one run share the hold of the process that took it. A run that fails before its first output (or
+        skipped item) removes what it added (its fingerprint and synthesis.json, and the folder itself when it found
+        it new or empty), so a re-run with other settings does not find the folder taken."""
+        from filelock import FileLock, Timeout
+
+        created = not self.path.exists() or not any(self.path.iterdir())  # new, or nothing in it to keep
+        self.path.mkdir(parents=True, exist_ok=True)
+        before = {name for name in (FINGERPRINT_FILENAME, SYNTHESIS_FILENAME) if (self.path / name).exists()}
+        hold = FileLock(self.path / WRITER_LOCK_FILENAME)
+        try:
+            hold.acquire(timeout=0)
+        except Timeout:
+            raise FolderBusyError(f"--output_dir {self.path} is busy: another run is writing to it now (it holds "
+                                  f"{self.path / WRITER_LOCK_FILENAME}); wait for that run to end, or use another "
+                                  f"--output_dir") from None
+        try:
+            yield
+        except BaseException:
+            try:
+                empty = not self.has_outputs() and not self.skipped()
+            except Exception:  # unreadable records: keep everything, the run's own error is what to report
+                empty = False
+            if empty:
+                for name in {FINGERPRINT_FILENAME, SYNTHESIS_FILENAME} - before:
+                    (self.path / name).unlink(missing_ok=True)
+            hold.release()
+            if empty and created:
+                self.remove_if_empty()
+            raise
+        hold.release()
+
+    def remove_if_empty(self) -> None:
+        """Remove the folder if it holds nothing but lock files and empty output folders."""
+        for name in (LOCK_FILENAME, WRITER_LOCK_FILENAME):
+            (self.path / name).unlink(missing_ok=True)
+        for name in OUTPUT_FOLDERS:
+            folder = self.path / name
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        if not any(self.path.iterdir()):
+            self.path.rmdir()
 
     def write_rows(self, rows: dict[str, dict]) -> Path:
         return write_text_atomic(self.path / METADATA_FILENAME, "".join(json.dumps(rows[name]) + "\n" for name in sorted(rows)))

@@ -9,8 +9,17 @@ from pathlib import Path
 import torch
 
 from defectfill.errors import TrainingError
-from defectfill.masks import vae_scale_factor
-from defectfill.models import Models, add_lora_adapters, compile_models, load_models, precision_dtype, set_memory_format
+from defectfill.fileio import check_output_folder
+from defectfill.models import (
+    Models,
+    add_lora_adapters,
+    base_vae_scale_factor,
+    compile_models,
+    load_models,
+    precision_dtype,
+    set_memory_format,
+)
+from defectfill.models import check_resolution as check_model_resolution
 from defectfill.runs.lora import load_lora_into, save_lora
 from defectfill.settings import BaseModelSettings
 from defectfill.training.checkpoints import CHECKPOINT_FILES, checkpoint_step, is_complete_checkpoint
@@ -118,12 +127,10 @@ def register_state_hooks(accelerator, models: Models) -> None:
 
 
 def check_flags_before_loading(settings: TrainingSettings, output_dirs: list[Path]) -> None:
-    """What can be checked without loading a model or a dataset: a bad output folder, a missing checkpoint,
-    a resolution the model cannot divide. Nothing is written before these pass."""
+    """What can be checked without loading a model or a dataset: an output folder that cannot be written, a missing
+    checkpoint, a resolution the model cannot divide. Nothing is written before these pass."""
     for output_dir in output_dirs:
-        for folder in (output_dir, *output_dir.parents):
-            if folder.exists() and not folder.is_dir():
-                raise TrainingError(f"--output_dir {settings.output_dir}: {folder} exists and is not a folder")
+        check_output_folder(output_dir, "--output_dir")
     resume = settings.monitoring.resume_from_checkpoint
     if resume and resume != "latest":
         path = Path(resume)
@@ -136,15 +143,7 @@ def check_flags_before_loading(settings: TrainingSettings, output_dirs: list[Pat
 
 
 def check_resolution(model: BaseModelSettings, resolution: int) -> None:
-    """--resolution must divide into the VAE's latents (SD2: a multiple of 8; the tiny model: of 2)."""
-    from diffusers import AutoencoderKL
-
-    name = model.pretrained_model_name_or_path
-    try:
-        vae = AutoencoderKL.load_config(name, subfolder="vae", revision=model.revision, cache_dir=model.cache_dir)
-    except Exception as error:  # OSError, EnvironmentError, HFValidationError: a path or id that cannot be read
-        raise TrainingError(f"--pretrained_model_name_or_path {name}: cannot read the model's VAE config ({error})") from error
-    scale = vae_scale_factor(vae)
-    if resolution % scale:
-        raise TrainingError(f"--resolution {resolution} is not a multiple of {scale}, the VAE's scale factor: try "
-                            f"{max(scale, round(resolution / scale) * scale)}")
+    """--resolution must divide into the VAE's latents (SD2: a multiple of 8; the tiny model: of 2): the check every
+    tool makes (`defectfill.models.check_resolution`)."""
+    scale = base_vae_scale_factor(model.pretrained_model_name_or_path, model.revision, model.cache_dir)
+    check_model_resolution(resolution, scale)
