@@ -36,7 +36,7 @@ from defectfill.app.policy import GENERATE_SETTINGS, PUBLIC_DATASET_ROOT, AppPol
 from defectfill.app.runs import AppPaths  # noqa: E402
 from defectfill.app.settings import AppSettings  # noqa: E402
 from defectfill.app.ui import build_app, launch  # noqa: E402
-from defectfill.cli import parse_args_with_config, run_main, settings_from_args  # noqa: E402
+from defectfill.cli import check_minimums, parse_args_with_config, run_main, settings_from_args  # noqa: E402
 
 logger = logging.getLogger("defectfill")
 
@@ -91,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parse_args_with_config(parser, input_args)
-    if args.num_candidates < 1 or args.num_inference_steps < 1:
-        parser.error("--num_candidates and --num_inference_steps must be >= 1")
+    check_minimums(parser, args, {"num_candidates": 1, "num_inference_steps": 1})
     public, _ = serving_mode(args.public, args.private, args.share, args.server_name)
     errors = mode_errors(args.private, args.share, {name: getattr(args, name) for name in GENERATE_SETTINGS}, public)
     if errors:
