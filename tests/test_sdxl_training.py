@@ -155,3 +155,23 @@ def test_the_withdrawn_sd2_id_trains_from_the_mirror(tmp_path, monkeypatch, capl
         f"stabilityai/stable-diffusion-2-inpainting was withdrawn from the Hub by Stability AI in November 2025; "
         f"loading the community mirror {mirror}"]
     assert not output_dir.exists()
+
+
+def test_the_sdxl_config_is_the_sd2_recipe_at_1024_px_with_the_memory_options():
+    """configs/sdxl_inpainting.yaml: the SD2 config's method and optimisation values; what differs is the base, the
+    resolution, the batch (4 as 1 x 4 accumulated) and the memory options."""
+    from defectfill.cli import load_config
+
+    parser = train.build_parser()
+    sdxl = load_config(REPO_ROOT / "configs" / "sdxl_inpainting.yaml", parser)
+    sd2 = load_config(REPO_ROOT / "configs" / "sd2_inpainting.yaml", parser)
+    differ = {key for key in sd2 if sdxl.get(key) != sd2[key]}
+    assert differ == {"pretrained_model_name_or_path", "resolution", "train_batch_size"}
+    assert {key: sdxl[key] for key in sorted(set(sdxl) - set(sd2))} == {
+        "gradient_accumulation_steps": 4, "gradient_checkpointing": True, "mixed_precision": "bf16", "use_8bit_adam": True}
+    assert sdxl["pretrained_model_name_or_path"] == "diffusers/stable-diffusion-xl-1.0-inpainting-0.1"
+    assert (sdxl["resolution"], sdxl["train_batch_size"] * sdxl["gradient_accumulation_steps"]) == (1024, sd2["train_batch_size"])
+    args = train.parse_args(["--config", str(REPO_ROOT / "configs" / "sdxl_inpainting.yaml"), "--data_dir", "d",
+                             "--object_class", "bottle"])
+    settings = settings_from_args(TrainingSettings, args)
+    assert settings.runtime.gradient_checkpointing and settings.optimization.use_8bit_adam

@@ -142,7 +142,9 @@ def _load_text_encoder(state_dict: dict, component: str, text_encoder, file_scal
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
     from peft.utils import get_peft_model_state_dict
 
-    model_has_level = any(k.startswith(TEXT_MODEL_PREFIX) for k in get_peft_model_state_dict(text_encoder))
+    # save_embedding_layers=False: no embedding is adapted, and 'auto' looks the base model up on the Hub.
+    keys = get_peft_model_state_dict(text_encoder, save_embedding_layers=False)
+    model_has_level = any(k.startswith(TEXT_MODEL_PREFIX) for k in keys)
     prefix = f"{component}."
     text_state = {}
     for key, value in state_dict.items():
