@@ -28,6 +28,7 @@ from tests.conftest import REPO_ROOT, SYNTHETIC_DATA
 
 SIZE = 64
 PREFIXES = {"unet", "text_encoder", "text_encoder_2"}
+RUN_EXTRA = ("--gradient_checkpointing", "--validation_steps", "10", "--num_validation_images", "1", "--num_inference_steps", "2")
 
 
 def sdxl_args(base: Path, output_dir: Path, *extra: str):
@@ -43,10 +44,10 @@ def sdxl_args(base: Path, output_dir: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def sdxl_run(tiny_sdxl_path, tmp_path_factory) -> Path:
-    """Three steps on the tiny SDXL base, checkpointed each step, with the final validation painted by SDXL's pipeline."""
+    """Three steps on the tiny SDXL base, checkpointed each step, with gradient checkpointing (UNet and both text
+    encoders) and the final validation painted by SDXL's pipeline."""
     output_dir = tmp_path_factory.mktemp("sdxl_run") / "metal_nut-color"
-    train.main(sdxl_args(tiny_sdxl_path, output_dir, "--validation_steps", "10", "--num_validation_images", "1",
-                         "--num_inference_steps", "2"))
+    train.main(sdxl_args(tiny_sdxl_path, output_dir, *RUN_EXTRA))
     return output_dir
 
 
@@ -85,8 +86,7 @@ def test_the_lora_loads_in_the_sdxl_pipeline_and_changes_what_it_paints(sdxl_run
 def test_resuming_an_sdxl_run_gives_the_uninterrupted_lora_bit_for_bit(sdxl_run, tiny_sdxl_path, tmp_path):
     """The fixture's run checkpointed each step; resuming from its step 1 ends with the same three LoRAs."""
     resumed = tmp_path / "resumed"
-    train.main(sdxl_args(tiny_sdxl_path, resumed, "--validation_steps", "10", "--num_validation_images", "1",
-                         "--num_inference_steps", "2", "--resume_from_checkpoint", str(sdxl_run / "checkpoint-1")))
+    train.main(sdxl_args(tiny_sdxl_path, resumed, *RUN_EXTRA, "--resume_from_checkpoint", str(sdxl_run / "checkpoint-1")))
     straight, again = load_file(sdxl_run / LORA_FILENAME), load_file(resumed / LORA_FILENAME)
     assert straight.keys() == again.keys() and {key.split(".")[0] for key in again} == PREFIXES
     for key in straight:
