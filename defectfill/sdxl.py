@@ -41,7 +41,8 @@ def encode_prompt_ids(text_encoders: Sequence[torch.nn.Module], input_ids: Seque
         raise ValueError(f"{len(text_encoders)} text encoders but {len(input_ids)} tokenizations")
     hidden, pooled = [], None
     for encoder, ids in zip(text_encoders, input_ids):
-        output = encoder(ids.to(encoder.device), output_hidden_states=True)
+        # The device of the encoder's weights (a DDP-wrapped encoder has no `.device`).
+        output = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
         if pooled is None and output[0].ndim == 2:
             pooled = output[0]
         hidden.append(output.hidden_states[-2])

@@ -9,6 +9,14 @@ exits, so no caller resets the store by hand.
     # here the store is empty and idle again
 
 The training script, the tiny model's pre-training and measurement, and the benchmarks all call it.
+
+On an SDXL base (`Models.text_encoder_2` set) the step conditions the UNet as `StableDiffusionXLInpaintPipeline`
+does (`defectfill.sdxl`): both prompts through both tokenizers and text encoders, the pooled embeddings and time
+ids as `added_cond_kwargs` of the same single UNet call of 2B rows. The time ids are the ones the pipeline paints
+with by default: original size = target size = the training image's (height, width), crop corner (0, 0). The
+training images are resized (and, with augmentation, cropped) from photos of other sizes; conditioning on their
+true original size and crop would teach the LoRA a conditioning that synthesis never passes, so the step uses
+the pipeline's defaults, and training and painting see the same micro-conditioning.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from defectfill import masks, method
+from defectfill import masks, method, sdxl
 from defectfill.attention import VStarAttentionStore, install_vstar_capture, token_piece_ids, token_weights
 from defectfill.models import Models
 
@@ -49,11 +57,14 @@ class StepConfig:
 
 @dataclass
 class PromptIds:
-    """Token ids of P_def and P_obj (1, K each) and the [V*] weights over P_obj's positions (1, K)."""
+    """Token ids of P_def and P_obj (1, K each) and the [V*] weights over P_obj's positions (1, K). SDXL's second
+    tokenizer's ids of the same prompts are `defect_2` / `object_2` (None for SD 1.x / 2.x)."""
 
     defect: torch.Tensor
     object: torch.Tensor
     vstar_weights: torch.Tensor
+    defect_2: torch.Tensor | None = None
+    object_2: torch.Tensor | None = None
 
 
 def tokenize(tokenizer, prompt: str | list[str]) -> torch.Tensor:
@@ -61,10 +72,18 @@ def tokenize(tokenizer, prompt: str | list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def build_prompt_ids(tokenizer, object_class: str, token: str) -> PromptIds:
+def build_prompt_ids(tokenizer, object_class: str, token: str, tokenizer_2=None) -> PromptIds:
     object_ids = tokenize(tokenizer, method.object_prompt(object_class, token))
-    weights = token_weights(object_ids, token_piece_ids(tokenizer, token))
-    return PromptIds(tokenize(tokenizer, method.defect_prompt(token)), object_ids, weights)
+    if tokenizer_2 is None:
+        weights = token_weights(object_ids, token_piece_ids(tokenizer, token))
+        return PromptIds(tokenize(tokenizer, method.defect_prompt(token)), object_ids, weights)
+    # SDXL: the [V*] positions are the same in both tokenizations (checked), so one row of weights reads the
+    # attention over the concatenated embeddings.
+    tokenizers = (tokenizer, tokenizer_2)
+    defect_ids = sdxl.tokenize_prompts(tokenizers, [method.defect_prompt(token)])
+    object_ids = sdxl.tokenize_prompts(tokenizers, [method.object_prompt(object_class, token)])
+    weights = sdxl.vstar_weights(tokenizers, object_ids, token)
+    return PromptIds(defect_ids[0], object_ids[0], weights, defect_ids[1], object_ids[1])
 
 
 def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
@@ -185,6 +204,7 @@ class DefectFillStep:
     config: StepConfig = field(default_factory=StepConfig)
     store: VStarAttentionStore | None = None
     latent_cache: LatentCache | None = None
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's second text encoder (None: SD 1.x / 2.x)
 
     @classmethod
     def build(cls, models: Models, object_class: str, token: str = method.DEFAULT_TOKEN, config: StepConfig | None = None,
@@ -194,8 +214,9 @@ class DefectFillStep:
         if capture:
             store = VStarAttentionStore()
             install_vstar_capture(models.unet, store)
-        return cls(models.unet, models.vae, models.text_encoder, models.noise_scheduler,
-                   build_prompt_ids(models.tokenizer, object_class, token), config or StepConfig(), store, latent_cache)
+        prompt_ids = build_prompt_ids(models.tokenizer, object_class, token, models.tokenizer_2)
+        return cls(models.unet, models.vae, models.text_encoder, models.noise_scheduler, prompt_ids, config or StepConfig(),
+                   store, latent_cache, models.text_encoder_2)
 
     @property
     def records_attention(self) -> bool:
@@ -235,14 +256,18 @@ class DefectFillStep:
             torch.cat([noisy, random_mask, object_background], dim=1),
         ])
         device = latents.device
-        prompt_embeds = self.text_encoder(torch.cat([self.prompt_ids.defect, self.prompt_ids.object]).to(device))[0]
-        encoder_hidden_states = prompt_embeds.repeat_interleave(b, dim=0)
+        encoder_hidden_states, added = self.conditioning(b, (height, width), device)
         if self.records_attention:
             self.store.start(self.prompt_ids.vstar_weights.expand(b, -1).to(device), latent_size, rows=slice(b, 2 * b))
-        prediction = self.unet(unet_input, timesteps.repeat(2), encoder_hidden_states, return_dict=False)[0]
+        prediction = self.unet(unet_input, timesteps.repeat(2), encoder_hidden_states, added_cond_kwargs=added,
+                               return_dict=False)[0]
         defect_pred, object_pred = prediction.float().chunk(2)
 
         target = diffusion_target(self.noise_scheduler, latents, noise, timesteps).float()
+        # A^[V*] is the plain mean over the captured decoder cross-attention layers (the paper's "average over
+        # decoder layers"). On SDXL that is 36 layers, 30 of them in up_blocks.0 (10 transformer layers x 3
+        # attentions, at 1/4 of the latent side): SDXL's map is dominated by those coarse layers. Kept as the paper
+        # defines it; a per-block weighting would be a change to the method, unmeasured.
         attention_map = self.store.aggregate() if self.records_attention else None
         terms = {
             "defect": method.defect_loss(defect_pred, target, defect_mask),
@@ -251,6 +276,20 @@ class DefectFillStep:
         }
         terms["loss"] = method.total_loss(terms, self.config.loss_weights)
         return StepOutput(terms, attention_map)
+
+    def conditioning(self, b: int, size: tuple[int, int], device) -> tuple[torch.Tensor, dict | None]:
+        """(encoder_hidden_states, added_cond_kwargs) of the 2B rows (P_def rows, then P_obj rows); the added
+        conditioning is None for SD 1.x / 2.x. SDXL's time ids: original = target = `size`, crop (0, 0), what the
+        pipeline paints with (see the module docstring)."""
+        ids = self.prompt_ids
+        if self.text_encoder_2 is None:
+            prompt_embeds = self.text_encoder(torch.cat([ids.defect, ids.object]).to(device))[0]
+            return prompt_embeds.repeat_interleave(b, dim=0), None
+        input_ids = [torch.cat([ids.defect, ids.object]).to(device), torch.cat([ids.defect_2, ids.object_2]).to(device)]
+        prompt_embeds, pooled = sdxl.encode_prompt_ids([self.text_encoder, self.text_encoder_2], input_ids)
+        pooled = pooled.repeat_interleave(b, dim=0)
+        time_ids = sdxl.time_ids([size] * 2 * b, size, dtype=pooled.dtype, device=device)
+        return prompt_embeds.repeat_interleave(b, dim=0), sdxl.added_cond_kwargs(pooled, time_ids)
 
     def encode(self, images, defect_masks, random_masks, row_index, draw: RandomDraws):
         """(x0, b_def, b_rand) latents: the image, its defect background (1 - M) I and its random-box

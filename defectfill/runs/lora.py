@@ -16,6 +16,7 @@ from defectfill.errors import RunFileError
 from defectfill.runs.files import LORA_FILENAME
 
 TEXT_MODEL_PREFIX = "text_model."
+TEXT_ENCODER_COMPONENTS = ("text_encoder", "text_encoder_2")  # the key prefixes of the text encoders' LoRA (SDXL: both)
 
 
 def lora_layers(model, adapter_name: str = "default", fold_alpha: bool = False) -> dict:
@@ -57,25 +58,32 @@ def _adapter_metadata(model, fold_alpha: bool) -> dict:
     return metadata
 
 
-def save_lora(directory: str | os.PathLike, unet, text_encoder=None, fold_alpha: bool = True) -> None:
-    """`pytorch_lora_weights.safetensors` in diffusers format (keys `unet.` / `text_encoder.text_model.`), with
+def text_encoder_layers(text_encoder, fold_alpha: bool) -> dict:
+    """A text encoder's LoRA in diffusers format with CLIP's ``text_model.`` level on every key (transformers 5
+    saves `CLIPTextModel`'s without it, `CLIPTextModelWithProjection`'s with it; older stacks silently drop keys
+    without it)."""
+    layers = lora_layers(text_encoder, fold_alpha=fold_alpha)
+    return {key if key.startswith(TEXT_MODEL_PREFIX) else TEXT_MODEL_PREFIX + key: value for key, value in layers.items()}
+
+
+def save_lora(directory: str | os.PathLike, unet, text_encoder=None, fold_alpha: bool = True, text_encoder_2=None) -> None:
+    """`pytorch_lora_weights.safetensors` in diffusers format (keys `unet.` / `text_encoder.text_model.`, and for
+    SDXL `text_encoder_2.text_model.`, as `StableDiffusionXLInpaintPipeline.save_lora_weights` writes them), with
     the adapter configs' shared fields as metadata (`_adapter_metadata`), readable by the usual file mode.
 
-    Made for every loader users have: the text-encoder keys keep CLIP's ``text_model.`` level (transformers 5
-    saves them without it, which older stacks silently drop: the learned [V*] is then gone), and with
+    Made for every loader users have: the text-encoder keys keep CLIP's ``text_model.`` level, and with
     `fold_alpha` (the final LoRA) the scale is inside the weights. Checkpoints keep the raw adapter weights
     (`fold_alpha=False`) so that resuming is exact."""
-    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
     kwargs = {"unet_lora_layers": lora_layers(unet, fold_alpha=fold_alpha),
               "unet_lora_adapter_metadata": _adapter_metadata(unet, fold_alpha)}
-    if text_encoder is not None and getattr(text_encoder, "peft_config", None):
-        layers = lora_layers(text_encoder, fold_alpha=fold_alpha)
-        kwargs["text_encoder_lora_layers"] = {
-            key if key.startswith(TEXT_MODEL_PREFIX) else TEXT_MODEL_PREFIX + key: value for key, value in layers.items()
-        }
-        kwargs["text_encoder_lora_adapter_metadata"] = _adapter_metadata(text_encoder, fold_alpha)
-    StableDiffusionInpaintPipeline.save_lora_weights(directory, safe_serialization=True, **kwargs)
+    for component, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if encoder is not None and getattr(encoder, "peft_config", None):
+            kwargs[f"{component}_lora_layers"] = text_encoder_layers(encoder, fold_alpha)
+            kwargs[f"{component}_lora_adapter_metadata"] = _adapter_metadata(encoder, fold_alpha)
+    pipeline_class = StableDiffusionXLInpaintPipeline if text_encoder_2 is not None else StableDiffusionInpaintPipeline
+    pipeline_class.save_lora_weights(directory, safe_serialization=True, **kwargs)
     path = Path(directory) / LORA_FILENAME
     umask = os.umask(0)
     os.umask(umask)
@@ -83,7 +91,7 @@ def save_lora(directory: str | os.PathLike, unet, text_encoder=None, fold_alpha:
 
 
 def _file_lora_scales(path: Path) -> dict[str, float]:
-    """{"unet": alpha / r, "text_encoder": ...} as the file's metadata records them (1.0 where it records none,
+    """{"unet": alpha / r, "text_encoder": ..., "text_encoder_2": ...} as the file's metadata records them (1.0 where it records none,
     as loaders then take alpha = r)."""
     from safetensors import safe_open
 
@@ -91,7 +99,7 @@ def _file_lora_scales(path: Path) -> dict[str, float]:
         metadata = handle.metadata() or {}
     adapters = json.loads(metadata.get("lora_adapter_metadata", "{}"))
     scales = {}
-    for component in ("unet", "text_encoder"):
+    for component in ("unet", *TEXT_ENCODER_COMPONENTS):
         alpha, rank = adapters.get(f"{component}.lora_alpha"), adapters.get(f"{component}.r")
         scales[component] = alpha / rank if alpha and rank else 1.0
     return scales
@@ -112,7 +120,7 @@ def _set_lora_state(model, peft_state: dict, file_scale: float, where: str) -> N
         raise RunFileError(f"{where}: LoRA keys the model does not have, e.g. {unexpected[:3]}: is it a LoRA of another base model?")
 
 
-def load_lora_into(directory: str | os.PathLike, unet, text_encoder=None) -> None:
+def load_lora_into(directory: str | os.PathLike, unet, text_encoder=None, text_encoder_2=None) -> None:
     """Inverse of `save_lora` for models that already carry the adapters (resuming, measuring). UNet and
     text-encoder keys are checked alike."""
     from diffusers import StableDiffusionInpaintPipeline
@@ -123,18 +131,26 @@ def load_lora_into(directory: str | os.PathLike, unet, text_encoder=None) -> Non
     scales = _file_lora_scales(path)
     unet_state = {k[len("unet."):]: v for k, v in state_dict.items() if k.startswith("unet.")}
     _set_lora_state(unet, convert_unet_state_dict_to_peft(unet_state), scales["unet"], f"{path} (UNet)")
-    if text_encoder is not None and getattr(text_encoder, "peft_config", None):
-        from peft.utils import get_peft_model_state_dict
+    for component, encoder in zip(TEXT_ENCODER_COMPONENTS, (text_encoder, text_encoder_2)):
+        if encoder is not None and getattr(encoder, "peft_config", None):
+            _load_text_encoder(state_dict, component, encoder, scales[component], f"{path} ({component.replace('_', ' ')})")
 
-        model_has_level = any(k.startswith(TEXT_MODEL_PREFIX) for k in get_peft_model_state_dict(text_encoder))
-        text_state = {}
-        for key, value in state_dict.items():
-            if key.startswith("text_encoder."):
-                key = key[len("text_encoder."):]
-                if not model_has_level and key.startswith(TEXT_MODEL_PREFIX):
-                    key = key[len(TEXT_MODEL_PREFIX):]
-                text_state[key] = value
-        from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
 
-        _set_lora_state(text_encoder, convert_state_dict_to_peft(convert_state_dict_to_diffusers(text_state)),
-                        scales["text_encoder"], f"{path} (text encoder)")
+def _load_text_encoder(state_dict: dict, component: str, text_encoder, file_scale: float, where: str) -> None:
+    """The `component.` keys of a LoRA file into a text encoder's adapter, with or without CLIP's ``text_model.``
+    level as the model's own peft keys have it."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+    from peft.utils import get_peft_model_state_dict
+
+    # save_embedding_layers=False: no embedding is adapted, and 'auto' looks the base model up on the Hub.
+    keys = get_peft_model_state_dict(text_encoder, save_embedding_layers=False)
+    model_has_level = any(k.startswith(TEXT_MODEL_PREFIX) for k in keys)
+    prefix = f"{component}."
+    text_state = {}
+    for key, value in state_dict.items():
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            if not model_has_level and key.startswith(TEXT_MODEL_PREFIX):
+                key = key[len(TEXT_MODEL_PREFIX):]
+            text_state[key] = value
+    _set_lora_state(text_encoder, convert_state_dict_to_peft(convert_state_dict_to_diffusers(text_state)), file_scale, where)

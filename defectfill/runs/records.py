@@ -119,6 +119,11 @@ class RunRecord(_JsonRecord):
     dataset_name: str | None = None
     training: dict = field(default_factory=dict)
     training_summary: dict | None = None
+    # The base's family ("sd": SD 1.x / 2.x inpainting, "sdxl": SDXL inpainting; `defectfill.bases`) and the diffusers
+    # pipeline class that paints with the LoRA. Still format 3: records written before these fields have neither
+    # (None), and were all trained on SD 1.x / 2.x.
+    base_family: str | None = None
+    pipeline_class: str | None = None
 
     REQUIRED = ("base_model", "token", "object_class", "defect_type", "defect_prompt", "object_prompt", "resolution", "split")
 

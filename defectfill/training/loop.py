@@ -65,7 +65,7 @@ class TrainingLoop:
         self.skip_batches = (self.global_step % self.steps_per_epoch) * self.optimization.gradient_accumulation_steps
 
     def trainable_parameters(self):
-        models = [self.models.unet] + ([self.models.text_encoder] if self.optimization.train_text_encoder else [])
+        models = [self.models.unet] + (self.models.text_encoders if self.optimization.train_text_encoder else [])
         return [p for m in models for p in m.parameters() if p.requires_grad]
 
     def run(self, bar, validation: Validation) -> None:
@@ -88,8 +88,9 @@ class TrainingLoop:
         models, accelerator = self.models, self.accelerator
         models.unet.train()
         if self.optimization.train_text_encoder:
-            models.text_encoder.train()
-        with accelerator.accumulate(models.unet, models.text_encoder):
+            for encoder in models.text_encoders:
+                encoder.train()
+        with accelerator.accumulate(models.unet, *models.text_encoders):
             with self.step(batch) as output:  # backward inside: the [V*] capture records until it is done
                 losses = output.losses
                 if not self.guard.check(accelerator, losses["loss"]):

@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from defectfill.bases import FAMILY_PIPELINES, SD_FAMILY, SDXL_FAMILY, BaseFamily
 from defectfill.data.split import save_split
 from defectfill.errors import TrainingError
 from defectfill.fileio import save_image_atomic, write_text_atomic
@@ -18,6 +19,8 @@ from defectfill.runs.lora import save_lora
 from defectfill.runs.records import RunRecord
 from defectfill.training.settings import TrainingSettings, recorded_training
 
+FAMILY_NAMES = {SD_FAMILY: "Stable Diffusion 1.x/2.x inpainting", SDXL_FAMILY: "SDXL inpainting"}
+
 
 def resolved_if_local(name_or_path: str) -> str:
     """An absolute path for a local folder (so the run works from any working directory); a Hub id as it is."""
@@ -25,11 +28,13 @@ def resolved_if_local(name_or_path: str) -> str:
     return str(path.resolve()) if path.exists() else str(name_or_path)
 
 
-def run_record(settings: TrainingSettings, defect_type: str, split: dict) -> RunRecord:
+def run_record(settings: TrainingSettings, defect_type: str, split: dict, base: BaseFamily | None = None) -> RunRecord:
     """What synthesis needs to use the run (defectfill_run.json next to the LoRA), and the training settings that
-    decide the LoRA (`recorded_training`), the training-time scale included."""
+    decide the LoRA (`recorded_training`), the training-time scale included. `base`: the base's family as loaded
+    (`Models.base`); None leaves the family unrecorded."""
     model, data, token = settings.model, settings.data, settings.method.token
     return RunRecord(
+        base_family=base.family if base else None, pipeline_class=base.pipeline_class if base else None,
         base_model=resolved_if_local(model.pretrained_model_name_or_path), revision=model.revision, token=token,
         object_class=data.object_class, defect_type=defect_type, defect_prompt=defect_prompt(token),
         object_prompt=object_prompt(data.object_class, token), resolution=settings.augmentation.resolution, split=split,
@@ -60,26 +65,30 @@ def save_model_card(output_dir: Path, record: RunRecord, repo_id: str | None, im
         widget.append({"text": record.object_prompt, "output": {"url": f"validation_{index}.png"}})
     n_train = sum(len(e["train"]) for e in record.split["defect_types"].values())
     training = record.training
+    # Records without the family were all trained on SD 1.x / 2.x; the snippet's class is the family's own.
+    family = record.base_family if record.base_family in FAMILY_PIPELINES else SD_FAMILY
+    pipeline_class = FAMILY_PIPELINES[family]
+    family_tags = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"] if family == SDXL_FAMILY else \
+        ["stable-diffusion", "stable-diffusion-diffusers"]
     data = ModelCardData(
         license="openrail++", base_model=record.base_model, library_name="diffusers",
-        tags=["stable-diffusion", "stable-diffusion-diffusers", "diffusers", "inpainting", "lora", "defectfill",
-              "anomaly-detection", "template:sd-lora"],
+        tags=[*family_tags, "diffusers", "inpainting", "lora", "defectfill", "anomaly-detection", "template:sd-lora"],
         instance_prompt=record.object_prompt, widget=widget or None,
     )
     lora_source = repo_id or output_dir.name
     body = f"""
 # DefectFill LoRA: {record.object_class} / {record.defect_type}
 
-LoRA adapters for `{record.base_model}` trained with
+LoRA adapters for `{record.base_model}` ({FAMILY_NAMES[family]}, `{pipeline_class}`) trained with
 defectfill (DefectFill, CVPR 2025, arXiv 2503.13985) on {n_train} image(s) of the `{record.defect_type}`
 defect of `{record.object_class}`. The token `{record.token}` ([V*]) stands for the defect.
 
 Inference prompt: `{record.object_prompt}`; the mask marks where the defect is painted.
 
 ```python
-from diffusers import StableDiffusionInpaintPipeline
+from diffusers import {pipeline_class}
 
-pipe = StableDiffusionInpaintPipeline.from_pretrained({record.base_model!r})
+pipe = {pipeline_class}.from_pretrained({record.base_model!r})
 pipe.load_lora_weights({lora_source!r}, weight_name={LORA_FILENAME!r})
 image = pipe({record.object_prompt!r}, image=clean_image, mask_image=defect_mask).images[0]
 ```
@@ -93,6 +102,7 @@ Or with Low-Fidelity Selection and an exact background: `python infer_defectfill
 
 | setting | value |
 |---|---|
+| base model | `{record.base_model}` ({FAMILY_NAMES[family]}) |
 | steps | {training["max_train_steps"]} |
 | resolution | {record.resolution} |
 | defect scale | {record.defect_crop_probability or 0:.0%} defect crops (context {record.crop_context}), max resize {record.max_scale} |
@@ -114,8 +124,11 @@ def save_final_outputs(accelerator, models: Models, output_dir: Path, record: Ru
     """LoRA, run JSON, split and model card, each written to a temp name then moved into place."""
     unet = accelerator.unwrap_model(models.unet)
     text_encoder = accelerator.unwrap_model(models.text_encoder) if record.train_text_encoder else None
+    # SDXL: the second text encoder's LoRA too (`text_encoder_2.` keys, as the SDXL pipeline saves them).
+    extra = {"text_encoder_2": accelerator.unwrap_model(models.text_encoder_2)} \
+        if record.train_text_encoder and models.text_encoder_2 is not None else {}
     with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
-        save_lora(tmp, unet, text_encoder)
+        save_lora(tmp, unet, text_encoder, **extra)
         os.replace(Path(tmp) / LORA_FILENAME, output_dir / LORA_FILENAME)
     record.write(output_dir)
     save_split(record.split, output_dir / SPLIT_FILENAME)

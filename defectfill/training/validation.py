@@ -74,15 +74,9 @@ def log_validation(accelerator, models: Models, settings: TrainingSettings, vali
 
 
 def validation_images(accelerator, models: Models, model: BaseModelSettings, validation: Validation) -> list:
-    from diffusers import StableDiffusionInpaintPipeline
     from PIL import Image
 
-    pipeline = StableDiffusionInpaintPipeline.from_pretrained(
-        model.pretrained_model_name_or_path, unet=accelerator.unwrap_model(models.unet),
-        text_encoder=accelerator.unwrap_model(models.text_encoder), vae=models.vae, tokenizer=models.tokenizer,
-        revision=model.revision, variant=model.variant, torch_dtype=models.vae.dtype, safety_checker=None,
-        requires_safety_checker=False, cache_dir=model.cache_dir,
-    )
+    pipeline = training_pipeline(accelerator, models, model)
     pipeline.set_progress_bar_config(disable=True)
     settings = validation.settings
     jobs = []
@@ -93,6 +87,22 @@ def validation_images(accelerator, models: Models, model: BaseModelSettings, val
         results = synthesize(pipeline, jobs, settings)
     del pipeline
     return [result.region for result in results]
+
+
+def training_pipeline(accelerator, models: Models, model: BaseModelSettings):
+    """The base's own inpainting pipeline (its family's class, `defectfill.bases`) around the models being trained."""
+    from defectfill.bases import detect_base_family, pipeline_class_of
+
+    base = models.base or detect_base_family(model.pretrained_model_name_or_path, model.revision, model.cache_dir)
+    components = dict(unet=accelerator.unwrap_model(models.unet), text_encoder=accelerator.unwrap_model(models.text_encoder),
+                      vae=models.vae, tokenizer=models.tokenizer)
+    if models.text_encoder_2 is not None:
+        components.update(text_encoder_2=accelerator.unwrap_model(models.text_encoder_2), tokenizer_2=models.tokenizer_2)
+    else:  # SD 1.x / 2.x pipelines carry a safety checker; SDXL's have none
+        components.update(safety_checker=None, requires_safety_checker=False)
+    return pipeline_class_of(base).from_pretrained(
+        model.pretrained_model_name_or_path, revision=model.revision, variant=model.variant, torch_dtype=models.vae.dtype,
+        cache_dir=model.cache_dir, **components)
 
 
 def final_validation(accelerator, models: Models, settings: TrainingSettings, validation: Validation, step: int,
@@ -124,8 +134,10 @@ def log_attention_preview(accelerator, resolution: int, pair, step: int, defectf
     image, mask = PairTransform(resolution)(Image.open(pair[0]), Image.open(pair[1]))
     dtype = defectfill_step.vae.dtype
     batch = {"pixel_values": image[None].to(accelerator.device, dtype), "masks": mask[None].to(accelerator.device, dtype)}
+    text_encoder_2 = defectfill_step.text_encoder_2
     preview = dataclasses.replace(defectfill_step, unet=accelerator.unwrap_model(defectfill_step.unet),
-                                  text_encoder=accelerator.unwrap_model(defectfill_step.text_encoder), latent_cache=None)
+                                  text_encoder=accelerator.unwrap_model(defectfill_step.text_encoder), latent_cache=None,
+                                  text_encoder_2=accelerator.unwrap_model(text_encoder_2) if text_encoder_2 is not None else None)
     with torch.no_grad(), preview(batch) as output:
         attention = F.interpolate(output.attention_map.float(), size=mask.shape[-2:], mode="bilinear")[0, 0]
     attention = (attention / attention.max().clamp_min(1e-8)).cpu().numpy()
