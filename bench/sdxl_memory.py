@@ -7,6 +7,9 @@ reports its peak resident memory (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) a
                                                                        # outputs/sdxl_memory/sdxl_memory.{json,md}
     PYTHONPATH=$PWD python bench/sdxl_memory.py --results_md bench/RESULTS.md   # and appends the markdown there
 
+On a CPU shared with other jobs run it with OMP_NUM_THREADS=1: with more threads than free cores, torch's OpenMP
+threads wait on each other and a step takes many times longer.
+
 What a step is here. SDXL's DefectFill training step (`defectfill.step` on SDXL) was being written in parallel when
 this script was, so it measures what dominates a step's memory directly with diffusers and peft, as the recipe sets
 it up (`defectfill.models` targets, rank 8 / alpha 16, gradient checkpointing on the UNet and the text encoders):
@@ -217,7 +220,8 @@ def markdown(rows: list[dict], machine: str, command: str) -> str:
     lines = [f"## {datetime.date.today().isoformat()} — {machine}, torch {torch.__version__}", "",
              f"### `{command}`", "",
              "One training step per shape, each in its own process (see the script's docstring for what a step is: "
-             "frozen weights bf16, LoRA rank 8 fp32, gradient checkpointing, bf16 autocast, UNet batch = 2 x images). "
+             "frozen weights bf16, LoRA rank 8 fp32, gradient checkpointing, bf16 autocast, UNet batch = 2 x images), "
+             f"{rows[0].get('threads', '?')} torch thread(s). "
              "Load average (1, 5, 15 min) at the end of each step: "
              + "; ".join(f"{r['shape']} {', '.join(f'{x:.1f}' for x in r['load_average'])}" for r in rows if "load_average" in r)
              + " (the step times are of a shared machine: compare them within this table only).", "",
