@@ -60,7 +60,8 @@ def small_pair(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "good.png", tmp_path / "mask.png"
 
 
-def unet_calls(pipeline) -> list:
+def unet_calls(pipeline):
+    """(the list that grows by one per UNet call, the hook to remove)."""
     calls = []
     return calls, pipeline.unet.register_forward_hook(lambda module, args, output: calls.append(1))
 
@@ -99,6 +100,12 @@ def test_infer_paints_an_sdxl_run_with_the_sdxl_pipeline(sdxl_runs, tiny_sdxl_pa
     plain = np.asarray(without_lora.image.convert("RGB")).astype(int)
     assert np.array_equal(plain[~inside], clean[~inside])
     assert np.abs(painted[inside] - plain[inside]).max() > 0
+
+
+def test_an_sdxl_lora_on_an_sd_base_names_both(sdxl_runs, tiny_pipeline, tiny_sdxl_path):
+    with pytest.raises(SynthesisError, match=r"an SDXL LoRA \(it has text_encoder_2 layers\).*StableDiffusionInpaintPipeline. "
+                                             r"Use --pretrained_model_name_or_path .*tiny-sdxl-inpainting"):
+        pipelines.check_lora_fits(tiny_pipeline, str(sdxl_runs / "color"), str(tiny_sdxl_path), str(TINY_MODEL))
 
 
 # ------------------------------------------------------------------------------------------------ builder
