@@ -277,7 +277,8 @@ def main(args: argparse.Namespace, scorer: Scorer | None = None) -> Path:
         logger.info("sampler %s, %d steps, %d candidates: %d UNet passes per image", scheduler,
                     plan.settings.num_inference_steps, plan.settings.num_candidates, passes)
         # before the first image: a killed run resumes on the same terms
-        folder.write_record(plan.synthesis_record(scheduler=scheduler, unet_passes_per_image=passes, mask_from=mask_origin(args)))
+        folder.write_record(plan.synthesis_record(scheduler=scheduler, unet_passes_per_image=passes, mask_from=mask_origin(args),
+                                                  pipeline_class=type(pipeline).__name__))
         rows = synthesize_to_folder(pipeline, pairs, plan, scorer, folder, args.batch_size, args.save_candidates,
                                     mask_origin(args))
         folder.save_preview(rows)

@@ -7,7 +7,11 @@
 2. the peak memory of our step at batch 4: plain, with gradient checkpointing, with 8-bit Adam (when bitsandbytes
    imports), with both;
 3. synthesis per kept image: the paper's 8 candidates x 50 steps scored finished against the fast defaults of
-   configs/tiny_infer.yaml (`bench/inference.py`'s fast part), UNet passes and wall time.
+   configs/tiny_infer.yaml (`bench/inference.py`'s fast part), UNet passes and wall time;
+4. SDXL inpainting (random weights from bench/sdxl_inpainting_configs.json) at 1024 px: one training step
+   (`bench/sdxl_memory.py`'s step: frozen weights bf16, LoRA fp32, gradient checkpointing, bf16 autocast) with 8-bit
+   Adam (AdamW where bitsandbytes does not import: the table says which), batch 1 and 2: peak memory and step time,
+   against the 24 GB of the cards users have.
 
     bash bench/gpu_check.sh                       # on the GPU machine: installs bench/wheels/*.whl, then this
     python bench/gpu_check.py --smoke             # the same code on a CPU with the tiny model, in seconds
@@ -154,6 +158,53 @@ def synthesis_part(args, device) -> tuple[dict, list[str]]:
     return result, [f"fast defaults: {result['settings']}", "", *lines]
 
 
+CONSUMER_CARD_GIB = 24 * 10**9 / 2**30  # a "24 GB" card, in GiB
+
+
+def sdxl_part(args, device) -> tuple[dict, list[str]]:
+    """SDXL inpainting at 1024 px (smoke: its structure at width 32, 64 px), batch 1 and 2: peak memory and the median
+    step time after the first (which allocates the optimizer state)."""
+    import sdxl_memory
+
+    name, resolution = ("sdxl_tiny", 64) if args.smoke else ("sdxl", 1024)
+    shape = sdxl_memory.build_shape(name, device)
+    params = sdxl_memory.add_lora(shape)
+    optimizer_class, optimizer_name = torch.optim.AdamW, "AdamW"
+    if device.type == "cuda":
+        try:
+            import bitsandbytes
+
+            optimizer_class, optimizer_name = bitsandbytes.optim.AdamW8bit, "8-bit AdamW"
+        except Exception as error:  # no wheel on this machine: the LoRA's optimizer state is small either way
+            optimizer_name = f"AdamW (bitsandbytes: {type(error).__name__})"
+    figures = {"shape": name, "resolution": resolution, "optimizer": optimizer_name, "batches": {}}
+    lines = [f"{name}, {resolution} px, frozen weights bf16, LoRA rank 8, gradient checkpointing, {optimizer_name}", "",
+             "| images per step (UNet rows) | peak memory (GiB) | fits 24 GB | median step (s) |", "|---|---|---|---|"]
+    for batch in (1, 2):
+        optimizer = optimizer_class(params, lr=1e-5)
+        try:
+            seconds = []
+            for step in range(1 if args.smoke else 4):
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                started = time.perf_counter()
+                sdxl_memory.training_step(shape, optimizer, batch, resolution, device, seed=step)
+                synchronize(device)
+                seconds.append(time.perf_counter() - started)
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            timed = sorted(seconds[1:] or seconds)
+            row = {"peak_gib": peak, "step_s": timed[len(timed) // 2], "fits_24gb": None if peak is None else peak < CONSUMER_CARD_GIB}
+            fits = "n/a (CPU)" if peak is None else ("yes" if row["fits_24gb"] else "no")
+            lines.append(f"| {batch} ({2 * batch}) | {'n/a (CPU)' if peak is None else f'{peak:.1f}'} | {fits} | {row['step_s']:.2f} |")
+        except torch.cuda.OutOfMemoryError as error:
+            row = {"error": f"out of memory: {error}"}
+            lines.append(f"| {batch} ({2 * batch}) | out of memory | no | |")
+        figures["batches"][batch] = row
+        del optimizer
+    return figures, lines
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="The same code on a CPU with the tiny model, in seconds.")
@@ -168,7 +219,8 @@ def main(argv=None) -> dict:
     report = Report(Path(args.output_dir), args.smoke, device)
     started = time.perf_counter()
     for part, run in (("training step", lambda: training_step_part(args)), ("peak memory", lambda: memory_part(args, device)),
-                      ("synthesis per kept image", lambda: synthesis_part(args, device))):
+                      ("synthesis per kept image", lambda: synthesis_part(args, device)),
+                      ("sdxl training step", lambda: sdxl_part(args, device))):
         try:
             report.add(part, *run())
         except Exception as error:  # keep what the other parts measure

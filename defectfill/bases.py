@@ -134,8 +134,8 @@ def detect_base_family(name_or_path: str, revision: str | None = None, cache_dir
     channels = unet.get("in_channels") if unet else None
     if channels is not None and channels != INPAINTING_CHANNELS:
         raise InpaintingModelError(
-            f"{name} has a UNet with {channels} input channels: a text-to-image model, not an inpainting one. DefectFill needs "
-            f"{INPAINTING_CHANNELS} (latents, mask, masked-image latents): {SUPPORTED}")
+            f"{name} has a UNet with {channels} input channels; DefectFill needs an inpainting model ({INPAINTING_CHANNELS} "
+            f"channels: latents, mask, masked-image latents), not a text-to-image one: {SUPPORTED}")
     return BaseFamily(name, family, FAMILY_PIPELINES[family], "text_encoder_2" in present, "tokenizer_2" in present, channels)
 
 

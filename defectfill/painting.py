@@ -129,6 +129,14 @@ def candidate_generators(seed: int, pair_index: int, count: int, device, first: 
     return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + pair_index * 1_009 + c) for c in range(first, first + count)]
 
 
+def family_arguments(pipeline) -> dict:
+    """What the pipeline's family needs besides the arguments both take. SDXL inpainting: `strength=1.0` (its default,
+    0.9999, starts from the noised clean region one step late, so it drops a denoising step; 1.0 is SD's default and
+    the paper's: pure noise inside the mask, every step). The size conditioning (original = target = the region's
+    size, crop (0, 0)) is the pipeline's default from height and width."""
+    return {"strength": 1.0} if getattr(pipeline, "text_encoder_2", None) is not None else {}
+
+
 def generate_candidates(pipeline, jobs: list[Job], settings: SynthesisSettings, first_candidate: int = 0) -> list[list[Image.Image]]:
     """All candidates of all jobs in one pipeline call, each with its own seeded generator (candidate numbers
     `first_candidate` onwards). Returns each job's candidates, the raw pipeline output at model resolution."""
@@ -139,6 +147,7 @@ def generate_candidates(pipeline, jobs: list[Job], settings: SynthesisSettings, 
         mask_image=[masks.model_mask(job.region_mask, pipeline.vae_scale_factor) for job in jobs for _ in range(n)],
         height=settings.resolution, width=settings.resolution,
         num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale, generator=generators,
+        **family_arguments(pipeline),
     ).images
     return [images[j * n : (j + 1) * n] for j in range(len(jobs))]
 

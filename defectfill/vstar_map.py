@@ -9,18 +9,24 @@ import numpy as np
 import torch
 from PIL import Image
 
+from defectfill import sdxl
 from defectfill.attention import StepAveragingStore, install_vstar_capture, remove_vstar_capture, token_piece_ids, token_weights
-from defectfill.errors import SynthesisError
+from defectfill.errors import InpaintingModelError, SynthesisError
 from defectfill.painting import Job, Scorer, SynthesisResult, SynthesisSettings, synthesize
 
 
-def vstar_prompt_weights(tokenizer, prompt: str, token: str, rows: int) -> torch.Tensor:
+def vstar_prompt_weights(tokenizer, prompt: str, token: str, rows: int, tokenizer_2=None) -> torch.Tensor:
     """(rows, K) `token_weights` of `prompt` tokenized as the pipeline encodes it (padded to the
-    tokenizer's length); a prompt without the token is an error."""
-    input_ids = tokenizer([prompt] * rows, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                          return_tensors="pt").input_ids
+    tokenizer's length); with SDXL's second tokenizer, the weights of both tokenizations (`sdxl.vstar_weights`: the
+    token at the same positions of both); a prompt without the token is an error."""
+    tokenizers = (tokenizer,) if tokenizer_2 is None else (tokenizer, tokenizer_2)
+    input_ids = sdxl.tokenize_prompts(tokenizers, [prompt] * rows)
     try:
-        return token_weights(input_ids, token_piece_ids(tokenizer, token))
+        if tokenizer_2 is not None:
+            return sdxl.vstar_weights(tokenizers, input_ids, token)
+        return token_weights(input_ids[0], token_piece_ids(tokenizer, token))
+    except InpaintingModelError as error:  # SDXL's two tokenizers place the token apart
+        raise SynthesisError(str(error)) from error
     except ValueError as error:
         raise SynthesisError(f"the prompt {prompt!r} does not contain the [V*] token {token!r}: "
                              "there is no attention map to show") from error
@@ -35,9 +41,10 @@ def synthesize_with_attention(pipeline, jobs: list[Job], settings: SynthesisSett
     twice, unconditional rows first (diffusers' order); only the conditional rows, whose prompt holds the
     token, are recorded. The images are those `synthesize` gives (recording computes the same attention).
     `on_step(done, total)` is called after each UNet call (one per denoising step; some schedulers, such as
-    PNDM, take one more call than `num_inference_steps`: `total` is the scheduler's count)."""
+    PNDM, take one more call than `num_inference_steps`: `total` is the scheduler's count). On SDXL the token's
+    positions come from both tokenizers, and the capture reads every transformer layer of the decoder's blocks."""
     batch = len(jobs) * settings.num_candidates
-    weights = vstar_prompt_weights(pipeline.tokenizer, settings.prompt, token, batch)
+    weights = vstar_prompt_weights(pipeline.tokenizer, settings.prompt, token, batch, getattr(pipeline, "tokenizer_2", None))
     guided = settings.guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
     rows = slice(batch, 2 * batch) if guided else slice(0, batch)
     latent = settings.resolution // pipeline.vae_scale_factor

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from defectfill.bases import canonical_base
 from defectfill.errors import BuildError
 from defectfill.runs.discovery import find_runs
 from defectfill.runs.files import RUN_FILENAME
@@ -53,8 +54,8 @@ def discover_runs(loras: Sequence[str], defect_types: Sequence[str] | None = Non
         if run.defect_type in seen:
             raise BuildError(f"two runs for defect type {run.defect_type!r}: {seen[run.defect_type]} and {run.lora}; give one")
         seen[run.defect_type] = run.lora
-    for what in ("base_model", "object_class"):
-        values = {getattr(r.record, what) for r in runs}
+    for what in ("base_model", "object_class"):  # bases compared by the model they load (a withdrawn id is its mirror)
+        values = {canonical_base(r.record.base_model) if what == "base_model" else getattr(r.record, what) for r in runs}
         if len(values) > 1:
             listing = "; ".join(f"{r.lora}: {getattr(r.record, what)}" for r in runs)
             raise BuildError(f"the runs mix {what}s ({listing}); one build takes the runs of one {what.replace('_', ' ')}")

@@ -202,6 +202,8 @@ class SynthesisRecord(_JsonRecord):
     # Which real masks the images were painted in: "heldout" (the split's test masks), "train" (its training
     # masks, the only ones a downstream-grade set may use), "dir" (the user's folder), None (not recorded).
     mask_from: str | None = None
+    # The diffusers pipeline class that painted (the base's family): "StableDiffusionInpaintPipeline", ...
+    pipeline_class: str | None = None
 
     REQUIRED = ("pretrained_model_name_or_path", "prompt", "resolution")
 

@@ -1,6 +1,8 @@
 """How a run is used for synthesis, in one place: its record, with what a command line overrides, becomes the
 synthesis settings (prompt, resolution, the scale the LoRA learned its defect at) and what synthesis needs
-around them (base model, token, class, defect type, data folder, split).
+around them (base model, token, class, defect type, data folder, split). The base model is resolved here, once: a
+run recorded on a withdrawn Hub id (`stabilityai/stable-diffusion-2-inpainting`) paints with its mirror
+(`defectfill.bases.resolve_base_id`), and the synthesis record names what was loaded.
 
 Every tool that paints with a run resolves it here: `infer_defectfill.py`, the dataset builder, the app,
 training's validation and the tiny model's measurements. A run that records no training scale (trained
@@ -12,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from defectfill import method
+from defectfill.bases import resolve_base_id
 from defectfill.errors import SynthesisError
 from defectfill.masks import DEFAULT_CROP_CONTEXT
 from defectfill.painting import SynthesisSettings
@@ -86,6 +89,7 @@ def plan_run(lora: str | None, record: RunRecord | None, overrides: RunOverrides
     base = pick(overrides.pretrained_model_name_or_path, "base_model")
     if base is None:
         raise SynthesisError("--pretrained_model_name_or_path is needed: the run has no defectfill_run.json naming its base model")
+    base = resolve_base_id(base)  # a run recorded on a withdrawn Hub id paints with its mirror (said once)
     token = pick(overrides.token, "token") or method.DEFAULT_TOKEN
     object_class = pick(overrides.object_class, "object_class")
     prompt = overrides.prompt
