@@ -27,7 +27,7 @@ from typing import Sequence
 from defectfill.build.builder import build_dataset
 from defectfill.build.plan import parse_defects_per_image
 from defectfill.build.settings import BuildSettings
-from defectfill.cli import add_model_arguments, parse_args_with_config, run_main, settings_from_args
+from defectfill.cli import add_layout_argument, add_model_arguments, parse_args_with_config, run_main, settings_from_args
 from defectfill.errors import DefectFillError
 from defectfill.masks import SPLIT_MASK_SOURCES, mask_origin
 from defectfill.painting import Scorer
@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defect_types", nargs="+", default=None, help="Only these defect types of the runs; default: all.")
     p.add_argument("--resolution", type=int, default=None, help="Generation resolution; default: the runs' training resolution.")
 
-    p.add_argument("--data_dir", default=None, help="MVTec AD root (good images, the real masks); default: the runs'.")
+    p.add_argument("--data_dir", default=None,
+                   help="The dataset folder, any layout of docs/data.md (good images, the real masks); default: the runs'.")
+    add_layout_argument(p, "the layout the runs' split recorded, else detected")
     p.add_argument("--image_dir", default=None, help="A folder of defect-free images to paint on instead of the class's good images.")
     p.add_argument("--good_split", default="train", choices=("train", "test", "all"), help="Which MVTec good images to paint on.")
     p.add_argument("--num_images", type=int, default=10, help="Images per defect type (the type painted first).")

@@ -20,7 +20,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from defectfill.cli import add_hub_arguments, add_model_arguments, parse_args_with_config, run_main, settings_from_args
+from defectfill.cli import add_hub_arguments, add_layout_argument, add_model_arguments, parse_args_with_config, run_main, settings_from_args
 from defectfill.data.split import save_split
 from defectfill.runs.files import SPLIT_FILENAME
 from defectfill.step import DefectFillStep, LatentCache, StepConfig
@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = p.add_argument_group("data")
     data.add_argument("--data_dir", "--instance_data_dir", dest="data_dir", default=src.data_dir,
-                      help="MVTec AD root folder (official or DefectFill2 layout).")
+                      help="Dataset folder, in any layout of docs/data.md (MVTec AD, VisA, MVTec AD 2, your own folder or "
+                           "CSV table, ...).")
+    add_layout_argument(data)
     data.add_argument("--dataset_name", default=src.dataset_name,
                       help="A datasets repo (or local loadable dataset) with image/mask/object_class/defect_type columns, "
                            "instead of --data_dir.")

@@ -36,7 +36,7 @@ def build_dataset(settings: BuildSettings, scorer: Scorer | None = None) -> Path
     # PartialState reads the process group from the launcher's environment; on CPUs (gloo) it must be told.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     context = make_context(settings)
-    goods = good_images(context.data_dir, context.object_class, settings.good_split, settings.image_dir)
+    goods = good_images(context.data_dir, context.object_class, settings.good_split, settings.image_dir, context.layout)
     items = make_items([r.defect_type for r in context.runs], goods, settings.num_images,
                        parse_defects_per_image(settings.masks.defects_per_image), settings.generation.seed)
     folder = SynthesisFolder(settings.output.output_dir)
@@ -107,7 +107,7 @@ def finish(context: BuildContext, folder: SynthesisFolder, done: set[int], secon
     if output.export == "mvtec":
         export_dir = Path(output.export_dir) if output.export_dir else default_export_dir(folder.path)
         class_dir = export_mvtec(folder.path, rows, export_dir, context.object_class, context.data_dir,
-                                 context.settings.image_dir, output.export_good)
+                                 context.settings.image_dir, output.export_good, context.layout)
         logger.info("MVTec AD layout in %s", class_dir)
     print(format_summary(summary))
     logger.info("%d images in %s", len(rows), folder.path)
