@@ -27,7 +27,7 @@ from typing import Sequence
 from defectfill.build.builder import build_dataset
 from defectfill.build.plan import parse_defects_per_image
 from defectfill.build.settings import BuildSettings
-from defectfill.cli import add_layout_argument, add_model_arguments, parse_args_with_config, run_main, settings_from_args
+from defectfill.cli import add_hub_arguments, add_layout_argument, add_model_arguments, parse_args_with_config, run_main, settings_from_args
 from defectfill.errors import DefectFillError
 from defectfill.masks import SPLIT_MASK_SOURCES, mask_origin
 from defectfill.painting import Scorer
@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "imagefolder would read test/ as a split).")
     out.add_argument("--export_good", default="copy", choices=("copy", "symlink", "none"),
                      help="How --export brings the good images (train/good, test/good).")
+    add_hub_arguments(p, "--hub_dataset_id", "the built folder as a datasets dataset repo (images, masks, metadata.jsonl) "
+                      "with a dataset card (README.md) saying how it was made")
     return p
 
 
@@ -141,7 +143,7 @@ def main(args: argparse.Namespace, scorer: Scorer | None = None) -> Path:
     """Build the dataset (on this process's share of the items under `accelerate launch`); `scorer` replaces
     the LPIPS scorer (tests)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    return build_dataset(settings_from_args(BuildSettings, args), scorer)
+    return build_dataset(settings_from_args(BuildSettings, args), scorer, args.hub_token)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import logging
 import time
 from pathlib import Path
 
+from defectfill.build.card import push_build
 from defectfill.build.context import BuildContext, build_fingerprint, make_context
 from defectfill.build.export import default_export_dir, export_mvtec
 from defectfill.build.paint import build_batch
@@ -26,9 +27,10 @@ from defectfill.scoring import LpipsModel
 logger = logging.getLogger("defectfill")
 
 
-def build_dataset(settings: BuildSettings, scorer: Scorer | None = None) -> Path:
+def build_dataset(settings: BuildSettings, scorer: Scorer | None = None, hub_token: str | None = None) -> Path:
     """Build the dataset `settings` describe (on this process's share of the items under `accelerate launch`);
-    `scorer` replaces the LPIPS scorer (tests). Returns the output folder."""
+    `scorer` replaces the LPIPS scorer (tests); `hub_token` is for the upload alone (`push_to_hub`). Returns the
+    output folder."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
@@ -54,7 +56,9 @@ def build_dataset(settings: BuildSettings, scorer: Scorer | None = None) -> Path
     paint_share(context, items, done, folder, state, scorer)
     state.wait_for_everyone()
     if state.is_main_process:
-        finish(context, folder, done, time.perf_counter() - started, time.perf_counter() - generation_started)
+        summary = finish(context, folder, done, time.perf_counter() - started, time.perf_counter() - generation_started)
+        if settings.output.push_to_hub:
+            push_build(folder.path, context, summary, settings.output.hub_dataset_id, hub_token)
     return folder.path
 
 
@@ -93,9 +97,9 @@ def paint_share(context: BuildContext, items: list[Item], done: set[int], folder
     progress.close()
 
 
-def finish(context: BuildContext, folder: SynthesisFolder, done: set[int], seconds: float, generation_wall: float) -> None:
+def finish(context: BuildContext, folder: SynthesisFolder, done: set[int], seconds: float, generation_wall: float) -> dict:
     """On the main process, once every process is done: orphans removed, the preview, the summary, synthesis.json,
-    and the MVTec export."""
+    and the MVTec export. Returns the summary."""
     output = context.settings.output
     rows, skipped = folder.rows(), folder.skipped()
     folder.remove_orphans(folder.done())
@@ -111,3 +115,4 @@ def finish(context: BuildContext, folder: SynthesisFolder, done: set[int], secon
         logger.info("MVTec AD layout in %s", class_dir)
     print(format_summary(summary))
     logger.info("%d images in %s", len(rows), folder.path)
+    return summary
