@@ -164,7 +164,7 @@ def test_push_to_hub_uploads_the_build_as_a_dataset_with_its_card(trained, tmp_p
     assert not any(FAKE_TOKEN.encode() in content for content in uploaded.values())
     assert FAKE_TOKEN not in caplog.text
     # What went up loads as a datasets dataset: image and mask as images, the metadata as columns.
-    ds = datasets.load_dataset(str(output), split="train")
+    ds = datasets.load_dataset(str(output), split="train", cache_dir=str(tmp_path / "datasets_cache"))
     assert len(ds) == 2 and isinstance(ds.features["image"], datasets.Image) and isinstance(ds.features["mask"], datasets.Image)
     assert set(ds["defect_type"]) == {defect_type} and ds[0]["mask"].size == ds[0]["image"].size
 
@@ -315,5 +315,52 @@ def test_the_own_data_examples_run_as_written(heading, layout, folder, tmp_path,
 def test_the_docs_table_names_every_layout():
     from defectfill.data.layouts import LAYOUT_NAMES
 
-    table = {line.split("|")[1].strip(" `") for line in DOC.read_text().splitlines() if line.startswith("| `")}
+    table = {line.split("|")[1].strip(" `") for line in DOC.read_text().splitlines() if line.startswith("| `")} - {"--layout"}
     assert table == set(LAYOUT_NAMES)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The downstream check and the export in other layouts (no model)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_a_set_painted_in_heldout_loco_mask_folders_is_counted(tmp_path):
+    """A LOCO mask is a folder of files: a synthetic row recording it as its source counts as test-set reuse."""
+    from defectfill.downstream.sources import SyntheticSource, count_test_set_reuse
+
+    written = write_layout("mvtec_loco", tmp_path / "data")
+    split = dm.few_shot_split(dm.load_mvtec_defects(written.root, written.object_class))
+    heldout = dm.list_split_masks(written.root, split, "logical_anomalies", "heldout")
+    train_masks = dm.list_split_masks(written.root, split, "logical_anomalies", "train")
+    assert heldout[0].is_dir() and train_masks[0].is_dir()
+    folder = tmp_path / "synthetic"
+    folder.mkdir()
+    rows = [{"file_name": f"images/{i:05d}.png", "mask_file_name": f"masks/{i:05d}.png", "source_masks": [str(mask)],
+             "source_image": str(image)}
+            for i, (mask, image) in enumerate([(heldout[0], written.root / written.goods["train"][0]),
+                                                (train_masks[0], written.root / written.goods["test"][0]),
+                                                (train_masks[0], written.root / written.goods["train"][1])])]
+    (folder / METADATA_FILENAME).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = SyntheticSource("loco", [folder], [None])
+    assert count_test_set_reuse(source, split, written.root) == {"masks": 1, "images": 1, "rows": 3}
+
+
+def test_real_sets_name_images_outside_the_data_folder_by_their_path(tmp_path):
+    """A CSV table may list images anywhere: the downstream sets name them without failing."""
+    from defectfill.downstream.data import good_set, image_name
+
+    written = write_layout("csv", tmp_path / "table")
+    outside = tmp_path / "elsewhere" / "ok.png"
+    outside.parent.mkdir()
+    shutil.copyfile(written.root / written.goods["train"][0], outside)
+    assert image_name(written.root / "photos" / "ok_0.png", written.root) == "photos/ok_0.png"
+    assert image_name(outside, written.root) == outside.as_posix()
+    assert good_set([outside, written.root / "photos" / "ok_0.png"], 32, written.root).names == [outside.as_posix(), "photos/ok_0.png"]
+
+
+def test_the_export_keeps_good_images_of_the_same_name_apart():
+    from defectfill.build.export import good_name
+
+    taken: set[str] = set()
+    names = [good_name(Path(p), taken) for p in ("a/train/good/000.png", "a/validation/good/000.png", "b/validation/000.png")]
+    assert names == ["000.png", "validation_good_000.png", "b_validation_000.png"]

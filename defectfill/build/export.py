@@ -34,11 +34,12 @@ def write_tabular(root: Path, rows: list[tuple[str, int, str, str]]) -> Path:
 
 
 def good_name(path: Path, taken: set[str]) -> str:
-    """A good image's file name in train/good or test/good: its own, or with its folder's name before it when
-    another image of the split has it (MVTec AD 2's train/good and validation/good both hold 000.png)."""
+    """A good image's file name in train/good or test/good: its own, or with its two folders' names before it when
+    another image of the split has it (MVTec AD 2's train/good and validation/good both hold 000.png:
+    validation_good_000.png)."""
     name = path.name
     if name in taken:
-        name = f"{path.parent.name}_{path.name}"
+        name = "_".join([*path.parent.parts[-2:], path.name])
     index = 1
     while name in taken:
         name, index = f"{path.stem}_{index}{path.suffix}", index + 1
