@@ -153,7 +153,7 @@ def heldout_mask_keys(data_dir: str | Path, split: dict, layout: str | None = No
             for p in list_split_masks(data_dir, split, defect_type, MaskSource.HELDOUT.value, layout)}
 
 
-def test_good_keys(data_dir: str | Path, object_class: str | None, layout: str | None = None) -> set[tuple[str, ...]]:
+def good_keys_of_test_set(data_dir: str | Path, object_class: str | None, layout: str | None = None) -> set[tuple[str, ...]]:
     """The good images of the dataset's test set (any layout), by the same key as the masks."""
     if not object_class:
         return set()
@@ -171,7 +171,7 @@ def count_test_set_reuse(source: SyntheticSource, split: dict, data_dir: str | P
     is `layout`, else the split's; the product `object_class`, else the split's."""
     layout = split_layout(split, layout)
     heldout = heldout_mask_keys(data_dir, split, layout)
-    test_goods = test_good_keys(data_dir, object_class or split.get("object_class"), layout)
+    test_goods = good_keys_of_test_set(data_dir, object_class or split.get("object_class"), layout)
     counts = {"masks": 0, "images": 0, "rows": 0}
     for folder in source.folders:
         for row in read_metadata(folder, require_files=False).values():
