@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="A datasets repo (or local loadable dataset) with image/mask/object_class/defect_type columns, "
                            "instead of --data_dir.")
     data.add_argument("--dataset_config_name", default=src.dataset_config_name, help="Config name of --dataset_name.")
-    data.add_argument("--object_class", default=src.object_class, help="MVTec category to train on, e.g. bottle or metal_nut. Required.")
+    data.add_argument("--object_class", default=src.object_class,
+                      help="Product to train on: its folder name (e.g. bottle or metal_nut), the table <data_dir>/<name>.csv, "
+                           "or a name for a folder without class folders (KolektorSDD2). Required.")
     data.add_argument("--defect_type", default=few.defect_type,
                       help="Defect type to learn; 'all' trains one [V*] run per defect type (in <output_dir>/<defect_type>). "
                            "May be omitted when the class has a single defect type.")
