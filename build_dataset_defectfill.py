@@ -27,7 +27,15 @@ from typing import Sequence
 from defectfill.build.builder import build_dataset
 from defectfill.build.plan import parse_defects_per_image
 from defectfill.build.settings import BuildSettings
-from defectfill.cli import add_model_arguments, check_minimums, parse_args_with_config, run_main, settings_from_args
+from defectfill.cli import (
+    add_hub_arguments,
+    add_layout_argument,
+    add_model_arguments,
+    check_minimums,
+    parse_args_with_config,
+    run_main,
+    settings_from_args,
+)
 from defectfill.errors import DefectFillError
 from defectfill.masks import SPLIT_MASK_SOURCES, mask_origin
 from defectfill.painting import Scorer
@@ -49,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defect_types", nargs="+", default=None, help="Only these defect types of the runs; default: all.")
     p.add_argument("--resolution", type=int, default=None, help="Generation resolution; default: the runs' training resolution.")
 
-    p.add_argument("--data_dir", default=None, help="MVTec AD root (good images, the real masks); default: the runs'.")
+    p.add_argument("--data_dir", default=None,
+                   help="The dataset folder, any layout of docs/data.md (good images, the real masks); default: the runs'.")
+    add_layout_argument(p, "the layout the runs' split recorded, else detected")
     p.add_argument("--image_dir", default=None, help="A folder of defect-free images to paint on instead of the class's good images.")
     p.add_argument("--good_split", default="train", choices=("train", "test", "all"), help="Which MVTec good images to paint on.")
     p.add_argument("--num_images", type=int, default=10, help="Images per defect type (the type painted first).")
@@ -113,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "imagefolder would read test/ as a split).")
     out.add_argument("--export_good", default="copy", choices=("copy", "symlink", "none"),
                      help="How --export brings the good images (train/good, test/good).")
+    add_hub_arguments(p, "--hub_dataset_id", "the built folder as a datasets dataset repo (images, masks, metadata.jsonl) "
+                      "with a dataset card (README.md) saying how it was made")
     return p
 
 
@@ -137,7 +149,7 @@ def main(args: argparse.Namespace, scorer: Scorer | None = None) -> Path:
     """Build the dataset (on this process's share of the items under `accelerate launch`); `scorer` replaces
     the LPIPS scorer (tests)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    return build_dataset(settings_from_args(BuildSettings, args), scorer)
+    return build_dataset(settings_from_args(BuildSettings, args), scorer, args.hub_token)
 
 
 if __name__ == "__main__":

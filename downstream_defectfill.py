@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import argparse
 
-from defectfill.cli import check_minimums, parse_args_with_config, run_main, settings_from_args
+from defectfill.cli import add_layout_argument, check_minimums, parse_args_with_config, run_main, settings_from_args
 from defectfill.downstream.protocol import run_comparison
 from defectfill.downstream.settings import DownstreamSettings
 from defectfill.downstream.sources import BASELINES
@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="A synthetic training set: one or more synthesis folders (imagefolder with metadata.jsonl, as "
                            "infer_defectfill.py writes them; e.g. one per defect type), named NAME in the table (default: "
                            "the first folder's name). Repeat for each set to compare (ours, another run, another generator).")
-    data.add_argument("--data_dir", default=None, help="MVTec AD root (real good images and held-out defects). Default: "
-                                                        "the data_dir in the synthesis folders' synthesis.json.")
+    data.add_argument("--data_dir", default=None, help="The dataset folder, any layout of docs/data.md (real good images and "
+                                                        "held-out defects). Default: the data_dir in the synthesis folders' "
+                                                        "synthesis.json.")
+    add_layout_argument(data, "the layout the few-shot split recorded, else detected")
     data.add_argument("--object_class", default=None, help="The category, e.g. bottle. Default: the synthesis folders'.")
     data.add_argument("--split_file", action="append", default=None,
                       help="A saved few_shot_split.json, or a training run folder holding one; repeat for several runs. "

@@ -24,8 +24,16 @@ from typing import Sequence
 
 from PIL import Image
 
-from defectfill.cli import add_hub_arguments, add_model_arguments, check_minimums, parse_args_with_config, run_main
-from defectfill.data.mvtec import MASK_FROM, good_images, list_split_masks
+from defectfill.cli import (
+    add_hub_arguments,
+    add_layout_argument,
+    add_model_arguments,
+    check_minimums,
+    parse_args_with_config,
+    run_main,
+)
+from defectfill.data.mask_files import open_mask
+from defectfill.data.mvtec import MASK_FROM, good_images, list_split_masks, split_layout
 from defectfill.errors import SynthesisError
 from defectfill.fileio import check_output_folder
 from defectfill.images import IMAGE_EXTENSIONS, image_files, open_checked
@@ -66,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask_path", default=None, help="Single mode: its defect mask (white = where the defect goes).")
     p.add_argument("--image_dir", default=None, help="Batch mode: a folder of defect-free images.")
     p.add_argument("--data_dir", default=None,
-                   help="Batch mode: MVTec AD root; good images of --object_class and held-out masks of the run's split. "
-                        "Default: the run's.")
+                   help="Batch mode: the dataset folder (any layout of docs/data.md); good images of --object_class and "
+                        "held-out masks of the run's split. Default: the run's.")
+    add_layout_argument(p, "the layout the run's split recorded, else detected")
     p.add_argument("--good_split", default="train", choices=("train", "test", "all"), help="Which MVTec good images to paint on.")
     p.add_argument("--mask_dir", default=None, help="Batch mode: a folder of masks; default: the run's split's masks (--mask_from).")
     p.add_argument("--mask_from", default="heldout", choices=MASK_FROM,
@@ -152,13 +161,14 @@ def batch_sources(args, plan: RunPlan) -> tuple[list[Path], list[Path]]:
     the run's split (--mask_from)."""
     if not args.image_dir and not plan.data_dir:
         raise SynthesisError("batch mode needs --image_dir or --data_dir (or single mode: --image_path and --mask_path)")
-    goods = good_images(plan.data_dir, plan.object_class, args.good_split, args.image_dir)
+    layout = split_layout(plan.split, args.layout)
+    goods = good_images(plan.data_dir, plan.object_class, args.good_split, args.image_dir, layout)
     if args.mask_dir:
         masks = image_files(Path(args.mask_dir))
         if not masks:
             raise SynthesisError(f"--mask_dir {args.mask_dir} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     elif plan.data_dir and plan.split:
-        masks = list_split_masks(plan.data_dir, plan.split, plan.defect_type, args.mask_from)
+        masks = list_split_masks(plan.data_dir, plan.split, plan.defect_type, args.mask_from, layout)
         if not masks:
             raise SynthesisError(f"the run's split holds no {args.mask_from} mask of {plan.defect_type}: give --mask_dir")
     else:
@@ -187,13 +197,13 @@ def check_inputs(pairs: list[Pair]) -> None:
     for image_path in dict.fromkeys(p.image_path for p in pairs):
         open_checked(image_path, "image").close()
     for mask_path in dict.fromkeys(p.mask_path for p in pairs):
-        with open_checked(mask_path, "mask") as mask:
-            mask_at_image_size(mask, mask.size, f"mask {mask_path}")  # the core's own empty-mask check
+        mask = open_mask(mask_path)  # a file or a folder of masks (unioned); any non-zero pixel is a defect
+        mask_at_image_size(mask, mask.size, f"mask {mask_path}")  # the core's own empty-mask check
 
 
 def prepare_pair(pair: Pair, plan: RunPlan) -> Job:
-    with Image.open(pair.image_path) as image, Image.open(pair.mask_path) as mask:
-        return prepare_job(image, mask, pair.index, plan.settings, mask_name=f"mask {pair.mask_path}")
+    with Image.open(pair.image_path) as image:
+        return prepare_job(image, open_mask(pair.mask_path), pair.index, plan.settings, mask_name=f"mask {pair.mask_path}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from defectfill.cli import (
     add_hub_arguments,
+    add_layout_argument,
     add_model_arguments,
     check_minimums,
     parse_args_with_config,
@@ -68,12 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = p.add_argument_group("data")
     data.add_argument("--data_dir", "--instance_data_dir", dest="data_dir", default=src.data_dir,
-                      help="MVTec AD root folder (official or DefectFill2 layout).")
+                      help="Dataset folder, in any layout of docs/data.md (MVTec AD, VisA, MVTec AD 2, your own folder or "
+                           "CSV table, ...).")
+    add_layout_argument(data)
     data.add_argument("--dataset_name", default=src.dataset_name,
                       help="A datasets repo (or local loadable dataset) with image/mask/object_class/defect_type columns, "
                            "instead of --data_dir.")
     data.add_argument("--dataset_config_name", default=src.dataset_config_name, help="Config name of --dataset_name.")
-    data.add_argument("--object_class", default=src.object_class, help="MVTec category to train on, e.g. bottle or metal_nut. Required.")
+    data.add_argument("--object_class", default=src.object_class,
+                      help="Product to train on: its folder name (e.g. bottle or metal_nut), the table <data_dir>/<name>.csv, "
+                           "or a name for a folder without class folders (KolektorSDD2). Required.")
     data.add_argument("--defect_type", default=few.defect_type,
                       help="Defect type to learn; 'all' trains one [V*] run per defect type (in <output_dir>/<defect_type>). "
                            "May be omitted when the class has a single defect type.")

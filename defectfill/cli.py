@@ -163,6 +163,14 @@ def add_hub_arguments(parser: argparse.ArgumentParser, repo_flag: str, what: str
     return group
 
 
+def add_layout_argument(group, default: str = "detected from --data_dir and --object_class") -> None:
+    """--layout: force one dataset layout (`defectfill.data.layouts`) instead of detecting it."""
+    from defectfill.data.layouts import LAYOUT_NAMES
+
+    group.add_argument("--layout", default=None, choices=LAYOUT_NAMES,
+                       help=f"Dataset layout of --data_dir (docs/data.md); default: {default}.")
+
+
 Settings = TypeVar("Settings")
 
 

@@ -108,7 +108,7 @@ def test_settings_hold_every_flag_with_the_flags_defaults():
                                         data=DataSourceSettings(data_dir="d", object_class="bottle"))
     flat = flat_settings(settings)
     assert set(vars(args)) - set(flat) == {"hub_token", "config"}
-    assert set(flat) - set(vars(args)) == {"layout"}  # a data-source setting this script has no flag for
+    assert set(flat) - set(vars(args)) == set()  # every setting is a flag (--layout too)
     assert all(flat[name] == value for name, value in vars(args).items() if name in flat)
 
 

@@ -20,6 +20,7 @@ from defectfill.app.limits import PublicLimits
 from defectfill.app.runs import AppPaths, RunInfo
 from defectfill.app.selection import offline_without_backbone
 from defectfill.app.settings import AppSettings
+from defectfill.data.mask_files import open_mask
 from defectfill.errors import SynthesisError
 from defectfill.images import read_rgb, to_8bit
 from defectfill.models import default_device, precision_dtype
@@ -125,8 +126,8 @@ def pick_heldout_mask(source: Source | None, mask_path: str | None) -> dict:
         raise SynthesisError("no good image: pick one of the run's good images or upload one")
     if not mask_path:
         return editor_value(source.image)
-    with Image.open(mask_path) as mask:
-        return editor_value(source.image, mask_at_image_size(mask, source.image.size, f"mask {mask_path}"))
+    mask = open_mask(mask_path)  # a dataset's mask: a file or a folder of several, any non-zero pixel a defect
+    return editor_value(source.image, mask_at_image_size(mask, source.image.size, f"mask {mask_path}"))
 
 
 @dataclass
@@ -222,9 +223,8 @@ def add_to_dataset(generated: Generated | None, output_dir: str | os.PathLike | 
     result, run = generated.result, generated.run
     source_mask = generated.heldout_mask
     if source_mask is not None:
-        with Image.open(source_mask) as held_out:
-            if not np.array_equal(mask_at_image_size(held_out, result.image.size), result.job.mask):
-                source_mask = None  # painted over: the label mask itself is the source
+        if not np.array_equal(mask_at_image_size(open_mask(source_mask), result.image.size), result.job.mask):
+            source_mask = None  # painted over: the label mask itself is the source
     row = output_metadata_row(result, generated.source.path or "", source_mask or "", generated.settings, run.object_class,
                               run.defect_type)
     saved, rows = folder.append(result.image, result.job.mask, row,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from defectfill import method
-from defectfill.data.mvtec import list_good_images, list_heldout_masks
+from defectfill.data.mvtec import list_good_images, list_heldout_masks, split_layout
 from defectfill.errors import RunFileError
 from defectfill.runs.discovery import find_runs
 from defectfill.runs.files import RUN_FILENAME
@@ -106,9 +106,10 @@ def load_run(lora: str, paths: AppPaths, base_model: str | None = None, data_dir
     plan = plan_run(lora, record, RunOverrides(pretrained_model_name_or_path=base, data_dir=data, prompt=prompt))
     goods, masks = [], []
     if plan.data_dir and plan.object_class and Path(plan.data_dir).is_dir():
-        goods = list_good_images(plan.data_dir, plan.object_class)
+        layout = split_layout(record.split if record is not None else None)  # the layout the run's split recorded
+        goods = list_good_images(plan.data_dir, plan.object_class, layout=layout)
         if record is not None and record.defect_type in record.split.get("defect_types", {}):
-            masks = list_heldout_masks(plan.data_dir, record.split, record.defect_type)
+            masks = list_heldout_masks(plan.data_dir, record.split, record.defect_type, layout)
     tiny = Path(plan.base_model).exists() and Path(plan.base_model).resolve() == paths.tiny_model.resolve()
     return RunInfo(plan, goods, masks, tiny)
 

@@ -9,6 +9,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from defectfill.build.card import push_build
 from defectfill.build.context import BuildContext, build_fingerprint, make_context
 from defectfill.build.export import default_export_dir, export_mvtec
 from defectfill.build.paint import build_batch
@@ -28,10 +29,11 @@ from defectfill.scoring import LpipsModel
 logger = logging.getLogger("defectfill")
 
 
-def build_dataset(settings: BuildSettings, scorer: Scorer | None = None) -> Path:
+def build_dataset(settings: BuildSettings, scorer: Scorer | None = None, hub_token: str | None = None) -> Path:
     """Build the dataset `settings` describe (on this process's share of the items under `accelerate launch`);
-    `scorer` replaces the LPIPS scorer (tests). Returns the output folder. Everything that can be checked without a
-    model (the output folders, the runs, masks and resolution, every good image) is, before anything is written."""
+    `scorer` replaces the LPIPS scorer (tests); `hub_token` is for the upload alone (`push_to_hub`). Returns the
+    output folder. Everything that can be checked without a model (the output folders, the runs, masks and
+    resolution, every good image) is, before anything is written."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
@@ -43,7 +45,7 @@ def build_dataset(settings: BuildSettings, scorer: Scorer | None = None) -> Path
     if output.export == "mvtec" and output.export_dir:
         check_output_folder(output.export_dir, "--export_dir")
     context = make_context(settings)
-    goods = good_images(context.data_dir, context.object_class, settings.good_split, settings.image_dir)
+    goods = good_images(context.data_dir, context.object_class, settings.good_split, settings.image_dir, context.layout)
     items = make_items([r.defect_type for r in context.runs], goods, settings.num_images,
                        parse_defects_per_image(settings.masks.defects_per_image), settings.generation.seed)
     check_images((item.image_path for item in items), "good image")
@@ -63,7 +65,9 @@ def build_dataset(settings: BuildSettings, scorer: Scorer | None = None) -> Path
         paint_share(context, items, done, folder, state, scorer)
         state.wait_for_everyone()
         if state.is_main_process:
-            finish(context, folder, done, time.perf_counter() - started, time.perf_counter() - generation_started)
+            summary = finish(context, folder, done, time.perf_counter() - started, time.perf_counter() - generation_started)
+            if settings.output.push_to_hub:
+                push_build(folder.path, context, summary, settings.output.hub_dataset_id, hub_token)
     return folder.path
 
 
@@ -102,9 +106,9 @@ def paint_share(context: BuildContext, items: list[Item], done: set[int], folder
     progress.close()
 
 
-def finish(context: BuildContext, folder: SynthesisFolder, done: set[int], seconds: float, generation_wall: float) -> None:
+def finish(context: BuildContext, folder: SynthesisFolder, done: set[int], seconds: float, generation_wall: float) -> dict:
     """On the main process, once every process is done: orphans removed, the preview, the summary, synthesis.json,
-    and the MVTec export."""
+    and the MVTec export. Returns the summary."""
     output = context.settings.output
     rows, skipped = folder.rows(), folder.skipped()
     folder.remove_orphans(folder.done())
@@ -116,7 +120,8 @@ def finish(context: BuildContext, folder: SynthesisFolder, done: set[int], secon
     if output.export == "mvtec":
         export_dir = Path(output.export_dir) if output.export_dir else default_export_dir(folder.path)
         class_dir = export_mvtec(folder.path, rows, export_dir, context.object_class, context.data_dir,
-                                 context.settings.image_dir, output.export_good)
+                                 context.settings.image_dir, output.export_good, context.layout)
         logger.info("MVTec AD layout in %s", class_dir)
     print(format_summary(summary))
     logger.info("%d images in %s", len(rows), folder.path)
+    return summary

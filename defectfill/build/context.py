@@ -15,6 +15,7 @@ from defectfill.build.augment import is_texture_class
 from defectfill.build.defect_masks import load_mask_files, mask_files
 from defectfill.build.plan import Item, defect_index_table, discover_runs, parse_defects_per_image
 from defectfill.build.settings import BuildSettings
+from defectfill.data.mvtec import split_layout
 from defectfill.models import base_vae_scale_factor, check_resolution
 from defectfill.painting import SynthesisSettings
 from defectfill.pipelines import check_scheduler
@@ -37,6 +38,11 @@ class BuildContext:
     base_model: str
     vae_scale_factor: int  # pixels per latent pixel, from the base model's VAE config
     scheduler: str  # the sampler's class name
+
+    @property
+    def layout(self) -> str | None:
+        """The layout of the data folder: --layout, else the one the runs' split recorded (None: detected)."""
+        return split_layout(self.runs[0].split, self.settings.data.layout)
 
     @property
     def synthesis(self) -> dict[str, SynthesisSettings]:
@@ -73,7 +79,7 @@ def make_context(settings: BuildSettings) -> BuildContext:
                          num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale, seed=g.seed)
     first = runs[0]
     base_model, data_dir, object_class = first.base_model, first.data_dir, first.object_class
-    mask_paths = {r.defect_type: mask_files(settings.masks, r, data_dir) for r in runs}
+    mask_paths = {r.defect_type: mask_files(settings.masks, r, data_dir, settings.data.layout) for r in runs}
     object_type = settings.masks.object_type
     scale = base_vae_scale_factor(base_model, settings.model.revision, flag="--pretrained_model_name_or_path"
                                   if settings.model.pretrained_model_name_or_path else "the runs' base model")

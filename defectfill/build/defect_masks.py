@@ -16,10 +16,11 @@ from PIL import Image
 from defectfill.build.augment import draw_mask, estimate_foreground, pick_mask
 from defectfill.build.plan import Item, item_rng
 from defectfill.build.settings import BuildMaskSettings
-from defectfill.data.mvtec import list_split_masks
+from defectfill.data.mask_files import read_mask
+from defectfill.data.mvtec import list_split_masks, split_layout
 from defectfill.errors import BuildError, SynthesisError
 from defectfill.images import IMAGE_EXTENSIONS, image_files, open_checked
-from defectfill.masks import MASK_THRESHOLD, MaskSource, binarize_mask, latent_mask, resize_mask
+from defectfill.masks import MaskSource, binarize_mask, latent_mask, resize_mask
 from defectfill.painting import SynthesisSettings, prepare_job
 from defectfill.runs.settings import RunPlan
 
@@ -27,13 +28,15 @@ if TYPE_CHECKING:
     from defectfill.build.context import BuildContext
 
 
-def mask_files(masks: BuildMaskSettings, run: RunPlan, data_dir: str | None) -> list[Path]:
-    """The mask files a defect type draws from: the real masks of the run's split (`mask_from` train or heldout: its
-    training part or its held-out part), or the user's folder (`mask_from` dir, `mask_dir`)."""
+def mask_files(masks: BuildMaskSettings, run: RunPlan, data_dir: str | None, layout: str | None = None) -> list[Path]:
+    """The masks a defect type draws from: the real masks of the run's split (`mask_from` train or heldout: its
+    training part or its held-out part; each a file or a folder of several, in the data folder's `layout`, else
+    the split's), or the user's folder (`mask_from` dir, `mask_dir`)."""
     if masks.mask_from is not MaskSource.DIR:
         if not data_dir:
             raise BuildError(f"--mask_from {masks.mask_from} needs --data_dir (the run {run.lora} records none)")
-        files = list_split_masks(data_dir, run.record.split, run.defect_type, masks.mask_from.value)
+        files = list_split_masks(data_dir, run.record.split, run.defect_type, masks.mask_from.value,
+                                 split_layout(run.record.split, layout))
         if not files:
             raise BuildError(f"the split of {run.lora} holds no {masks.mask_from} mask of {run.defect_type}; "
                              "give another --mask_from or --mask_dir")
@@ -49,13 +52,13 @@ def mask_files(masks: BuildMaskSettings, run: RunPlan, data_dir: str | None) -> 
 
 
 def load_mask_files(paths: Sequence[Path]) -> list[np.ndarray]:
-    """Boolean masks; an empty mask file is an error that names it (nothing is generated before)."""
+    """Boolean masks (`read_mask`: a file, or a folder of several unioned; any non-zero pixel is a defect); an
+    empty or unreadable one is an error that names it (nothing is generated before)."""
     masks = []
     for path in paths:
-        with open_checked(path, "mask") as image:
-            mask = binarize_mask(image)
+        mask = read_mask(path)
         if not mask.any():
-            raise BuildError(f"mask {path} is empty (no pixel >= {MASK_THRESHOLD}); remove it or draw the defect")
+            raise BuildError(f"mask {path} is empty (no non-zero pixel); remove it or draw the defect")
         masks.append(mask)
     return masks
 

@@ -33,9 +33,24 @@ def write_tabular(root: Path, rows: list[tuple[str, int, str, str]]) -> Path:
     return write_text_atomic(root / TABULAR_FILENAME, out.getvalue())
 
 
+def good_name(path: Path, taken: set[str]) -> str:
+    """A good image's file name in train/good or test/good: its own, or with its two folders' names before it when
+    another image of the split has it (MVTec AD 2's train/good and validation/good both hold 000.png:
+    validation_good_000.png)."""
+    name = path.name
+    if name in taken:
+        name = "_".join([*path.parent.parts[-2:], path.name])
+    index = 1
+    while name in taken:
+        name, index = f"{path.stem}_{index}{path.suffix}", index + 1
+    taken.add(name)
+    return name
+
+
 def export_mvtec(output_dir: Path, rows: dict[str, dict], export_dir: Path, object_class: str, data_dir: str | None,
-                 image_dir: str | None, good: str) -> Path:
-    """The MVTec AD layout: <class>/test/<label>/NNN.png, <class>/ground_truth/<label>/NNN_mask.png (the union
+                 image_dir: str | None, good: str, layout: str | None = None) -> Path:
+    """The MVTec AD layout, whatever the layout the data folder is in (`layout`, None: detected):
+    <class>/test/<label>/NNN.png, <class>/ground_truth/<label>/NNN_mask.png (the union
     mask), <class>/train/good and test/good (copied or linked), and <class>/samples.csv (anomalib's
     `Tabular.from_file(name, "samples.csv", root=<class folder>)`), written beside the target and renamed into
     place (a reader never sees half an export). Returns the class folder."""
@@ -61,17 +76,19 @@ def export_mvtec(output_dir: Path, rows: dict[str, dict], export_dir: Path, obje
         goods["train"] = image_files(Path(image_dir))
     elif data_dir:
         for split in ("train", "test"):
-            goods[split] = list_good_images(data_dir, object_class, (split,))
+            goods[split] = list_good_images(data_dir, object_class, (split,), layout)
     if good != "none":
         for split, files in goods.items():
+            taken: set[str] = set()
             for path in files:
-                target = root / split / GOOD / path.name
+                name = good_name(path, taken)
+                target = root / split / GOOD / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if good == "symlink":
                     target.symlink_to(path.resolve())
                 else:
                     shutil.copyfile(path, target)
-                table.append((f"{split}/{GOOD}/{path.name}", 0, split, ""))
+                table.append((f"{split}/{GOOD}/{name}", 0, split, ""))
     write_json_atomic(root / "defectfill_export.json", {"source": str(output_dir), "files": sources})
     write_tabular(root, table)
     if export_dir.exists():

@@ -75,6 +75,8 @@ class BuildOutputSettings:
     export: str = "none"
     export_dir: str | None = None
     export_good: str = "copy"
+    push_to_hub: bool = False  # the token is not a setting: it goes to the upload alone, never recorded
+    hub_dataset_id: str | None = None
 
 
 @dataclass(frozen=True)

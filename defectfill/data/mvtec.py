@@ -218,6 +218,12 @@ def list_good_images(data_dir: str | os.PathLike, object_class: str, splits: Seq
     return [sample.image for sample in read_table(data_dir, object_class, layout).goods(tuple(splits))]
 
 
+def split_layout(split: dict | None, layout: str | None = None) -> str | None:
+    """The layout a tool reads a run's data folder in: `layout` (``--layout``) when given, else the one the run's
+    few-shot split recorded, else None (detected from the folder)."""
+    return layout or (split or {}).get("layout")
+
+
 # The parts of a saved split whose masks synthesis may paint in (`--mask_from`): the generator's training third,
 # or the held-out two thirds, which are the downstream test set's masks.
 MASK_FROM = ("train", "heldout")

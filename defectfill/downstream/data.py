@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from defectfill.data.mvtec import GOOD, list_good_images, load_mvtec_defects
+from defectfill.data.mvtec import GOOD, list_good_images, load_mvtec_defects, split_layout
 from defectfill.data.split import select_split
 from defectfill.errors import DatasetError
 from defectfill.images import open_checked
@@ -126,13 +126,23 @@ def decoded_row(dataset, index: int) -> dict:
         raise
 
 
+def image_name(path: str | os.PathLike, data_dir: str | os.PathLike | None) -> str:
+    """An image's name in a set: relative to `data_dir` when it lies inside, else its path as given (a CSV table
+    may list images anywhere)."""
+    if data_dir:
+        relative = os.path.relpath(os.path.abspath(path), os.path.abspath(data_dir))
+        if not relative.startswith(os.pardir):
+            return Path(relative).as_posix()
+    return Path(path).as_posix()
+
+
 def good_set(paths: Sequence[Path], resolution: int, data_dir: str | os.PathLike | None = None) -> ImageSet:
     """Defect-free images with empty masks."""
     pairs, names = [], []
     for path in paths:
         with open_checked(Path(path), "good image") as image:
             pairs.append(resize_pair(image, None, resolution))
-        names.append(Path(path).relative_to(data_dir).as_posix() if data_dir else str(path))
+        names.append(image_name(path, data_dir))
     return stack_set(pairs, [GOOD] * len(pairs), names)
 
 
@@ -141,9 +151,11 @@ def good_set(paths: Sequence[Path], resolution: int, data_dir: str | os.PathLike
 # ----------------------------------------------------------------------------------------------------
 
 
-def real_defects(data_dir: str | os.PathLike, object_class: str, split: dict, part: str, resolution: int) -> ImageSet:
-    """The real defect images of the split's `part` ("train" or "heldout") of every defect type it holds."""
-    rows = load_mvtec_defects(data_dir, object_class, sorted(split["defect_types"]))
+def real_defects(data_dir: str | os.PathLike, object_class: str, split: dict, part: str, resolution: int,
+                 layout: str | None = None) -> ImageSet:
+    """The real defect images of the split's `part` ("train" or "heldout") of every defect type it holds, read in
+    the data folder's layout (`layout`, else the split's, else detected)."""
+    rows = load_mvtec_defects(data_dir, object_class, sorted(split["defect_types"]), split_layout(split, layout))
     chosen = select_split(rows, split, part)
     wanted = sum(len(entry[part]) for entry in split["defect_types"].values())
     if len(chosen) != wanted:
@@ -152,19 +164,24 @@ def real_defects(data_dir: str | os.PathLike, object_class: str, split: dict, pa
     return dataset_to_set(chosen, resolution)
 
 
-def real_test_set(data_dir: str | os.PathLike, object_class: str, split: dict, resolution: int) -> ImageSet:
-    """The protocol's test set: the held-out real defects of the split plus every ``test/good`` image."""
-    heldout = real_defects(data_dir, object_class, split, "heldout", resolution)
-    goods = good_set(list_good_images(data_dir, object_class, splits=("test",)), resolution, data_dir)
+def real_test_set(data_dir: str | os.PathLike, object_class: str, split: dict, resolution: int,
+                  layout: str | None = None) -> ImageSet:
+    """The protocol's test set: the held-out real defects of the split plus every good image of the dataset's
+    test set (MVTec's ``test/good``; the layout's test good images, `defectfill.data.layouts`)."""
+    layout = split_layout(split, layout)
+    heldout = real_defects(data_dir, object_class, split, "heldout", resolution, layout)
+    goods = good_set(list_good_images(data_dir, object_class, ("test",), layout), resolution, data_dir)
     if len(goods) == 0:
-        raise DatasetError(f"no test/good images of {object_class} under {data_dir}: image AUROC needs them")
+        raise DatasetError(f"no good image of {object_class}'s test set under {data_dir} ({layout or 'detected'} layout): "
+                           "image AUROC needs them")
     return concat_sets([heldout, goods])
 
 
-def train_good_set(data_dir: str | os.PathLike, object_class: str, resolution: int) -> ImageSet:
-    paths = list_good_images(data_dir, object_class, splits=("train",))
+def train_good_set(data_dir: str | os.PathLike, object_class: str, resolution: int, layout: str | None = None) -> ImageSet:
+    """The good images of the dataset's training set (MVTec's ``train/good``), in `layout` (None: detected)."""
+    paths = list_good_images(data_dir, object_class, ("train",), layout)
     if not paths:
-        raise DatasetError(f"no train/good images of {object_class} under {data_dir}")
+        raise DatasetError(f"no good image of {object_class}'s training set under {data_dir} ({layout or 'detected'} layout)")
     return good_set(paths, resolution, data_dir)
 
 

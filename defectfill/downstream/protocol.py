@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from defectfill.data.mvtec import GOOD
+from defectfill.data.mvtec import GOOD, split_layout
 from defectfill.downstream.data import ImageSet, concat_sets, copy_paste_set, real_defects, real_test_set, train_good_set
 from defectfill.downstream.metrics import localization_metrics
 from defectfill.downstream.models import (
@@ -187,10 +187,11 @@ def evaluate_set(settings: DownstreamSettings, data: ImageSet | None, real: Real
             "final_loss": history["loss"][-1] if history["loss"] else None}, maps
 
 
-def check_test_set_reuse(settings: DownstreamSettings, sources: list[SyntheticSource], split: dict, data_dir) -> dict[str, dict]:
+def check_test_set_reuse(settings: DownstreamSettings, sources: list[SyntheticSource], split: dict, data_dir,
+                         object_class: str | None = None, layout: str | None = None) -> dict[str, dict]:
     """Each source's count of images made from the test set; a leaky source stops the comparison unless
     --allow_test_leak (before any image is loaded or model trained)."""
-    reuse = {s.name: count_test_set_reuse(s, split, data_dir) for s in sources}
+    reuse = {s.name: count_test_set_reuse(s, split, data_dir, object_class, layout) for s in sources}
     errors = [e for e in (leak_error(s.name, reuse[s.name]) for s in sources) if e]
     if errors and not settings.allow_test_leak:
         raise DownstreamError("\n".join(errors))
@@ -228,12 +229,13 @@ def run_comparison(settings: DownstreamSettings) -> dict:
     object_class = agreed_value("--object_class", settings.data.object_class, sources, "object_class")
     split = collect_split(settings.split_file, sources)
     classes = sorted(split["defect_types"])
-    reuse = check_test_set_reuse(settings, sources, split, data_dir)
+    layout = split_layout(split, settings.data.layout)
+    reuse = check_test_set_reuse(settings, sources, split, data_dir, object_class, layout)
 
     resolution = settings.model.resolution
-    real = RealData(real_test_set(data_dir, object_class, split, resolution),
-                    real_defects(data_dir, object_class, split, "train", resolution),
-                    train_good_set(data_dir, object_class, resolution))
+    real = RealData(real_test_set(data_dir, object_class, split, resolution, layout),
+                    real_defects(data_dir, object_class, split, "train", resolution, layout),
+                    train_good_set(data_dir, object_class, resolution, layout))
     sets = training_sets(settings, real, {s.name: load_synthetic_set(s, object_class, resolution) for s in sources})
     notes = protocol_notes(settings, classes) + provenance_notes(sources, reuse, sets, classes)
     main_names = list(sets)

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from defectfill.data.mvtec import GOOD, list_split_masks
+from defectfill.data.mvtec import GOOD, list_good_images, list_split_masks, split_layout
 from defectfill.data.split import load_split, merge_splits
 from defectfill.data.synthetic import load_synthetic
 from defectfill.downstream.data import ImageSet, Part, concat_sets, dataset_to_set, mask_center, square_mask
@@ -140,25 +140,37 @@ def load_synthetic_set(source: SyntheticSource, object_class: str, resolution: i
 
 
 def mask_key(path: str | Path) -> tuple[str, ...]:
-    """A mask file by its last four path parts (class/ground_truth/defect/name): the same real mask wherever
-    the data folder was when the synthetic set was made."""
+    """A mask file (or a folder of masks, or an image) by its last four path parts (class/ground_truth/defect/name):
+    the same real mask wherever the data folder was when the synthetic set was made."""
     return Path(path).parts[-4:]
 
 
-def heldout_mask_keys(data_dir: str | Path, split: dict) -> set[tuple[str, ...]]:
-    """The masks of the split's held-out images (the test set's defects)."""
+def heldout_mask_keys(data_dir: str | Path, split: dict, layout: str | None = None) -> set[tuple[str, ...]]:
+    """The masks of the split's held-out images (the test set's defects): files, or folders of several (MVTec
+    LOCO's ``ground_truth/<kind>/NNN/``), whose key is the folder's."""
     return {mask_key(p) for defect_type in split["defect_types"]
-            for p in list_split_masks(data_dir, split, defect_type, MaskSource.HELDOUT.value)}
+            for p in list_split_masks(data_dir, split, defect_type, MaskSource.HELDOUT.value, layout)}
 
 
-def count_test_set_reuse(source: SyntheticSource, split: dict, data_dir: str | Path) -> dict[str, int]:
+def good_keys_of_test_set(data_dir: str | Path, object_class: str | None, layout: str | None = None) -> set[tuple[str, ...]]:
+    """The good images of the dataset's test set (any layout), by the same key as the masks."""
+    if not object_class:
+        return set()
+    return {mask_key(p) for p in list_good_images(data_dir, object_class, ("test",), layout)}
+
+
+def count_test_set_reuse(source: SyntheticSource, split: dict, data_dir: str | Path, object_class: str | None = None,
+                         layout: str | None = None) -> dict[str, int]:
     """How many rows of a synthetic set were made from the test set: ``masks``, with a defect painted in a
     held-out test mask of the split, or in a mask augmented from one (the localizer then trains on the test
     defects' shapes and positions): a row's ``source_mask`` (infer_defectfill.py) or any of its
     ``source_masks`` (the builder's, for augmented masks the real mask each came from), or a row that records
-    ``mask_from: heldout``; ``images``, painted on a ``test/good`` image (``--good_split test|all``: the test's
-    defect-free images were seen in training). ``rows``: all rows."""
-    heldout = heldout_mask_keys(data_dir, split)
+    ``mask_from: heldout``; ``images``, painted on a good image of the test set (``test/good``, or the layout's:
+    ``--good_split test|all``: the test's defect-free images were seen in training). ``rows``: all rows. The layout
+    is `layout`, else the split's; the product `object_class`, else the split's."""
+    layout = split_layout(split, layout)
+    heldout = heldout_mask_keys(data_dir, split, layout)
+    test_goods = good_keys_of_test_set(data_dir, object_class or split.get("object_class"), layout)
     counts = {"masks": 0, "images": 0, "rows": 0}
     for folder in source.folders:
         for row in read_metadata(folder, require_files=False).values():
@@ -167,7 +179,7 @@ def count_test_set_reuse(source: SyntheticSource, split: dict, data_dir: str | P
             if row.get("mask_from") == MaskSource.HELDOUT or any(mask_key(m) in heldout for m in masks):
                 counts["masks"] += 1
             image = row.get("source_image")
-            if image and Path(image).parts[-3:-1] == ("test", GOOD):
+            if image and (Path(image).parts[-3:-1] == ("test", GOOD) or mask_key(image) in test_goods):
                 counts["images"] += 1
     return counts
 

@@ -70,7 +70,7 @@ def load_training_split(settings: TrainingSettings, defect_type: str):
     """The training rows of `defect_type` and the split (saved next to the run)."""
     data, few_shot = settings.data, settings.few_shot
     full = load_defect_dataset(
-        data.object_class, data_dir=data.data_dir, dataset_name=data.dataset_name, defect_types=[defect_type],
+        data.object_class, data_dir=data.data_dir, dataset_name=data.dataset_name, defect_types=[defect_type], layout=data.layout,
         **({"config_name": data.dataset_config_name, "cache_dir": settings.model.cache_dir} if data.dataset_name else {}),
     )
     if few_shot.split_file:
@@ -107,7 +107,7 @@ def defect_types_to_train(data: DataSourceSettings, defect_type: str | None) -> 
         if defect_type in (None, "all"):
             raise TrainingError("with --dataset_name, give --defect_type")
         return [defect_type]
-    available = list_defect_types(data.data_dir, data.object_class)
+    available = list_defect_types(data.data_dir, data.object_class, data.layout)
     if defect_type == "all":
         return available
     if defect_type is None:

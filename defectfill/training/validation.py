@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from defectfill.data.mvtec import list_good_images, list_heldout_masks
+from defectfill.data.mask_files import open_mask
+from defectfill.data.mvtec import list_good_images, list_heldout_masks, split_layout
 from defectfill.data.transform import PairTransform
 from defectfill.models import Models
 from defectfill.painting import SynthesisSettings, prepare_job, round_robin, synthesize
@@ -44,8 +45,10 @@ def validation_setup(settings: TrainingSettings, record: RunRecord, output_dir: 
                         guidance_scale=monitoring.guidance_scale, seed=settings.seed).settings
     if data.data_dir is None or monitoring.validation_steps <= 0 or monitoring.num_validation_images <= 0:
         return Validation(painting)
-    goods = list_good_images(data.data_dir, data.object_class, splits=("test",)) or list_good_images(data.data_dir, data.object_class)
-    masks = list_heldout_masks(data.data_dir, record.split, record.defect_type)
+    layout = split_layout(record.split, data.layout)
+    goods = (list_good_images(data.data_dir, data.object_class, ("test",), layout)
+             or list_good_images(data.data_dir, data.object_class, layout=layout))
+    masks = list_heldout_masks(data.data_dir, record.split, record.defect_type, layout, data.object_class)
     if not goods or not masks:
         return Validation(painting)
     return Validation(painting, round_robin(goods, masks, monitoring.num_validation_images))
@@ -81,8 +84,8 @@ def validation_images(accelerator, models: Models, model: BaseModelSettings, val
     settings = validation.settings
     jobs = []
     for index, (image_path, mask_path) in enumerate(validation.pairs):
-        with Image.open(image_path) as image, Image.open(mask_path) as mask:
-            jobs.append(prepare_job(image, mask, index, settings, mask_name=f"mask {mask_path}"))
+        with Image.open(image_path) as image:  # a dataset's mask: a file or a folder, any non-zero pixel a defect
+            jobs.append(prepare_job(image, open_mask(mask_path), index, settings, mask_name=f"mask {mask_path}"))
     with torch.autocast(accelerator.device.type, enabled=accelerator.mixed_precision != "no"):
         results = synthesize(pipeline, jobs, settings)
     del pipeline
@@ -131,7 +134,7 @@ def log_attention_preview(accelerator, resolution: int, pair, step: int, defectf
     """The [V*] map of the object branch on a validation pair (a seeded random timestep), next to its mask."""
     from PIL import Image
 
-    image, mask = PairTransform(resolution)(Image.open(pair[0]), Image.open(pair[1]))
+    image, mask = PairTransform(resolution)(Image.open(pair[0]), open_mask(pair[1]))
     dtype = defectfill_step.vae.dtype
     batch = {"pixel_values": image[None].to(accelerator.device, dtype), "masks": mask[None].to(accelerator.device, dtype)}
     text_encoder_2 = defectfill_step.text_encoder_2

@@ -37,8 +37,8 @@ import torch
 from PIL import Image
 
 from defectfill import painting, pipelines
+from defectfill.data.mask_files import open_mask, read_mask
 from defectfill.data.mvtec import list_good_images, list_heldout_masks
-from defectfill.masks import binarize_mask
 from defectfill.runs.files import LORA_FILENAME
 from defectfill.runs.records import RunRecord
 from defectfill.runs.settings import plan_run
@@ -121,11 +121,11 @@ class FamilyCase:
 
 def family_case(data_dir: Path, record: RunRecord, settings: painting.SynthesisSettings) -> FamilyCase:
     defects = heldout_defects(data_dir, record)
-    real = [RegionStatistics.of(Image.open(image), binarize_mask(Image.open(mask))) for image, mask in defects]
+    real = [RegionStatistics.of(Image.open(image), read_mask(mask)) for image, mask in defects]
     goods = list_good_images(data_dir, record.object_class, splits=("test",))
     pairs = painting.round_robin(goods, [mask for _, mask in defects], len(defects))
-    jobs = [painting.prepare_job(Image.open(image), Image.open(mask), i, settings) for i, (image, mask) in enumerate(pairs)]
-    real_jobs = [painting.prepare_job(Image.open(image), Image.open(mask), i, settings) for i, (image, mask) in enumerate(defects)]
+    jobs = [painting.prepare_job(Image.open(image), open_mask(mask), i, settings) for i, (image, mask) in enumerate(pairs)]
+    real_jobs = [painting.prepare_job(Image.open(image), open_mask(mask), i, settings) for i, (image, mask) in enumerate(defects)]
     return FamilyCase(jobs, real_jobs, RegionStatistics.mean(real))
 
 

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from defectfill import painting, pipelines
+from defectfill.data.mask_files import open_mask
 from defectfill.data.mvtec import list_good_images, list_heldout_masks
 from defectfill.data.transform import PairTransform
 from defectfill.models import add_lora_adapters, load_models
@@ -172,7 +173,7 @@ def regions(pairs, record: RunRecord) -> list[tuple[Image.Image, Image.Image]]:
     """(image, mask) at model resolution, prepared as `infer_defectfill.py` prepares them for this run (at the
     run's training scale: cropped around the mask for the demo config)."""
     settings = plan_run(None, record, RunOverrides(resolution=RESOLUTION)).settings
-    jobs = [painting.prepare_job(Image.open(image), Image.open(mask), i, settings) for i, (image, mask) in enumerate(pairs)]
+    jobs = [painting.prepare_job(Image.open(image), open_mask(mask), i, settings) for i, (image, mask) in enumerate(pairs)]
     return [(job.region, job.region_mask) for job in jobs]
 
 
