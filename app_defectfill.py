@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(--defect_type all: its defect types are listed), or a Hub repo id. In public mode these are the "
                         f"only runs served. Default: the bundled demo run ({PATHS.shown(PATHS.demo_run)}, tiny 64 px model).")
     p.add_argument("--pretrained_model_name_or_path", default=None, help="Base inpainting model; default: the run's base_model.")
-    p.add_argument("--data_dir", default=None, help="MVTec-layout root for the good images and held-out masks; default: the run's.")
+    p.add_argument("--data_dir", default=None, help="Dataset root for the good images and held-out masks (read in the layout "
+                        "the run's split records); default: the run's.")
     p.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu.")
     p.add_argument("--mixed_precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
                    help="Inference dtype; auto: bf16 (or fp16 where bf16 is unsupported) on a GPU, fp32 on a CPU.")
