@@ -200,3 +200,30 @@ def test_the_record_and_card_of_an_sd_run_name_its_family_and_a_withdrawn_id_is_
     resolved = with_resolved_base(withdrawn)
     assert run_record(resolved, "color", split).base_model == "sd2-community/stable-diffusion-2-inpainting"
     assert with_resolved_base(settings) is settings  # any other name is kept as given
+
+
+def test_a_trained_sdxl_run_feeds_infer_and_the_builder(sdxl_run, tiny_sdxl_path, tmp_path):
+    """The seam: the run train_defectfill.py wrote on the SDXL base paints through infer_defectfill.py (its split's
+    held-out masks, the pipeline of its family) and through the builder as a named adapter, each output exact
+    outside its mask."""
+    import build_dataset_defectfill as build
+    import infer_defectfill as infer
+    from defectfill.runs.files import METADATA_FILENAME
+    from defectfill.runs.records import SynthesisRecord
+
+    def first(clean, candidates, mask):  # no LPIPS weights needed: the first candidate is kept
+        return [1.0] + [0.0] * (len(candidates) - 1)
+
+    out = infer.main(infer.parse_args(["--lora", str(sdxl_run), "--output_dir", str(tmp_path / "infer"), "--num_images", "2",
+                                       "--num_inference_steps", "2", "--num_candidates", "2"]), scorer=first)
+    assert SynthesisRecord.read(out).pipeline_class == "StableDiffusionXLInpaintPipeline"
+    built = build.main(build.parse_args(["--lora", str(sdxl_run), "--output_dir", str(tmp_path / "build"), "--num_images", "2",
+                                         "--num_inference_steps", "2", "--num_candidates", "1", "--seed", "3"]), scorer=first)
+    for folder, count in ((out, 2), (built, 2)):
+        rows = [json.loads(line) for line in (folder / METADATA_FILENAME).read_text().splitlines()]
+        assert len(rows) == count
+        for row in rows:
+            painted = np.asarray(Image.open(folder / row["file_name"]).convert("RGB")).astype(int)
+            clean = np.asarray(Image.open(row["source_image"]).convert("RGB")).astype(int)
+            inside = np.asarray(Image.open(folder / row["mask_file_name"]).convert("L")) >= 128
+            assert inside.any() and np.array_equal(painted[~inside], clean[~inside])
