@@ -22,10 +22,8 @@ import torch
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SIZE, STEPS, SEED = 64, 10, 0
-
-
-PIPELINES = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline")
-# The models a LoRA may adapt, with the array name of each text encoder's embedding.
+PIPELINES = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline")  # the base's _class_name: SD, SDXL
+# The text encoders a pipeline may have, each with the array name of its embedding (SD: the first only).
 TEXT_ENCODERS = {"text_encoder": "embedding", "text_encoder_2": "embedding_2"}
 
 
