@@ -46,6 +46,16 @@ def tiny_sdxl_path(tmp_path_factory) -> Path:
     return build_tiny_sdxl_inpainting(tmp_path_factory.mktemp("tiny_sdxl") / "tiny-sdxl-inpainting")
 
 
+@pytest.fixture(scope="session")
+def sdxl_run(tiny_sdxl_path, tmp_path_factory) -> Path:
+    """Three steps of train_defectfill.py on the tiny SDXL base, checkpointed each step, with gradient checkpointing
+    (UNet and both text encoders) and the final validation painted by SDXL's pipeline (tests/helpers/sdxl_training.py);
+    tests must not modify it."""
+    from tests.helpers.sdxl_training import train_sdxl_run
+
+    return train_sdxl_run(tiny_sdxl_path, tmp_path_factory.mktemp("sdxl_run") / "metal_nut-color")
+
+
 @pytest.fixture
 def copy_of_data(tmp_path, synthetic_data_dir) -> Path:
     """A writable copy of the synthetic dataset for tests that break it."""

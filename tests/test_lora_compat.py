@@ -20,7 +20,7 @@ import torch
 
 from defectfill.runs.files import LORA_FILENAME
 from tests.conftest import REPO_ROOT, SYNTHETIC_DATA, TINY_MODEL
-from tests.helpers.lora_load_probe import WEIGHT_NAME, probe
+from tests.helpers.lora_load_probe import TEXT_ENCODERS, WEIGHT_NAME, probe
 
 # The older stack: a common mid-2025 one. transformers 4.57 needs huggingface_hub < 1.0, which today's diffusers does
 # not accept, so it comes with the diffusers of its time; the rest (torch, accelerate, safetensors) is the suite's.
@@ -71,38 +71,65 @@ def card_snippet(run: Path) -> str:
     return re.search(r"```python\n(.*?)```", (run / "README.md").read_text(), re.S).group(1)
 
 
+def probe_in_old_stack(base: Path, loras: dict[str, str], run: Path, tmp_path: Path) -> tuple[dict, dict]:
+    """Run the probe on `base` with each of `loras` and the card snippet of `run` in the older stack, offline, in a
+    subprocess; ({name/what: array}, info) as `probe` returns them in the suite's stack."""
+    old_stack = old_stack_dir()
+    snippet = tmp_path / "card_snippet.py"
+    snippet.write_text(card_snippet(run))
+    output = tmp_path / "old.npz"
+    command = [sys.executable, str(PROBE), "--base", str(base), "--image", str(IMAGE),
+               "--mask", str(MASK), "--output", str(output), "--snippet", str(snippet)]
+    command += [f"--lora={name}={folder}" for name, folder in loras.items()]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(filter(None, [str(old_stack), os.environ.get("PYTHONPATH")])))
+    # cwd: the card names the run by its folder name, as a user who trained it next door does
+    result = subprocess.run(command, cwd=run.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    old_info = json.loads(output.with_suffix(".json").read_text())
+    assert old_info["versions"] == {pin.split("==")[0]: pin.split("==")[1] for pin in OLD_STACK[:3]}
+    assert old_info["snippet_image_size"] == [64, 64]
+    return dict(np.load(output)), old_info
+
+
+def assert_same_in_both_stacks(base: Path, loras: dict[str, str], old: dict, old_info: dict, models: tuple[str, ...]) -> None:
+    """The suite stack's probe gives the old stack's adapted-layer counts, base embeddings (to 1e-5: the base text
+    encoders were not re-initialised), LoRA embeddings and images (to 1e-4); in the old stack each of `models` got
+    adapted layers, each text-encoder LoRA changed its embedding and the UNet LoRA the image."""
+    current, info = probe(str(base), str(IMAGE), str(MASK), loras)
+    assert info["layers"] == old_info["layers"]
+    embeddings = [TEXT_ENCODERS[model] for model in models if model in TEXT_ENCODERS]
+    for name in loras:
+        assert set(old_info["layers"][name]) == set(models) and all(old_info["layers"][name][m] > 0 for m in models), name
+        for what in embeddings:
+            np.testing.assert_allclose(old[f"{name}/base_{what}"], current[f"{name}/base_{what}"], atol=1e-5)
+            np.testing.assert_allclose(old[f"{name}/{what}"], current[f"{name}/{what}"], atol=1e-4)
+            assert np.abs(old[f"{name}/{what}"] - old[f"{name}/base_{what}"]).max() > 1e-3, (name, what)  # text-encoder LoRA applied
+        np.testing.assert_allclose(old[f"{name}/image"], current[f"{name}/image"], atol=1e-4)
+        assert np.abs(old[f"{name}/image"] - old[f"{name}/base_image"]).max() > 1e-3, name
+
+
 @pytest.mark.slow
 def test_lora_files_load_the_same_in_an_older_stack(tiny_run, tmp_path):
     """A LoRA the suite trains and the bundled demo run, loaded offline in diffusers 0.35 / transformers 4.57 / peft
     0.17, give the suite stack's text embedding and image (64 px, 10 steps, a fixed generator) to 1e-4; the base
     text encoder is the bundled one (not re-initialised), both LoRAs adapt as many layers in either stack, the
     text-encoder LoRA changes the embedding and the UNet LoRA the image, and the model card's snippet runs."""
-    old_stack = old_stack_dir()
     loras = {"suite": str(tiny_run), "demo": str(DEMO_RUN)}
-    snippet = tmp_path / "card_snippet.py"
-    snippet.write_text(card_snippet(tiny_run))
-    output = tmp_path / "old.npz"
-    command = [sys.executable, str(PROBE), "--base", str(TINY_MODEL), "--image", str(IMAGE),
-               "--mask", str(MASK), "--output", str(output), "--snippet", str(snippet)]
-    command += [f"--lora={name}={folder}" for name, folder in loras.items()]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(filter(None, [str(old_stack), os.environ.get("PYTHONPATH")])))
-    # cwd: the card names the run by its folder name, as a user who trained it next door does
-    result = subprocess.run(command, cwd=tiny_run.parent, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    old_info = json.loads(output.with_suffix(".json").read_text())
-    old = np.load(output)
-    assert old_info["versions"] == {pin.split("==")[0]: pin.split("==")[1] for pin in OLD_STACK[:3]}
-    assert old_info["snippet_image_size"] == [64, 64]
+    old, old_info = probe_in_old_stack(TINY_MODEL, loras, tiny_run, tmp_path)
+    assert_same_in_both_stacks(TINY_MODEL, loras, old, old_info, ("text_encoder", "unet"))
 
-    current, info = probe(str(TINY_MODEL), str(IMAGE), str(MASK), loras)
-    assert info["layers"] == old_info["layers"]
-    for name in loras:
-        assert old_info["layers"][name]["text_encoder"] > 0 and old_info["layers"][name]["unet"] > 0
-        np.testing.assert_allclose(old[f"{name}/base_embedding"], current[f"{name}/base_embedding"], atol=1e-5)
-        np.testing.assert_allclose(old[f"{name}/embedding"], current[f"{name}/embedding"], atol=1e-4)
-        np.testing.assert_allclose(old[f"{name}/image"], current[f"{name}/image"], atol=1e-4)
-        assert np.abs(old[f"{name}/embedding"] - old[f"{name}/base_embedding"]).max() > 1e-3, name  # text-encoder LoRA applied
-        assert np.abs(old[f"{name}/image"] - old[f"{name}/base_image"]).max() > 1e-3, name
+
+@pytest.mark.slow
+def test_an_sdxl_lora_file_loads_the_same_in_an_older_stack(sdxl_run, tiny_sdxl_path, tmp_path):
+    """The SDXL LoRA train_defectfill.py writes on the tiny SDXL base (keys `unet.`, `text_encoder.text_model.`,
+    `text_encoder_2.text_model.`), loaded offline by `StableDiffusionXLInpaintPipeline` in diffusers 0.35 /
+    transformers 4.57 / peft 0.17: both text encoders' embeddings (base: to 1e-5, so neither base encoder was
+    re-initialised; with the LoRA: to 1e-4) and the image to 1e-4 of the suite's stack, as many layers adapted in
+    each of text_encoder, text_encoder_2 and unet, each of the three LoRAs changes something there, and the card's
+    SDXL snippet runs."""
+    loras = {"sdxl": str(sdxl_run)}
+    old, old_info = probe_in_old_stack(tiny_sdxl_path, loras, sdxl_run, tmp_path)
+    assert_same_in_both_stacks(tiny_sdxl_path, loras, old, old_info, ("text_encoder", "text_encoder_2", "unet"))
 
 
 def test_without_the_cached_stack_and_an_index_the_old_stack_test_skips(tmp_path, monkeypatch):
@@ -162,3 +189,19 @@ def test_the_bundled_text_encoder_keeps_clips_text_model_level(tiny_pipeline, tm
     save_pipeline(tiny_pipeline, tmp_path / "saved")
     saved = load_file(tmp_path / "saved" / TEXT_ENCODER_WEIGHTS)
     assert saved.keys() == stored.keys() and all(torch.equal(saved[key], stored[key]) for key in saved)
+
+
+def test_the_tiny_sdxl_text_encoders_keep_clips_text_model_level(tiny_sdxl_path):
+    """The tiny SDXL base is saved as transformers 4 loads it (the older-stack SDXL test's base embeddings check it
+    there): every key of both text encoders under `text_model.` but the projection's, which transformers 4's
+    CLIPTextModelWithProjection keeps beside it, and the slow tokenizer's files in both tokenizer folders."""
+    from safetensors.torch import load_file
+
+    from defectfill.runs.lora import TEXT_MODEL_PREFIX
+
+    first = load_file(tiny_sdxl_path / "text_encoder" / "model.safetensors")
+    second = load_file(tiny_sdxl_path / "text_encoder_2" / "model.safetensors")
+    assert first and all(key.startswith(TEXT_MODEL_PREFIX) for key in first)
+    assert {key for key in second if not key.startswith(TEXT_MODEL_PREFIX)} == {"text_projection.weight"}
+    for folder in ("tokenizer", "tokenizer_2"):
+        assert all((tiny_sdxl_path / folder / name).is_file() for name in ("vocab.json", "merges.txt")), folder

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,31 +23,10 @@ from defectfill.runs.files import LORA_FILENAME, MODEL_CARD_FILENAME, RUN_FILENA
 from defectfill.step import DefectFillStep, StepConfig
 from defectfill.training.data import build_dataloader, load_training_split
 from defectfill.training.settings import TrainingSettings
-from tests.conftest import REPO_ROOT, SYNTHETIC_DATA
+from tests.conftest import REPO_ROOT
+from tests.helpers.sdxl_training import RUN_EXTRA, SIZE, sdxl_args
 
-SIZE = 64
 PREFIXES = {"unet", "text_encoder", "text_encoder_2"}
-RUN_EXTRA = ("--gradient_checkpointing", "--validation_steps", "10", "--num_validation_images", "1", "--num_inference_steps", "2")
-
-
-def sdxl_args(base: Path, output_dir: Path, *extra: str):
-    """The tiny config on the tiny SDXL base: 64 px, batch 1, 3 steps at a high rate, no tracker, no validation."""
-    return train.parse_args([
-        "--config", str(REPO_ROOT / "configs" / "tiny.yaml"), "--pretrained_model_name_or_path", str(base),
-        "--data_dir", str(SYNTHETIC_DATA), "--output_dir", str(output_dir), "--resolution", str(SIZE),
-        "--train_batch_size", "1", "--max_train_steps", "3", "--rank", "4", "--lora_alpha", "8",
-        "--learning_rate", "5e-3", "--text_encoder_lr", "5e-3", "--lr_warmup_steps", "0",
-        "--validation_steps", "0", "--checkpointing_steps", "1", "--report_to", "none", "--logging_steps", "1", *extra,
-    ])
-
-
-@pytest.fixture(scope="module")
-def sdxl_run(tiny_sdxl_path, tmp_path_factory) -> Path:
-    """Three steps on the tiny SDXL base, checkpointed each step, with gradient checkpointing (UNet and both text
-    encoders) and the final validation painted by SDXL's pipeline."""
-    output_dir = tmp_path_factory.mktemp("sdxl_run") / "metal_nut-color"
-    train.main(sdxl_args(tiny_sdxl_path, output_dir, *RUN_EXTRA))
-    return output_dir
 
 
 def paint(pipeline) -> np.ndarray:

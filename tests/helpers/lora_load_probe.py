@@ -1,6 +1,8 @@
 """Load runs' LoRA files the way a user does, with whatever diffusers / transformers / peft are importable, and
-record what comes out: the library versions, the text embedding of the run's prompt and one painted image
-(64 px, 10 steps, a fixed generator), without and with the LoRA, and how many layers it adapted.
+record what comes out: the library versions, the text embedding of the run's prompt (SDXL: of both text encoders)
+and one painted image (64 px, 10 steps, a fixed generator), without and with the LoRA, and how many layers it
+adapted in each model. The pipeline class is the base's own (`_class_name` of its model_index.json: SD or SDXL
+inpainting).
 
 Imports nothing of defectfill, so that it runs unchanged under an older stack put first on PYTHONPATH
 (tests/test_lora_compat.py runs it so, and calls `probe` in the suite's own stack):
@@ -20,21 +22,38 @@ import torch
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SIZE, STEPS, SEED = 64, 10, 0
+PIPELINES = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline")  # the base's _class_name: SD, SDXL
+# The text encoders a pipeline may have, each with the array name of its embedding (SD: the first only).
+TEXT_ENCODERS = {"text_encoder": "embedding", "text_encoder_2": "embedding_2"}
 
 
 def _pipeline(base: str):
-    from diffusers import StableDiffusionInpaintPipeline
+    import diffusers
 
-    pipe = StableDiffusionInpaintPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    class_name = json.loads((Path(base) / "model_index.json").read_text())["_class_name"]
+    if class_name not in PIPELINES:
+        raise ValueError(f"{base}: a {class_name}, not one of {PIPELINES}")
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if class_name == PIPELINES[0] else {}
+    pipe = getattr(diffusers, class_name).from_pretrained(base, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _embedding(pipe, prompt: str) -> np.ndarray:
-    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0][0].numpy()
+def _text_encoders(pipe) -> dict[str, tuple]:
+    """{model name: (tokenizer, text encoder)} of the pipeline: one for SD, two for SDXL."""
+    tokenizers = {"text_encoder": pipe.tokenizer, "text_encoder_2": getattr(pipe, "tokenizer_2", None)}
+    return {name: (tokenizers[name], getattr(pipe, name)) for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None}
+
+
+def _embeddings(pipe, prompt: str) -> dict[str, np.ndarray]:
+    """{array name: last hidden state of the prompt} for each text encoder."""
+    embeddings = {}
+    for name, (tokenizer, encoder) in _text_encoders(pipe).items():
+        ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        with torch.no_grad():
+            embeddings[TEXT_ENCODERS[name]] = encoder(ids).last_hidden_state[0].numpy()
+    return embeddings
 
 
 def _paint(pipe, prompt: str, image, mask) -> np.ndarray:
@@ -76,12 +95,13 @@ def _probe(base: str, image_path: str, mask_path: str, loras: dict[str, str], sn
     for name, folder in loras.items():
         prompt = json.loads((Path(folder) / "defectfill_run.json").read_text())["object_prompt"]
         pipe = _pipeline(base)
-        arrays[f"{name}/base_embedding"] = _embedding(pipe, prompt)
+        arrays.update({f"{name}/base_{what}": array for what, array in _embeddings(pipe, prompt).items()})
         arrays[f"{name}/base_image"] = _paint(pipe, prompt, image, mask)
         pipe.load_lora_weights(folder, weight_name=WEIGHT_NAME)
-        arrays[f"{name}/embedding"] = _embedding(pipe, prompt)
+        arrays.update({f"{name}/{what}": array for what, array in _embeddings(pipe, prompt).items()})
         arrays[f"{name}/image"] = _paint(pipe, prompt, image, mask)
-        info["layers"][name] = {"text_encoder": _adapted_layers(pipe.text_encoder), "unet": _adapted_layers(pipe.unet)}
+        models = {model: encoder for model, (_, encoder) in _text_encoders(pipe).items()} | {"unet": pipe.unet}
+        info["layers"][name] = {model: _adapted_layers(module) for model, module in models.items()}
     if snippet:
         scope = {"clean_image": image, "defect_mask": mask}
         exec(Path(snippet).read_text(), scope)  # the model card's own code, written by the suite

@@ -8,10 +8,12 @@ scaling factor, so code that hard-codes SD's 0.18215 shows.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from tests.conftest import TINY_MODEL
 
+SLOW_TOKENIZER_FILES = ("vocab.json", "merges.txt")
 SDXL_VAE_SCALING_FACTOR = 0.13025  # stable-diffusion-xl-1.0-inpainting-0.1's vae/config.json
 
 
@@ -27,10 +29,16 @@ def tiny_sdxl_unet_config() -> dict:
 
 
 def build_tiny_sdxl_inpainting(directory: Path) -> Path:
-    """Write the pipeline to `directory` (`save_pretrained`, as users' bases are laid out) and return it."""
+    """Write the pipeline to `directory` (`save_pretrained`, as users' bases are laid out) and return it. The first
+    text encoder's keys get CLIP's `text_model.` level, as the bundled SD model's (`scripts/tiny/model.py`):
+    transformers 5 saves a CLIPTextModel without it and transformers 4 would then initialise it at random; the
+    CLIPTextModelWithProjection is saved with it (`text_model.*`, `text_projection.weight`), as transformers 4 expects.
+    Both tokenizer folders also get the bundled tokenizer's vocab.json and merges.txt, as the bundled model's has."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from scripts.tiny.model import save_pipeline
 
     tokenizer = CLIPTokenizer.from_pretrained(TINY_MODEL, subfolder="tokenizer")
     text_config = CLIPTextConfig(
@@ -54,5 +62,8 @@ def build_tiny_sdxl_inpainting(directory: Path) -> Path:
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
         unet=unet, scheduler=scheduler, requires_aesthetics_score=False, add_watermarker=False,
     )
-    pipeline.save_pretrained(directory)
+    save_pipeline(pipeline, Path(directory))
+    for tokenizer_folder in ("tokenizer", "tokenizer_2"):  # transformers 4's CLIPTokenizer reads these, not tokenizer.json
+        for name in SLOW_TOKENIZER_FILES:
+            shutil.copy(TINY_MODEL / "tokenizer" / name, Path(directory) / tokenizer_folder / name)
     return Path(directory)
