@@ -220,6 +220,10 @@ def test_a_run_recorded_on_the_withdrawn_sd2_id_paints_with_the_mirror(tmp_path,
         name, "sd", "StableDiffusionInpaintPipeline", False, False, 9))
     monkeypatch.setattr(diffusers.StableDiffusionInpaintPipeline, "from_pretrained",
                         classmethod(lambda cls, name, **kwargs: asked.append(name) or real(str(TINY_MODEL), **kwargs)))
+    # the resolution check reads the base's VAE config (the Hub for the mirror): the tiny model's, asked by the same name
+    real_scale = infer.base_vae_scale_factor
+    monkeypatch.setattr(infer, "base_vae_scale_factor",
+                        lambda name, *args, **kwargs: asked.append(name) or real_scale(str(TINY_MODEL), *args, **kwargs))
     image_path, mask_path = small_pair(tmp_path)
     out = infer.main(infer.parse_args(["--lora", str(run), "--output_dir", str(tmp_path / "out"), "--num_inference_steps", "2",
                                        "--num_candidates", "1", "--image_path", str(image_path), "--mask_path", str(mask_path)]))
