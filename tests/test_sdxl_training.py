@@ -197,6 +197,7 @@ def test_a_trained_sdxl_run_feeds_infer_and_the_builder(sdxl_run, tiny_sdxl_path
     assert SynthesisRecord.read(out).pipeline_class == "StableDiffusionXLInpaintPipeline"
     built = build.main(build.parse_args(["--lora", str(sdxl_run), "--output_dir", str(tmp_path / "build"), "--num_images", "2",
                                          "--num_inference_steps", "2", "--num_candidates", "1", "--seed", "3"]), scorer=first)
+    assert SynthesisRecord.read(built).pipeline_class == "StableDiffusionXLInpaintPipeline"
     for folder, count in ((out, 2), (built, 2)):
         rows = [json.loads(line) for line in (folder / METADATA_FILENAME).read_text().splitlines()]
         assert len(rows) == count

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from defectfill.build.context import BuildContext
 from defectfill.data.split import merge_splits
+from defectfill.pipelines import base_family
 from defectfill.runs.folder import SynthesisFolder, item_of_file
 
 
@@ -104,6 +105,7 @@ def write_synthesis_record(output_dir: Path, context: BuildContext, unet_passes_
         defect_type=first.defect_type if len(context.runs) == 1 else None,
         scale_source="each run's training scale, unless a flag overrides it", scheduler=context.scheduler,
         unet_passes_per_image=unet_passes_per_image, mask_from=context.settings.masks.mask_from.value,
+        pipeline_class=base_family(context.base_model, context.settings.model.revision).pipeline_class,
         # every run's split, merged: the test set of a build is the held-out part of all its defect types
         split=merged_split(context),
     )
