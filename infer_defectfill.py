@@ -33,11 +33,11 @@ from defectfill.cli import (
     run_main,
 )
 from defectfill.data.mask_files import open_mask
-from defectfill.data.mvtec import MASK_FROM, good_images, list_split_masks, split_layout
+from defectfill.data.mvtec import good_images, list_split_masks, split_layout
 from defectfill.errors import SynthesisError
 from defectfill.fileio import check_output_folder
 from defectfill.images import IMAGE_EXTENSIONS, image_files, open_checked
-from defectfill.masks import DEFAULT_CROP_CONTEXT
+from defectfill.masks import DEFAULT_CROP_CONTEXT, SPLIT_MASK_SOURCES
 from defectfill.models import base_vae_scale_factor, check_resolution, default_device, precision_dtype
 from defectfill.painting import Job, Scorer, mask_at_image_size, prepare_job, round_robin, synthesize
 from defectfill.pipelines import check_scheduler, load_pipeline, scheduler_calls
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_layout_argument(p, "the layout the run's split recorded, else detected")
     p.add_argument("--good_split", default="train", choices=("train", "test", "all"), help="Which MVTec good images to paint on.")
     p.add_argument("--mask_dir", default=None, help="Batch mode: a folder of masks; default: the run's split's masks (--mask_from).")
-    p.add_argument("--mask_from", default="heldout", choices=MASK_FROM,
+    p.add_argument("--mask_from", default="heldout", choices=SPLIT_MASK_SOURCES,
                    help="Without --mask_dir, which masks of the run's split to paint in: 'heldout' (the test set's masks; "
                         "what KID against the held-out defects compares) or 'train' (the generator's training masks: the "
                         "only ones for a set a detector trains on, which downstream_defectfill.py accepts without "

@@ -224,10 +224,6 @@ def split_layout(split: dict | None, layout: str | None = None) -> str | None:
     return layout or (split or {}).get("layout")
 
 
-# The parts of a saved split whose masks synthesis may paint in (`--mask_from`): the generator's training third,
-# or the held-out two thirds, which are the downstream test set's masks.
-MASK_FROM = ("train", "heldout")
-
 
 def list_split_masks(data_dir: str | os.PathLike, split: dict, defect_type: str, part: str, layout: str | None = None,
                      object_class: str | None = None) -> list[Path]:

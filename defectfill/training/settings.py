@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from defectfill import method
+from defectfill.masks import DEFAULT_CROP_CONTEXT
 from defectfill.settings import BaseModelSettings, DataSourceSettings, flat_settings
 
 
@@ -32,7 +33,7 @@ class AugmentationSettings:
     resolution: int = 512
     max_scale: float = 1.125
     defect_crop_probability: float = 0.0
-    defect_crop_context: float = 0.5
+    defect_crop_context: float = DEFAULT_CROP_CONTEXT
     random_flip: bool = False
 
     @property
